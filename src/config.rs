@@ -1,0 +1,673 @@
+//! The sidecar's configuration: one YAML file, validated in one place.
+//!
+//! Every problem is reported as a [`ConfigError`] naming the file, the field (a dotted path
+//! such as `upstream.address`) and what was expected. Relative paths in the file are resolved
+//! against the directory of the file, so a config and its certificates can move together.
+
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem: which file, which field, what is wrong and what was expected.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{file}: {field}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub problem: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub source: PathBuf,
+    /// Data-plane listener (mTLS 1.3, HTTP/2).
+    pub listen: SocketAddr,
+    /// Admin HTTP: `/healthz`, `/readyz`, `/metrics`. `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Management gRPC (mTLS). `None` disables it.
+    pub management_listen: Option<SocketAddr>,
+    pub tls: TlsConfig,
+    pub upstream: UpstreamConfig,
+    pub identity: IdentityConfig,
+    pub runtime: RuntimeConfig,
+    pub limits: Limits,
+    /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
+    pub passthrough: HashSet<String>,
+    /// How long in-flight calls may run after SIGTERM before connections are closed.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// As written, e.g. `http://127.0.0.1:50051`.
+    pub address: String,
+    pub uri_scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// `Some` for an `https://` upstream.
+    pub tls: Option<UpstreamTls>,
+    pub connections: usize,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// CA bundle for the host's certificate (required for `https://`).
+    pub ca: PathBuf,
+    /// Client certificate and key when the host wants mTLS.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    pub organization_id: String,
+    /// Overwrite disagreeing identity fields instead of refusing with `IDENTITY_MISMATCH`.
+    pub overwrite_identity_fields: bool,
+    /// Identities for certificates without a SPIFFE ID.
+    pub subjects: Vec<SubjectMapping>,
+}
+
+/// Maps a certificate without a SPIFFE ID to an identity by its subject CN or a DNS SAN.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectMapping {
+    #[serde(default)]
+    pub subject_cn: Option<String>,
+    #[serde(default)]
+    pub dns_san: Option<String>,
+    pub principal: String,
+    pub tenant: String,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+}
+
+fn default_kind() -> String {
+    "client".to_string()
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub security_zone: String,
+    pub deployment_environment: String,
+}
+
+/// Limits of the data plane; the HTTP/2 ones are the first line of defence.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    pub max_header_list_size: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+    pub max_send_buf_size: usize,
+    pub keep_alive_interval: Option<Duration>,
+    pub keep_alive_timeout: Duration,
+    pub max_connections: usize,
+    /// How long a unary request may take to arrive whole.
+    pub request_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 1024,
+            max_header_list_size: 16 * 1024,
+            initial_stream_window_size: 1024 * 1024,
+            initial_connection_window_size: 4 * 1024 * 1024,
+            max_send_buf_size: 1024 * 1024,
+            keep_alive_interval: Some(Duration::from_secs(30)),
+            keep_alive_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            request_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the file as written
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    management_listen: Option<String>,
+    tls: Option<RawTls>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    passthrough: Vec<String>,
+    shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+    handshake_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: Option<String>,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
+    connections: Option<usize>,
+    connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    trust_domain: Option<String>,
+    organization_id: Option<String>,
+    #[serde(default)]
+    overwrite_identity_fields: bool,
+    #[serde(default)]
+    subjects: Vec<SubjectMapping>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    security_zone: Option<String>,
+    deployment_environment: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_message_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    max_pending_accept_reset_streams: Option<usize>,
+    max_local_error_reset_streams: Option<usize>,
+    max_header_list_size: Option<u32>,
+    initial_stream_window_size: Option<u32>,
+    initial_connection_window_size: Option<u32>,
+    max_send_buf_size: Option<usize>,
+    keep_alive_interval_seconds: Option<u64>,
+    keep_alive_timeout_seconds: Option<u64>,
+    max_connections: Option<usize>,
+    request_read_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            field: "(file)".into(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates `text` as if read from `path` (relative paths resolve against its directory).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawConfig = serde_norway::from_str(text).map_err(|e| {
+            // serde_norway reports "field.path: problem at line L column C".
+            let msg = e.to_string();
+            let (field, problem) = match msg.split_once(": ") {
+                Some((f, p)) if !f.contains(' ') => (f.to_string(), p.to_string()),
+                _ => ("(document)".to_string(), msg),
+            };
+            ConfigError {
+                file: file.clone(),
+                field,
+                problem,
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let v = Validator { file: &file, base };
+        v.build(raw)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    base: PathBuf,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn addr(&self, field: &str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
+        let s = v.unwrap_or(default);
+        s.parse().map_err(|_| {
+            self.err(
+                field,
+                format!("expected a socket address like 127.0.0.1:8443, got {s:?}"),
+            )
+        })
+    }
+
+    fn optional_addr(
+        &self,
+        field: &str,
+        v: Option<&str>,
+        default: &str,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        match v {
+            Some("off") | Some("") => Ok(None),
+            other => self.addr(field, other, default).map(Some),
+        }
+    }
+
+    fn path(&self, field: &str, v: Option<&String>) -> Result<PathBuf, ConfigError> {
+        let s = v.ok_or_else(|| self.err(field, "required: expected a path to a PEM file"))?;
+        if s.trim().is_empty() {
+            return Err(self.err(field, "expected a path to a PEM file, got an empty string"));
+        }
+        Ok(self.resolve(s))
+    }
+
+    fn resolve(&self, s: &str) -> PathBuf {
+        let p = Path::new(s);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = self.addr("listen", raw.listen.as_deref(), "127.0.0.1:8443")?;
+        let admin_listen = self.optional_addr(
+            "admin_listen",
+            raw.admin_listen.as_deref(),
+            "127.0.0.1:9901",
+        )?;
+        let management_listen = self.optional_addr(
+            "management_listen",
+            raw.management_listen.as_deref(),
+            "127.0.0.1:9443",
+        )?;
+
+        let rt = raw.tls.ok_or_else(|| {
+            self.err(
+                "tls",
+                "required: expected a section with cert, key and client_ca",
+            )
+        })?;
+        let tls = TlsConfig {
+            cert: self.path("tls.cert", rt.cert.as_ref())?,
+            key: self.path("tls.key", rt.key.as_ref())?,
+            client_ca: self.path("tls.client_ca", rt.client_ca.as_ref())?,
+            handshake_timeout: Duration::from_millis(self.positive(
+                "tls.handshake_timeout_ms",
+                rt.handshake_timeout_ms,
+                10_000,
+            )?),
+        };
+
+        let upstream = self.upstream(raw.upstream)?;
+        let identity = self.identity(raw.identity)?;
+
+        let runtime = RuntimeConfig {
+            security_zone: raw
+                .runtime
+                .security_zone
+                .unwrap_or_else(|| "default".to_string()),
+            deployment_environment: match raw.runtime.deployment_environment.as_deref() {
+                None => "DEV".to_string(),
+                Some(e @ ("DEV" | "TEST" | "PROD")) => e.to_string(),
+                Some(other) => {
+                    return Err(self.err(
+                        "runtime.deployment_environment",
+                        format!("expected one of DEV, TEST, PROD, got {other:?}"),
+                    ));
+                }
+            },
+        };
+
+        let limits = self.limits(raw.limits)?;
+
+        let mut passthrough = HashSet::new();
+        for (i, m) in raw.passthrough.iter().enumerate() {
+            let ok = m.starts_with('/')
+                && m[1..].split_once('/').is_some_and(|(svc, meth)| {
+                    !svc.is_empty() && !meth.is_empty() && !meth.contains('/')
+                });
+            if !ok {
+                return Err(self.err(
+                    &format!("passthrough[{i}]"),
+                    format!("expected a gRPC method path like /pkg.Service/Method, got {m:?}"),
+                ));
+            }
+            if m.starts_with("/altar.grid.v1.") {
+                return Err(self.err(
+                    &format!("passthrough[{i}]"),
+                    format!(
+                        "{m} is a GRID method: it is always inspected and cannot be passed through"
+                    ),
+                ));
+            }
+            passthrough.insert(m.clone());
+        }
+
+        Ok(Config {
+            source: PathBuf::from(self.file),
+            listen,
+            admin_listen,
+            management_listen,
+            tls,
+            upstream,
+            identity,
+            runtime,
+            limits,
+            passthrough,
+            shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.unwrap_or(20)),
+        })
+    }
+
+    fn positive(&self, field: &str, v: Option<u64>, default: u64) -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(0) => Err(self.err(field, "expected a positive number, got 0")),
+            Some(n) => Ok(n),
+        }
+    }
+
+    fn upstream(&self, raw: Option<RawUpstream>) -> Result<UpstreamConfig, ConfigError> {
+        let raw = raw.ok_or_else(|| {
+            self.err(
+                "upstream",
+                "required: expected a section with address (e.g. http://127.0.0.1:50051)",
+            )
+        })?;
+        let address = raw.address.ok_or_else(|| {
+            self.err(
+                "upstream.address",
+                "required: expected http://HOST:PORT (h2c) or https://HOST:PORT",
+            )
+        })?;
+        let uri: http::Uri = address.parse().map_err(|_| {
+            self.err(
+                "upstream.address",
+                format!("expected http://HOST:PORT or https://HOST:PORT, got {address:?}"),
+            )
+        })?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| {
+            self.err(
+                "upstream.address",
+                format!("expected a scheme (http:// or https://), got {address:?}"),
+            )
+        })?;
+        let authority = uri.authority().cloned().ok_or_else(|| {
+            self.err(
+                "upstream.address",
+                format!("expected HOST:PORT after the scheme, got {address:?}"),
+            )
+        })?;
+        if authority.port_u16().is_none() {
+            return Err(self.err(
+                "upstream.address",
+                format!("expected an explicit port, got {address:?}"),
+            ));
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(self.err(
+                "upstream.address",
+                format!("expected no path, got {:?}", uri.path()),
+            ));
+        }
+        let tls = match scheme.as_str() {
+            "http" => {
+                for (f, v) in [
+                    ("upstream.ca", &raw.ca),
+                    ("upstream.cert", &raw.cert),
+                    ("upstream.key", &raw.key),
+                ] {
+                    if v.is_some() {
+                        return Err(self.err(f, "only valid with an https:// upstream.address"));
+                    }
+                }
+                None
+            }
+            "https" => {
+                let ca = self.path("upstream.ca", raw.ca.as_ref())?;
+                let client_cert = match (&raw.cert, &raw.key) {
+                    (Some(c), Some(k)) => Some((self.resolve(c), self.resolve(k))),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(self.err("upstream.key", "required when upstream.cert is set"));
+                    }
+                    (None, Some(_)) => {
+                        return Err(self.err("upstream.cert", "required when upstream.key is set"));
+                    }
+                };
+                Some(UpstreamTls {
+                    ca,
+                    client_cert,
+                    server_name: raw
+                        .server_name
+                        .unwrap_or_else(|| authority.host().to_string()),
+                })
+            }
+            other => {
+                return Err(self.err(
+                    "upstream.address",
+                    format!("expected scheme http or https, got {other:?}"),
+                ));
+            }
+        };
+        let connections = match raw.connections {
+            None => 2,
+            Some(n @ 1..=64) => n,
+            Some(n) => {
+                return Err(self.err("upstream.connections", format!("expected 1 to 64, got {n}")));
+            }
+        };
+        Ok(UpstreamConfig {
+            address,
+            uri_scheme: scheme,
+            authority,
+            tls,
+            connections,
+            connect_timeout: Duration::from_millis(self.positive(
+                "upstream.connect_timeout_ms",
+                raw.connect_timeout_ms,
+                3000,
+            )?),
+        })
+    }
+
+    fn identity(&self, raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
+        let trust_domain = raw.trust_domain.unwrap_or_else(|| "aesp.local".to_string());
+        if trust_domain.is_empty()
+            || !trust_domain.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            })
+        {
+            return Err(self.err(
+                "identity.trust_domain",
+                format!("expected a SPIFFE trust domain (lowercase letters, digits, '.', '-', '_'), got {trust_domain:?}"),
+            ));
+        }
+        for (i, m) in raw.subjects.iter().enumerate() {
+            let field = format!("identity.subjects[{i}]");
+            if m.subject_cn.is_none() == m.dns_san.is_none() {
+                return Err(self.err(&field, "expected exactly one of subject_cn or dns_san"));
+            }
+            for (name, v) in [
+                ("principal", &m.principal),
+                ("tenant", &m.tenant),
+                ("kind", &m.kind),
+            ] {
+                if !crate::listener::identity::valid_segment(v) {
+                    return Err(self.err(
+                        &format!("{field}.{name}"),
+                        format!("expected letters, digits, '.', '-' or '_', got {v:?}"),
+                    ));
+                }
+            }
+        }
+        Ok(IdentityConfig {
+            trust_domain,
+            organization_id: raw.organization_id.unwrap_or_default(),
+            overwrite_identity_fields: raw.overwrite_identity_fields,
+            subjects: raw.subjects,
+        })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let max_message_bytes = match raw.max_message_bytes {
+            None => d.max_message_bytes,
+            Some(n @ 1..=0x7fff_ffff) => n,
+            Some(n) => {
+                return Err(self.err(
+                    "limits.max_message_bytes",
+                    format!("expected 1 to 2147483647, got {n}"),
+                ));
+            }
+        };
+        let window = |f: &str, v: Option<u32>, dflt: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(dflt),
+                Some(n @ 65_535..=0x7fff_ffff) => Ok(n),
+                Some(n) => Err(self.err(f, format!("expected 65535 to 2147483647, got {n}"))),
+            }
+        };
+        Ok(Limits {
+            max_message_bytes,
+            max_concurrent_streams: self.positive(
+                "limits.max_concurrent_streams",
+                raw.max_concurrent_streams.map(u64::from),
+                u64::from(d.max_concurrent_streams),
+            )? as u32,
+            max_pending_accept_reset_streams: raw
+                .max_pending_accept_reset_streams
+                .unwrap_or(d.max_pending_accept_reset_streams),
+            max_local_error_reset_streams: raw
+                .max_local_error_reset_streams
+                .unwrap_or(d.max_local_error_reset_streams),
+            max_header_list_size: self.positive(
+                "limits.max_header_list_size",
+                raw.max_header_list_size.map(u64::from),
+                u64::from(d.max_header_list_size),
+            )? as u32,
+            initial_stream_window_size: window(
+                "limits.initial_stream_window_size",
+                raw.initial_stream_window_size,
+                d.initial_stream_window_size,
+            )?,
+            initial_connection_window_size: window(
+                "limits.initial_connection_window_size",
+                raw.initial_connection_window_size,
+                d.initial_connection_window_size,
+            )?,
+            max_send_buf_size: raw.max_send_buf_size.unwrap_or(d.max_send_buf_size),
+            keep_alive_interval: match raw.keep_alive_interval_seconds {
+                None => d.keep_alive_interval,
+                Some(0) => None,
+                Some(n) => Some(Duration::from_secs(n)),
+            },
+            keep_alive_timeout: Duration::from_secs(self.positive(
+                "limits.keep_alive_timeout_seconds",
+                raw.keep_alive_timeout_seconds,
+                d.keep_alive_timeout.as_secs(),
+            )?),
+            max_connections: self.positive(
+                "limits.max_connections",
+                raw.max_connections.map(|n| n as u64),
+                d.max_connections as u64,
+            )? as usize,
+            request_read_timeout: Duration::from_millis(self.positive(
+                "limits.request_read_timeout_ms",
+                raw.request_read_timeout_ms,
+                d.request_read_timeout.as_millis() as u64,
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\n";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/aesp/sidecar.yaml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolves_paths() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9901".parse().unwrap()));
+        assert_eq!(c.tls.cert, PathBuf::from("/etc/aesp/s.crt"));
+        assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:50051");
+        assert!(c.upstream.tls.is_none());
+        assert_eq!(c.limits.max_message_bytes, 4 * 1024 * 1024);
+        assert_eq!(c.runtime.deployment_environment, "DEV");
+    }
+
+    #[test]
+    fn errors_name_file_field_and_expectation() {
+        let e = parse(&MINIMAL.replace("http://127.0.0.1:50051", "127.0.0.1")).unwrap_err();
+        assert_eq!(e.file, "/etc/aesp/sidecar.yaml");
+        assert_eq!(e.field, "upstream.address");
+        assert!(e.problem.contains("expected"), "{e}");
+
+        let e = parse(&format!("{MINIMAL}limits:\n  max_mesage_bytes: 3\n")).unwrap_err();
+        assert!(e.to_string().contains("max_mesage_bytes"), "{e}");
+        assert!(e.to_string().starts_with("/etc/aesp/sidecar.yaml: "), "{e}");
+
+        let e = parse(&format!("{MINIMAL}listen: nowhere\n")).unwrap_err();
+        assert_eq!(e.field, "listen");
+
+        let e = parse("upstream:\n  address: http://127.0.0.1:1\n").unwrap_err();
+        assert_eq!(e.field, "tls");
+
+        let e = parse(&format!(
+            "{MINIMAL}passthrough: [\"/altar.grid.v1.GridHost/ExecuteTool\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "passthrough[0]");
+
+        let e = parse(&format!(
+            "{MINIMAL}runtime:\n  deployment_environment: STAGING\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "runtime.deployment_environment");
+
+        let e = parse(&MINIMAL.replace("http://", "https://")).unwrap_err();
+        assert_eq!(e.field, "upstream.ca");
+    }
+}

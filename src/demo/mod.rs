@@ -1,0 +1,1 @@
+//! Demo: reference host, runtime, dev certificates.

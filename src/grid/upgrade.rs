@@ -1,0 +1,359 @@
+//! Base GRID messages become their AESP enterprise variants, in place.
+//!
+//! Each function here reads what it needs from the received bytes and writes the upgrade
+//! with [`super::wire`], so fields the sidecar does not know travel on byte for byte:
+//! - `CreateSession.security_context` is replaced by an `EnterpriseSecurityContext` built
+//!   from the verified identity (never from the message);
+//! - `RuntimeMessage.announce` gains `tenant_id`, `security_zone` and
+//!   `deployment_environment` (an `EnterpriseRuntimeAnnouncement`);
+//! - every `Error` travelling back to a client or runtime gains its `correlation_id` and
+//!   details (an `EnterpriseError`), by appending a merge patch.
+
+use super::wire::{self, WireError};
+use crate::listener::PeerIdentity;
+use crate::proto::{aesp, grid};
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use std::collections::HashMap;
+
+/// What the request messages claim, for the decision pipeline.
+#[derive(Debug, Clone, Default)]
+pub struct Claims {
+    pub principal_id: Option<String>,
+    pub tenant_id: Option<String>,
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// A decoded request message of one of the unary GRID methods.
+#[derive(Debug, Clone)]
+pub enum Request {
+    CreateSession(aesp::EnterpriseCreateSession),
+    DestroySession(grid::DestroySession),
+    ToolCall(grid::ToolCall),
+}
+
+impl Request {
+    pub fn claims(&self) -> Claims {
+        match self {
+            Request::CreateSession(cs) => cs
+                .security_context
+                .as_ref()
+                .map(|sc| Claims {
+                    principal_id: non_empty(&sc.principal_id),
+                    tenant_id: non_empty(&sc.tenant_id),
+                })
+                .unwrap_or_default(),
+            _ => Claims::default(),
+        }
+    }
+
+    pub fn tool_name(&self) -> Option<&str> {
+        match self {
+            Request::ToolCall(tc) => tc.function_call.as_ref().map(|f| f.name.as_str()),
+            _ => None,
+        }
+    }
+
+    pub fn session_id(&self) -> Option<&str> {
+        match self {
+            Request::CreateSession(_) => None,
+            Request::DestroySession(d) => Some(&d.session_id),
+            Request::ToolCall(tc) => Some(&tc.session_id),
+        }
+    }
+
+    /// The correlation id the message itself carries, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        match self {
+            Request::ToolCall(tc) if !tc.correlation_id.is_empty() => Some(&tc.correlation_id),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes a unary request; `Err` means it is not a valid message of its type.
+pub fn decode_request(
+    method: super::GridMethod,
+    payload: &Bytes,
+) -> Result<Request, prost::DecodeError> {
+    use super::GridMethod as M;
+    Ok(match method {
+        // Connect is a stream; its messages go through the Connect hooks instead.
+        M::CreateSession => {
+            Request::CreateSession(aesp::EnterpriseCreateSession::decode(payload.clone())?)
+        }
+        M::DestroySession => {
+            Request::DestroySession(grid::DestroySession::decode(payload.clone())?)
+        }
+        M::ExecuteTool | M::ExecuteToolStream | M::Connect => {
+            Request::ToolCall(grid::ToolCall::decode(payload.clone())?)
+        }
+    })
+}
+
+/// The `EnterpriseSecurityContext` of a call: identity fields from verification only.
+pub fn security_context(
+    id: &PeerIdentity,
+    organization_id: &str,
+    method: &str,
+    source: &str,
+    security_zone: &str,
+) -> aesp::EnterpriseSecurityContext {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut policy_context = HashMap::with_capacity(6);
+    policy_context.insert("method".to_string(), method.to_string());
+    policy_context.insert("source".to_string(), source.to_string());
+    policy_context.insert("request_time_unix".to_string(), now.to_string());
+    policy_context.insert("peer_kind".to_string(), id.kind.clone());
+    policy_context.insert("security_zone".to_string(), security_zone.to_string());
+    if let Some(s) = &id.spiffe_id {
+        policy_context.insert("spiffe_id".to_string(), s.clone());
+    }
+    aesp::EnterpriseSecurityContext {
+        principal_id: id.principal_id.clone(),
+        tenant_id: id.tenant_id.clone(),
+        claims: HashMap::new(),
+        organization_id: organization_id.to_string(),
+        roles: Vec::new(),
+        security_clearance: String::new(),
+        policy_context,
+    }
+}
+
+/// `CreateSession` with its `security_context` (field 3) replaced by `esc`.
+pub fn upgrade_create_session(
+    payload: &[u8],
+    esc: &aesp::EnterpriseSecurityContext,
+) -> Result<Bytes, WireError> {
+    let mut app = BytesMut::new();
+    wire::put_len_field(&mut app, 3, &esc.encode_to_vec());
+    wire::rewrite(payload, &[3], &app)
+}
+
+/// `ToolCall` with `correlation_id` (field 4) set, if the message did not carry it.
+pub fn set_tool_call_correlation(payload: &[u8], correlation_id: &str) -> Bytes {
+    let mut app = BytesMut::new();
+    wire::put_len_field(&mut app, 4, correlation_id.as_bytes());
+    wire::merge(payload, &app)
+}
+
+/// The enterprise fields the sidecar fills into a runtime's announcement.
+#[derive(Debug, Clone)]
+pub struct RuntimeFacts {
+    pub runtime_id_fallback: String,
+    pub tenant_id: String,
+    pub security_zone: String,
+    pub deployment_environment: String,
+}
+
+/// `RuntimeMessage{announce}` (raw envelope) with the announcement upgraded to an
+/// `EnterpriseRuntimeAnnouncement`. `announce_raw` is the content of envelope field 1.
+pub fn upgrade_announce(
+    envelope: &[u8],
+    announce_raw: &[u8],
+    announced_runtime_id: &str,
+    f: &RuntimeFacts,
+) -> Result<Bytes, WireError> {
+    let add = aesp::EnterpriseRuntimeAnnouncement {
+        runtime_id: if announced_runtime_id.is_empty() {
+            f.runtime_id_fallback.clone()
+        } else {
+            String::new()
+        },
+        tenant_id: f.tenant_id.clone(),
+        security_zone: f.security_zone.clone(),
+        deployment_environment: f.deployment_environment.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let announce = wire::rewrite(announce_raw, &[5, 6, 7], &add)?;
+    let mut app = BytesMut::new();
+    wire::put_len_field(&mut app, 1, &announce);
+    wire::rewrite(envelope, &[1], &app)
+}
+
+/// The merge patch that turns an `Error` into an `EnterpriseError` for one call.
+#[derive(Debug, Clone)]
+pub struct ErrorPatch {
+    body: Vec<u8>,
+}
+
+impl ErrorPatch {
+    pub fn new(correlation_id: &str) -> ErrorPatch {
+        let mut details = HashMap::new();
+        details.insert("origin".to_string(), "grid-host".to_string());
+        ErrorPatch {
+            body: aesp::EnterpriseError {
+                correlation_id: correlation_id.to_string(),
+                details,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }
+    }
+
+    /// If `msg` carries an error in top-level field `error_field`, the upgraded message.
+    pub fn apply(&self, msg: &[u8], error_field: u32) -> Result<Option<Bytes>, WireError> {
+        if !wire::has_len_field(msg, error_field)? {
+            return Ok(None);
+        }
+        let mut patch = BytesMut::with_capacity(self.body.len() + 4);
+        wire::put_len_field(&mut patch, error_field, &self.body);
+        Ok(Some(wire::merge(msg, &patch)))
+    }
+
+    /// Same, for an error at `envelope field outer` → `field inner` (the Connect acks).
+    pub fn apply_nested(
+        &self,
+        envelope: &[u8],
+        outer: u32,
+        inner: u32,
+    ) -> Result<Option<Bytes>, WireError> {
+        let mut found = false;
+        for f in wire::fields(envelope) {
+            let f = f?;
+            if f.number == outer && f.wire_type == 2 && wire::has_len_field(f.value, inner)? {
+                found = true;
+            }
+        }
+        if !found {
+            return Ok(None);
+        }
+        let mut inner_patch = BytesMut::with_capacity(self.body.len() + 4);
+        wire::put_len_field(&mut inner_patch, inner, &self.body);
+        let mut patch = BytesMut::with_capacity(inner_patch.len() + 4);
+        wire::put_len_field(&mut patch, outer, &inner_patch);
+        Ok(Some(wire::merge(envelope, &patch)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> PeerIdentity {
+        PeerIdentity::new(
+            "alice",
+            "acme",
+            "client",
+            Some("spiffe://aesp.local/tenant/acme/client/alice".into()),
+            "CN=alice".into(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn create_session_gets_the_verified_context() {
+        let raw = grid::CreateSession {
+            suggested_session_id: "s".into(),
+            ttl_seconds: 5,
+            security_context: None,
+        }
+        .encode_to_vec();
+        let esc = security_context(&alice(), "org-1", "/m", "127.0.0.1:1", "zone-a");
+        let out = upgrade_create_session(&raw, &esc).unwrap();
+        let cs = aesp::EnterpriseCreateSession::decode(out.clone()).unwrap();
+        let sc = cs.security_context.unwrap();
+        assert_eq!(
+            (
+                sc.principal_id.as_str(),
+                sc.tenant_id.as_str(),
+                sc.organization_id.as_str()
+            ),
+            ("alice", "acme", "org-1")
+        );
+        assert_eq!(sc.policy_context["security_zone"], "zone-a");
+        assert_eq!(cs.suggested_session_id, "s");
+        // Still a valid base CreateSession.
+        let base = grid::CreateSession::decode(out).unwrap();
+        assert_eq!(base.security_context.unwrap().tenant_id, "acme");
+    }
+
+    #[test]
+    fn announce_is_upgraded_and_claims_are_replaced() {
+        let ann = aesp::EnterpriseRuntimeAnnouncement {
+            runtime_id: "".into(),
+            language: "python".into(),
+            security_zone: "claimed".into(),
+            ..Default::default()
+        };
+        let env = aesp::EnterpriseRuntimeMessage {
+            kind: Some(aesp::enterprise_runtime_message::Kind::Announce(
+                ann.clone(),
+            )),
+        }
+        .encode_to_vec();
+        let facts = RuntimeFacts {
+            runtime_id_fallback: "rt-1".into(),
+            tenant_id: "acme".into(),
+            security_zone: "pci".into(),
+            deployment_environment: "PROD".into(),
+        };
+        let first = wire::first_field(&env).unwrap().unwrap();
+        let out = upgrade_announce(&env, first.value, &ann.runtime_id, &facts).unwrap();
+        let m = aesp::EnterpriseRuntimeMessage::decode(out).unwrap();
+        let Some(aesp::enterprise_runtime_message::Kind::Announce(a)) = m.kind else {
+            panic!("not an announce")
+        };
+        assert_eq!(a.runtime_id, "rt-1");
+        assert_eq!(a.language, "python");
+        assert_eq!(
+            (
+                a.tenant_id.as_str(),
+                a.security_zone.as_str(),
+                a.deployment_environment.as_str()
+            ),
+            ("acme", "pci", "PROD")
+        );
+    }
+
+    #[test]
+    fn error_patch_only_touches_messages_with_an_error() {
+        let p = ErrorPatch::new("cid-9");
+        let ok = grid::CreateSessionAck {
+            session_id: "s".into(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert!(p.apply(&ok, 3).unwrap().is_none());
+        let bad = grid::CreateSessionAck {
+            error: Some(grid::Error {
+                code: "X".into(),
+                message: "m".into(),
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let up =
+            aesp::EnterpriseCreateSessionAck::decode(p.apply(&bad, 3).unwrap().unwrap()).unwrap();
+        let e = up.error.unwrap();
+        assert_eq!((e.code.as_str(), e.correlation_id.as_str()), ("X", "cid-9"));
+        assert_eq!(e.details["origin"], "grid-host");
+
+        let hm = grid::HostMessage {
+            kind: Some(grid::host_message::Kind::FulfillAck(grid::FulfillAck {
+                session_id: "s".into(),
+                accepted: vec![],
+                error: Some(grid::Error {
+                    code: "UNKNOWN_TOOL".into(),
+                    message: "m".into(),
+                }),
+            })),
+        }
+        .encode_to_vec();
+        assert!(p.apply_nested(&hm, 1, 3).unwrap().is_none());
+        let up = aesp::EnterpriseHostMessage::decode(p.apply_nested(&hm, 3, 3).unwrap().unwrap())
+            .unwrap();
+        let Some(aesp::enterprise_host_message::Kind::FulfillAck(a)) = up.kind else {
+            panic!("kind")
+        };
+        assert_eq!(a.error.unwrap().correlation_id, "cid-9");
+        assert_eq!(a.session_id, "s");
+    }
+}

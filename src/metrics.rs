@@ -1,0 +1,105 @@
+//! Prometheus metrics. Every series the hot path touches is resolved once at start, so
+//! recording is an atomic increment, never a label lookup.
+
+use crate::grid::GridMethod;
+use crate::grpc::ErrorCode;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    /// `[method][0 = allow, 1 = deny]`; index 5 = pass-through, 6 = other.
+    calls: Vec<[IntCounter; 2]>,
+    denials: Vec<IntCounter>,
+    pub connections_total: IntCounter,
+    pub connections_active: IntGauge,
+    pub tls_handshake_failures: IntCounter,
+    pub upstream_errors: IntCounter,
+}
+
+pub const PASSTHROUGH: usize = 5;
+pub const OTHER: usize = 6;
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let calls_vec = IntCounterVec::new(
+            Opts::new(
+                "aesp_calls_total",
+                "Calls decided by the sidecar, by method and outcome",
+            ),
+            &["method", "outcome"],
+        )?;
+        let denials_vec = IntCounterVec::new(
+            Opts::new(
+                "aesp_denials_total",
+                "Calls and messages refused, by EnterpriseError code",
+            ),
+            &["code"],
+        )?;
+        let connections_total =
+            IntCounter::new("aesp_connections_total", "Accepted TLS connections")?;
+        let connections_active =
+            IntGauge::new("aesp_connections_active", "Open data-plane connections")?;
+        let tls_handshake_failures = IntCounter::new(
+            "aesp_tls_handshake_failures_total",
+            "TLS handshakes refused or failed",
+        )?;
+        let upstream_errors = IntCounter::new(
+            "aesp_upstream_errors_total",
+            "Calls the GRID host could not serve",
+        )?;
+        registry.register(Box::new(calls_vec.clone()))?;
+        registry.register(Box::new(denials_vec.clone()))?;
+        registry.register(Box::new(connections_total.clone()))?;
+        registry.register(Box::new(connections_active.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        let names: Vec<&str> = GridMethod::ALL
+            .iter()
+            .map(|m| m.path())
+            .chain(["passthrough", "other"])
+            .collect();
+        let calls = names
+            .iter()
+            .map(|n| {
+                [
+                    calls_vec.with_label_values(&[n, "allow"]),
+                    calls_vec.with_label_values(&[n, "deny"]),
+                ]
+            })
+            .collect();
+        let denials = ErrorCode::ALL
+            .iter()
+            .map(|c| denials_vec.with_label_values(&[c.as_str()]))
+            .collect();
+        Ok(Metrics {
+            registry,
+            calls,
+            denials,
+            connections_total,
+            connections_active,
+            tls_handshake_failures,
+            upstream_errors,
+        })
+    }
+
+    /// Records one decision; `slot` is a [`GridMethod`] index, [`PASSTHROUGH`] or [`OTHER`].
+    pub fn record(&self, slot: usize, denial: Option<ErrorCode>) {
+        let slot = slot.min(OTHER);
+        match denial {
+            None => self.calls[slot][0].inc(),
+            Some(code) => {
+                self.calls[slot][1].inc();
+                if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+                    self.denials[i].inc();
+                }
+            }
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

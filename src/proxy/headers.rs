@@ -1,0 +1,161 @@
+//! Request and response metadata: what is stripped, what is set, the correlation id.
+
+use crate::grpc::frame::Encoding;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub const X_AESP_PRINCIPAL: HeaderName = HeaderName::from_static("x-aesp-principal");
+pub const X_AESP_TENANT: HeaderName = HeaderName::from_static("x-aesp-tenant");
+pub const AESP_SECURITY_CONTEXT_BIN: HeaderName =
+    HeaderName::from_static("aesp-security-context-bin");
+pub const X_AESP_CORRELATION_ID: HeaderName = HeaderName::from_static("x-aesp-correlation-id");
+const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+
+/// Identity metadata the sidecar owns: every inbound copy is dropped, in any case, `-bin` or
+/// not. The whole `x-aesp-` and `aesp-` namespaces are reserved, not just the four names.
+pub fn is_reserved(name: &HeaderName) -> bool {
+    let n = name.as_str(); // HTTP/2 header names are lowercase
+    n.starts_with("x-aesp-") || n.starts_with("aesp-")
+}
+
+/// Connection-specific headers that never cross a proxy (RFC 9113 §8.2.2), plus those the
+/// sidecar sets itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// A client correlation id is used only if it is 1–128 visible ASCII characters.
+pub fn valid_correlation_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+pub fn new_correlation_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The client's correlation id from the request headers, if usable.
+pub fn inbound_correlation_id(h: &HeaderMap) -> Option<String> {
+    h.get(&X_AESP_CORRELATION_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| valid_correlation_id(s))
+        .map(str::to_string)
+}
+
+/// The encodings of `grpc-accept-encoding` the sidecar can also read, so the host never
+/// answers in a form the sidecar could not inspect.
+fn filtered_accept_encoding(h: &HeaderMap) -> Option<HeaderValue> {
+    let v = h.get(&GRPC_ACCEPT_ENCODING)?.to_str().ok()?;
+    let kept: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|e| Encoding::parse(e).is_some() && !e.is_empty())
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(",")).ok()
+}
+
+/// The identity metadata set on every upstream request.
+pub struct IdentityHeaders {
+    pub principal: HeaderValue,
+    pub tenant: HeaderValue,
+    pub security_context_bin: HeaderValue,
+    pub correlation_id: HeaderValue,
+}
+
+/// Headers for the upstream request: the client's own metadata, minus hop-by-hop and
+/// reserved ones, plus `te: trailers` and the sidecar's identity metadata.
+pub fn upstream_request_headers(inbound: &HeaderMap, id: IdentityHeaders) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(inbound.len() + 5);
+    for (name, value) in inbound {
+        if is_hop_by_hop(name) || is_reserved(name) || *name == GRPC_ACCEPT_ENCODING {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    if let Some(v) = filtered_accept_encoding(inbound) {
+        out.insert(GRPC_ACCEPT_ENCODING, v);
+    }
+    out.insert(X_AESP_PRINCIPAL, id.principal);
+    out.insert(X_AESP_TENANT, id.tenant);
+    out.insert(AESP_SECURITY_CONTEXT_BIN, id.security_context_bin);
+    out.insert(X_AESP_CORRELATION_ID, id.correlation_id);
+    out
+}
+
+/// Headers for the downstream response: the host's, minus hop-by-hop ones, plus the
+/// correlation id.
+pub fn downstream_response_headers(
+    upstream: &HeaderMap,
+    correlation_id: &HeaderValue,
+) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(upstream.len() + 1);
+    for (name, value) in upstream {
+        if is_hop_by_hop(name) || is_reserved(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out.insert(X_AESP_CORRELATION_ID, correlation_id.clone());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_headers_are_stripped_and_identity_set() {
+        let mut h = HeaderMap::new();
+        h.insert("x-aesp-principal", HeaderValue::from_static("mallory"));
+        h.insert(
+            "aesp-security-context-bin",
+            HeaderValue::from_static("AAAA"),
+        );
+        h.insert("x-aesp-principal-bin", HeaderValue::from_static("AAAA"));
+        h.insert("x-custom", HeaderValue::from_static("keep"));
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert(
+            "grpc-accept-encoding",
+            HeaderValue::from_static("snappy, gzip,identity"),
+        );
+        let out = upstream_request_headers(
+            &h,
+            IdentityHeaders {
+                principal: HeaderValue::from_static("alice"),
+                tenant: HeaderValue::from_static("acme"),
+                security_context_bin: HeaderValue::from_static("CgVhbGljZQ"),
+                correlation_id: HeaderValue::from_static("c1"),
+            },
+        );
+        assert_eq!(
+            out.get_all("x-aesp-principal").iter().collect::<Vec<_>>(),
+            vec!["alice"]
+        );
+        assert!(out.get("x-aesp-principal-bin").is_none());
+        assert_eq!(out["aesp-security-context-bin"], "CgVhbGljZQ");
+        assert_eq!(out["x-custom"], "keep");
+        assert!(out.get("connection").is_none());
+        assert_eq!(out["te"], "trailers");
+        assert_eq!(out["grpc-accept-encoding"], "gzip,identity");
+    }
+
+    #[test]
+    fn correlation_ids_are_validated() {
+        assert!(valid_correlation_id("abc-123"));
+        assert!(!valid_correlation_id(""));
+        assert!(!valid_correlation_id("has space"));
+        assert!(!valid_correlation_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,248 @@
+//! Assembles the sidecar from a validated [`Config`]: TLS, the upstream pool, the decision
+//! pipeline, the data-plane and management listeners and the admin HTTP endpoint.
+
+use crate::config::{Config, ConfigError};
+use crate::decision::Pipeline;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Role, server};
+use crate::upstream::Upstream;
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Validates everything `serve` would need (config and every TLS file) without serving.
+pub fn check(cfg: &Config) -> Result<(), ConfigError> {
+    crate::tls::server_config(cfg)?;
+    let up = crate::tls::upstream_client_config(cfg)?;
+    Upstream::new(cfg, up)?;
+    Ok(())
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub data_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub management_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+impl Sidecar {
+    /// Binds every listener (port 0 picks a free one) and starts serving.
+    pub async fn start(cfg: Config) -> anyhow::Result<Sidecar> {
+        crate::tls::install_default_provider();
+        let cfg = Arc::new(cfg);
+        let tls = crate::tls::server_config(&cfg)?;
+        let upstream = Arc::new(Upstream::new(
+            &cfg,
+            crate::tls::upstream_client_config(&cfg)?,
+        )?);
+        let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let pipeline = Pipeline {
+            overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
+        };
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        let data = bind(cfg.listen, "listen").await?;
+        let data_addr = data.local_addr()?;
+        let proxy = Arc::new(Proxy {
+            role: Role::DataPlane,
+            cfg: cfg.clone(),
+            pipeline: pipeline.clone(),
+            upstream: upstream.clone(),
+            metrics: metrics.clone(),
+        });
+        tasks.spawn(server::serve(
+            data,
+            tls.clone(),
+            proxy,
+            shutdown.clone(),
+            cfg.shutdown_grace,
+        ));
+
+        let management_addr = match cfg.management_listen {
+            Some(a) => {
+                let l = bind(a, "management_listen").await?;
+                let addr = l.local_addr()?;
+                let proxy = Arc::new(Proxy {
+                    role: Role::Management,
+                    cfg: cfg.clone(),
+                    pipeline: pipeline.clone(),
+                    upstream: upstream.clone(),
+                    metrics: metrics.clone(),
+                });
+                tasks.spawn(server::serve(
+                    l,
+                    tls.clone(),
+                    proxy,
+                    shutdown.clone(),
+                    cfg.shutdown_grace,
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
+
+        let admin_addr = match cfg.admin_listen {
+            Some(a) => {
+                let l = bind(a, "admin_listen").await?;
+                let addr = l.local_addr()?;
+                tasks.spawn(admin(
+                    l,
+                    upstream.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                Some(addr)
+            }
+            None => None,
+        };
+
+        tracing::info!(
+            listen = %data_addr,
+            management = ?management_addr,
+            admin = ?admin_addr,
+            upstream = %cfg.upstream.address,
+            "aesp sidecar serving"
+        );
+        Ok(Sidecar {
+            data_addr,
+            admin_addr,
+            management_addr,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, drains in-flight calls (up to the grace period) and returns.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        self.shutdown().await;
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Admin HTTP/1.1: `/healthz` (alive), `/readyz` (the host is reachable and not draining),
+/// `/metrics` (Prometheus text).
+async fn admin(
+    listener: TcpListener,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let draining = Arc::new(AtomicBool::new(false));
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => { draining.store(true, Ordering::Relaxed); return; }
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
+        };
+        let upstream = upstream.clone();
+        let metrics = metrics.clone();
+        let draining = draining.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let upstream = upstream.clone();
+                let metrics = metrics.clone();
+                let draining = draining.clone();
+                async move {
+                    let (status, ctype, body) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+                        "/readyz" => {
+                            let ready = !draining.load(Ordering::Relaxed)
+                                && matches!(
+                                    tokio::time::timeout(Duration::from_secs(2), upstream.probe())
+                                        .await,
+                                    Ok(Ok(()))
+                                );
+                            if ready {
+                                (StatusCode::OK, "text/plain", "ready\n".to_string())
+                            } else {
+                                (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "text/plain",
+                                    "upstream unavailable\n".to_string(),
+                                )
+                            }
+                        }
+                        "/metrics" => (
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4",
+                            metrics.render(),
+                        ),
+                        _ => (
+                            StatusCode::NOT_FOUND,
+                            "text/plain",
+                            "not found\n".to_string(),
+                        ),
+                    };
+                    let mut r = Response::new(Full::new(Bytes::from(body)));
+                    *r.status_mut() = status;
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static(ctype),
+                    );
+                    Ok::<_, Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

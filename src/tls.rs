@@ -1,0 +1,141 @@
+//! TLS configurations: TLS 1.3 only, on aws-lc-rs, built once at start.
+
+use crate::config::{Config, ConfigError};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider (for libraries that use the
+/// default, such as tonic's client TLS). Harmless if already installed.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn cfg_err(cfg: &Config, field: &str, problem: String) -> ConfigError {
+    ConfigError {
+        file: cfg.source.display().to_string(),
+        field: field.to_string(),
+        problem,
+    }
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect();
+    let certs = certs.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", path.display()))
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    for c in load_certs(path)? {
+        store
+            .add(c)
+            .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+    }
+    Ok(store)
+}
+
+/// The data-plane and management server config: TLS 1.3 only, a client certificate chaining
+/// to `tls.client_ca` required, ALPN `h2`.
+pub fn server_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    let certs = load_certs(&cfg.tls.cert).map_err(|e| cfg_err(cfg, "tls.cert", e))?;
+    let key = load_key(&cfg.tls.key).map_err(|e| cfg_err(cfg, "tls.key", e))?;
+    let roots = roots(&cfg.tls.client_ca).map_err(|e| cfg_err(cfg, "tls.client_ca", e))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| {
+            cfg_err(
+                cfg,
+                "tls.client_ca",
+                format!("cannot build a client verifier: {e}"),
+            )
+        })?;
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| cfg_err(cfg, "tls", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            cfg_err(
+                cfg,
+                "tls.key",
+                format!("does not match tls.cert or is unusable: {e}"),
+            )
+        })?;
+    sc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(sc))
+}
+
+/// The client config for an `https://` upstream (TLS 1.3 only, ALPN `h2`).
+pub fn upstream_client_config(
+    cfg: &Config,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ConfigError> {
+    let Some(t) = &cfg.upstream.tls else {
+        return Ok(None);
+    };
+    let roots = roots(&t.ca).map_err(|e| cfg_err(cfg, "upstream.ca", e))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| cfg_err(cfg, "upstream", e.to_string()))?
+        .with_root_certificates(roots);
+    let mut cc = match &t.client_cert {
+        Some((c, k)) => {
+            let certs = load_certs(c).map_err(|e| cfg_err(cfg, "upstream.cert", e))?;
+            let key = load_key(k).map_err(|e| cfg_err(cfg, "upstream.key", e))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| cfg_err(cfg, "upstream.key", e.to_string()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(cc)))
+}
+
+/// A client config for tools and tests: trusts `ca_pem`, presents `cert_pem`/`key_pem`.
+pub fn client_config_from_pem(
+    ca_pem: &[u8],
+    cert_pem: Option<(&[u8], &[u8])>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut store = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        let c = c.map_err(|e| format!("CA bundle: {e}"))?;
+        store.add(c).map_err(|e| format!("CA bundle: {e}"))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store);
+    let mut cc = match cert_pem {
+        Some((c, k)) => {
+            let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(c).collect();
+            let certs = certs.map_err(|e| format!("certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(k).map_err(|e| format!("key: {e}"))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cc)
+}

@@ -1,0 +1,175 @@
+//! The pooled HTTP/2 client to the GRID host: h2c on loopback by default, or TLS 1.3.
+//!
+//! A few long-lived HTTP/2 connections carry every call as streams; calls are spread over
+//! them round-robin. A connection that closed is replaced on next use. Taking a connection
+//! is a short std mutex section that clones a handle; connecting happens outside it, under a
+//! per-slot async lock so a burst of calls opens one connection, not one each.
+
+use crate::config::{Config, ConfigError};
+use crate::proxy::body::ProxyBody;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{Builder, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the GRID host at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("the GRID host connection failed: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+struct Slot {
+    sender: std::sync::Mutex<Option<SendRequest<ProxyBody>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    addr: String,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    connect_timeout: Duration,
+    builder: Builder<TokioExecutor>,
+}
+
+impl Upstream {
+    pub fn new(
+        cfg: &Config,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Upstream, ConfigError> {
+        let u = &cfg.upstream;
+        let tls = match (tls, &u.tls) {
+            (Some(cc), Some(t)) => {
+                let name =
+                    ServerName::try_from(t.server_name.clone()).map_err(|e| ConfigError {
+                        file: cfg.source.display().to_string(),
+                        field: "upstream.server_name".into(),
+                        problem: format!("expected a DNS name or IP address: {e}"),
+                    })?;
+                Some((tokio_rustls::TlsConnector::from(cc), name))
+            }
+            _ => None,
+        };
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(cfg.limits.initial_stream_window_size)
+            .initial_connection_window_size(cfg.limits.initial_connection_window_size)
+            .max_send_buf_size(cfg.limits.max_send_buf_size)
+            .keep_alive_interval(cfg.limits.keep_alive_interval)
+            .keep_alive_timeout(cfg.limits.keep_alive_timeout)
+            .keep_alive_while_idle(true);
+        Ok(Upstream {
+            scheme: u.uri_scheme.clone(),
+            authority: u.authority.clone(),
+            addr: u.authority.as_str().to_string(),
+            tls,
+            slots: (0..u.connections)
+                .map(|_| Slot {
+                    sender: std::sync::Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(()),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            connect_timeout: u.connect_timeout,
+            builder,
+        })
+    }
+
+    /// The upstream URI for a request path.
+    pub fn uri_for(&self, pq: Option<&PathAndQuery>) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(
+            pq.cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
+    fn cached(slot: &Slot) -> Option<SendRequest<ProxyBody>> {
+        let guard = slot.sender.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    async fn sender(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[i];
+        if let Some(s) = Self::cached(slot) {
+            return Ok(s);
+        }
+        let _g = slot.connecting.lock().await;
+        if let Some(s) = Self::cached(slot) {
+            return Ok(s);
+        }
+        let s = self.connect().await?;
+        *slot.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let err = |reason: String| UpstreamError::Connect {
+            addr: self.addr.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| err(format!("timed out after {:?}", self.connect_timeout)))?
+            .map_err(|e| err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => self.handshake(tcp).await,
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(
+                    self.connect_timeout,
+                    connector.connect(name.clone(), tcp),
+                )
+                .await
+                .map_err(|_| err("TLS handshake timed out".into()))?
+                .map_err(|e| err(format!("TLS handshake failed: {e}")))?;
+                self.handshake(tls).await
+            }
+        }
+    }
+
+    async fn handshake<T>(&self, io: T) -> Result<SendRequest<ProxyBody>, UpstreamError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = self.builder.handshake(TokioIo::new(io)).await?;
+        let addr = self.addr.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream connection closed");
+            }
+        });
+        tracing::debug!(upstream = %self.addr, "upstream connection established");
+        Ok(sender)
+    }
+
+    /// Sends one request on a pooled connection.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.sender().await?;
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    /// Whether a connection to the host can be had (readiness).
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        let mut s = self.sender().await?;
+        s.ready().await?;
+        Ok(())
+    }
+}
