@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod adm;
+pub mod client;
 pub mod config;
 pub mod decision;
 pub mod demo;

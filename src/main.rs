@@ -1,1 +1,393 @@
-fn main() {}
+//! `aesp`: the command line. Parsing only; everything else lives in the library.
+
+use aesp_sidecar::client::AespGridClient;
+use aesp_sidecar::client::{self, ClientTls};
+use aesp_sidecar::config::Config;
+use aesp_sidecar::demo;
+use aesp_sidecar::proto::{adm, grid};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "aesp",
+    version,
+    about = "AESP enforcement sidecar for GRID (ALTAR) hosts"
+)]
+struct Cli {
+    /// Log filter (tracing syntax, e.g. `info` or `aesp_sidecar=debug`); RUST_LOG also works.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the sidecar in front of a GRID host.
+    Serve {
+        /// The YAML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Validate the configuration and every file it names, then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Run the reference GRID host (h2c, loopback).
+    GridHost {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// A manifest of trusted contracts (YAML or JSON); the built-in example by default.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Run the reference runtime, connected through the sidecar.
+    GridRuntime {
+        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        endpoint: String,
+        #[arg(long, default_value = ".aesp-dev/ca.crt")]
+        ca: PathBuf,
+        #[arg(long, default_value = ".aesp-dev/runtime.crt")]
+        cert: PathBuf,
+        #[arg(long, default_value = ".aesp-dev/runtime.key")]
+        key: PathBuf,
+        /// The name the sidecar's certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        domain: String,
+        #[arg(long, default_value = "acme-runtime-1")]
+        runtime_id: String,
+    },
+    /// Generate dev certificates, start host, sidecar and runtime, run a scenario, then serve.
+    Demo {
+        /// Where the dev certificates and sidecar.yaml go.
+        #[arg(long, default_value = ".aesp-dev")]
+        dir: PathBuf,
+        /// Exit after the scenario instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// A small GRID client for trying the sidecar.
+    Call(CallArgs),
+}
+
+#[derive(clap::Args)]
+struct CallArgs {
+    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    endpoint: String,
+    #[arg(long, default_value = ".aesp-dev/ca.crt")]
+    ca: PathBuf,
+    #[arg(long, default_value = ".aesp-dev/acme.crt")]
+    cert: PathBuf,
+    #[arg(long, default_value = ".aesp-dev/acme.key")]
+    key: PathBuf,
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// Sent as x-aesp-correlation-id.
+    #[arg(long)]
+    correlation_id: Option<String>,
+    #[command(subcommand)]
+    op: CallOp,
+}
+
+#[derive(Subcommand)]
+enum CallOp {
+    /// CreateSession; --principal/--tenant put claims in its SecurityContext.
+    CreateSession {
+        #[arg(long, default_value_t = 0)]
+        ttl: u64,
+        #[arg(long)]
+        session_id: Option<String>,
+        #[arg(long)]
+        principal: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// DestroySession.
+    DestroySession {
+        #[arg(long)]
+        session: String,
+    },
+    /// ExecuteTool (creates a session first unless --session is given).
+    Execute {
+        #[arg(long)]
+        session: Option<String>,
+        #[arg(long)]
+        tool: String,
+        /// The arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// ExecuteToolStream (creates a session first unless --session is given).
+    Stream {
+        #[arg(long)]
+        session: Option<String>,
+        #[arg(long)]
+        tool: String,
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+}
+
+fn init_logs(filter: Option<&str>, default: &str) {
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.cmd {
+        Cmd::Demo { .. } | Cmd::Call(_) => "warn",
+        _ => "info",
+    };
+    init_logs(cli.log.as_deref(), default_log);
+    match run(cli.cmd).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Serve {
+            config,
+            check_config,
+        } => {
+            let cfg = Config::load(&config)?;
+            aesp_sidecar::sidecar::check(&cfg)?;
+            if check_config {
+                println!("{}: configuration is valid", config.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let sidecar = aesp_sidecar::sidecar::Sidecar::start(cfg).await?;
+            sidecar.run_until_signal().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GridHost { listen, manifest } => {
+            let mut opts = demo::host::HostOptions {
+                listen,
+                ..Default::default()
+            };
+            if let Some(m) = manifest {
+                opts.manifest = aesp_sidecar::adm::load_manifest(&m)?;
+            }
+            let host = demo::host::spawn(opts).await?;
+            tracing::info!(listen = %host.local_addr, "reference GRID host serving (h2c)");
+            aesp_sidecar::sidecar::wait_for_signal().await;
+            host.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GridRuntime {
+            endpoint,
+            ca,
+            cert,
+            key,
+            domain,
+            runtime_id,
+        } => {
+            let tls = if endpoint.starts_with("https://") {
+                let t = ClientTls::from_files(&ca, &cert, &key, &domain)?;
+                Some(demo::runtime::RuntimeTls {
+                    ca_pem: t.ca_pem,
+                    cert_pem: t.cert_pem,
+                    key_pem: t.key_pem,
+                    domain: t.domain,
+                })
+            } else {
+                None
+            };
+            let rt = demo::runtime::spawn(demo::runtime::RuntimeOptions {
+                endpoint,
+                tls,
+                runtime_id,
+                ..Default::default()
+            })
+            .await?;
+            rt.wait_announced(Duration::from_secs(30)).await?;
+            tracing::info!("reference runtime announced; serving tool calls");
+            aesp_sidecar::sidecar::wait_for_signal().await;
+            rt.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { dir, once } => {
+            let steps = demo::run(demo::DemoOptions { dir, once }).await?;
+            Ok(
+                if steps.iter().any(|s| s.allowed) && steps.iter().any(|s| !s.allowed) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                },
+            )
+        }
+        Cmd::Call(args) => call(args).await,
+    }
+}
+
+fn tool_call(session: &str, tool: &str, args: &str) -> anyhow::Result<grid::ToolCall> {
+    let json: serde_json::Value = serde_json::from_str(args).context("--args is not valid JSON")?;
+    let args =
+        aesp_sidecar::adm::json_to_struct(&json).map_err(|e| anyhow::anyhow!("--args: {e}"))?;
+    Ok(grid::ToolCall {
+        session_id: session.to_string(),
+        function_call: Some(adm::FunctionCall {
+            name: tool.to_string(),
+            args: Some(args),
+            call_id: String::new(),
+        }),
+        ..Default::default()
+    })
+}
+
+fn request<T>(msg: T, cid: &Option<String>) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(c) = cid {
+        r.metadata_mut().insert(
+            "x-aesp-correlation-id",
+            c.parse()
+                .context("--correlation-id is not a valid header value")?,
+        );
+    }
+    Ok(r)
+}
+
+async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
+    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
+    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
+    let c = AespGridClient::new(ch);
+    let fail = |s: tonic::Status| {
+        println!("{}", client::describe_status(&s));
+        Ok(ExitCode::from(1))
+    };
+    let session =
+        match &a.op {
+            CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
+                .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)
+                .await
+            {
+                Ok(ack) => {
+                    let id = ack.session_id;
+                    println!("session_id: {id}");
+                    id
+                }
+                Err(s) => return fail(s),
+            },
+            _ => String::new(),
+        };
+    match a.op {
+        CallOp::CreateSession {
+            ttl,
+            session_id,
+            principal,
+            tenant,
+        } => {
+            let sc = (principal.is_some() || tenant.is_some()).then(|| grid::SecurityContext {
+                principal_id: principal.unwrap_or_default(),
+                tenant_id: tenant.unwrap_or_default(),
+            });
+            let msg = grid::CreateSession {
+                suggested_session_id: session_id.unwrap_or_default(),
+                ttl_seconds: ttl,
+                security_context: sc,
+            };
+            match c.create_session(request(msg, &a.correlation_id)?).await {
+                Ok(view) => {
+                    if let Some(e) = &view.error {
+                        println!("{}", client::describe(e));
+                        return Ok(ExitCode::from(1));
+                    }
+                    println!(
+                        "session_id: {}\nexpires_at_unix_seconds: {}",
+                        view.session_id, view.expires_at_unix_seconds
+                    );
+                }
+                Err(s) => return fail(s),
+            }
+        }
+        CallOp::DestroySession { session } => match c
+            .destroy_session(request(
+                grid::DestroySession {
+                    session_id: session,
+                },
+                &a.correlation_id,
+            )?)
+            .await
+        {
+            Ok(view) => {
+                if let Some(e) = &view.error {
+                    println!("{}", client::describe(e));
+                    return Ok(ExitCode::from(1));
+                }
+                println!("destroyed: {}", view.destroyed);
+            }
+            Err(s) => return fail(s),
+        },
+        CallOp::Execute {
+            session: s,
+            tool,
+            args,
+        } => {
+            let s = s.unwrap_or(session);
+            match c
+                .execute_tool(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .await
+            {
+                Ok(view) => {
+                    let (_, code, text) = demo::scenario::render_result(&view);
+                    println!("{text}");
+                    if code.is_some() {
+                        return Ok(ExitCode::from(1));
+                    }
+                }
+                Err(st) => return fail(st),
+            }
+        }
+        CallOp::Stream {
+            session: s,
+            tool,
+            args,
+        } => {
+            let s = s.unwrap_or(session);
+            match c
+                .execute_tool_stream(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .await
+            {
+                Ok(mut stream) => loop {
+                    match stream.message().await {
+                        Ok(Some(view)) => {
+                            if let Some(e) = &view.error_details {
+                                println!("chunk {}: {}", view.chunk_id, client::describe(e));
+                            } else {
+                                println!(
+                                    "chunk {}: {}{}",
+                                    view.chunk_id,
+                                    String::from_utf8_lossy(&view.payload),
+                                    if view.is_final { " (final)" } else { "" }
+                                );
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(st) => return fail(st),
+                    }
+                },
+                Err(st) => return fail(st),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,256 @@
+//! The demo's scripted scenario: real calls through the sidecar, each printed with its
+//! outcome. Returns what happened so tests can check it.
+
+use crate::client::AespGridClient;
+use crate::client::{self, ClientTls};
+use crate::proto::{adm, aesp, grid};
+
+/// One step of the scenario.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub title: String,
+    pub allowed: bool,
+    /// The `EnterpriseError` code of a denial or of an in-band error.
+    pub error_code: Option<String>,
+    pub detail: String,
+}
+
+fn print_step(n: usize, s: &Step) {
+    let verdict = if s.allowed { "ALLOWED" } else { "DENIED " };
+    println!("  {n:>2}. {:<58} {verdict}", s.title);
+    for line in s.detail.lines() {
+        println!("        {line}");
+    }
+}
+
+fn args(v: serde_json::Value) -> Option<prost_types::Struct> {
+    crate::adm::json_to_struct(&v).ok()
+}
+
+fn call(session: &str, tool: &str, a: serde_json::Value) -> grid::ToolCall {
+    grid::ToolCall {
+        session_id: session.to_string(),
+        function_call: Some(adm::FunctionCall {
+            name: tool.to_string(),
+            args: args(a),
+            call_id: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Renders a `ToolResult` (decoded as its enterprise view) for people.
+pub fn render_result(r: &aesp::EnterpriseToolResult) -> (bool, Option<String>, String) {
+    if let Some(e) = &r.error_details {
+        return (true, Some(e.code.clone()), client::describe(e));
+    }
+    let content = r
+        .payload
+        .as_ref()
+        .and_then(|p| p.content.as_ref())
+        .map(crate::adm::value_to_json)
+        .unwrap_or(serde_json::Value::Null);
+    (
+        true,
+        None,
+        format!("result: {content}  (correlation_id {})", r.correlation_id),
+    )
+}
+
+fn denied(title: String, status: &tonic::Status) -> Step {
+    Step {
+        title,
+        allowed: false,
+        error_code: client::enterprise_error(status).map(|e| e.code),
+        detail: client::describe_status(status),
+    }
+}
+
+async fn execute(c: &AespGridClient, title: String, tc: grid::ToolCall) -> Step {
+    match c.execute_tool(tc).await {
+        Ok(view) => {
+            let (allowed, error_code, detail) = render_result(&view);
+            Step {
+                title,
+                allowed,
+                error_code,
+                detail,
+            }
+        }
+        Err(s) => denied(title, &s),
+    }
+}
+
+/// Runs the scenario against the sidecar at `endpoint` with the dev certificates.
+pub async fn run(
+    endpoint: &str,
+    acme: &ClientTls,
+    globex: &ClientTls,
+) -> anyhow::Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    let ch = client::channel(endpoint, Some(acme)).await?;
+    let alice = AespGridClient::new(ch.clone());
+
+    // 1. A session for alice@acme; the sidecar fills in the EnterpriseSecurityContext.
+    let session = match alice
+        .create_session(grid::CreateSession {
+            ttl_seconds: 600,
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(ack) => {
+            steps.push(Step {
+                title: "CreateSession as alice (tenant acme)".into(),
+                allowed: true,
+                error_code: None,
+                detail: format!("session_id: {}", ack.session_id),
+            });
+            ack.session_id
+        }
+        Err(s) => {
+            steps.push(denied("CreateSession as alice (tenant acme)".into(), &s));
+            String::new()
+        }
+    };
+
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool echo {\"text\": \"hello, GRID\"}".into(),
+            call(&session, "echo", serde_json::json!({"text": "hello, GRID"})),
+        )
+        .await,
+    );
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool add {\"a\": 2, \"b\": 40}".into(),
+            call(&session, "add", serde_json::json!({"a": 2, "b": 40})),
+        )
+        .await,
+    );
+
+    // Streaming.
+    let title = "ExecuteToolStream count {\"n\": 3}".to_string();
+    match alice
+        .execute_tool_stream(call(&session, "count", serde_json::json!({"n": 3})))
+        .await
+    {
+        Ok(mut stream) => {
+            let mut chunks = Vec::new();
+            let mut err = None;
+            loop {
+                match stream.message().await {
+                    Ok(Some(c)) => chunks.push(format!(
+                        "chunk {}: {}{}",
+                        c.chunk_id,
+                        String::from_utf8_lossy(&c.payload),
+                        if c.is_final { " (final)" } else { "" }
+                    )),
+                    Ok(None) => break,
+                    Err(s) => {
+                        err = Some(s);
+                        break;
+                    }
+                }
+            }
+            match err {
+                None => steps.push(Step {
+                    title,
+                    allowed: true,
+                    error_code: None,
+                    detail: chunks.join("\n"),
+                }),
+                Some(s) => steps.push(denied(title, &s)),
+            }
+        }
+        Err(s) => steps.push(denied(title, &s)),
+    }
+
+    // A tool error: travels back as an EnterpriseError that a base client still reads as Error.
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool fail {} (the tool always errors)".into(),
+            call(&session, "fail", serde_json::json!({})),
+        )
+        .await,
+    );
+    // Arguments the host's contract refuses.
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool add {\"a\": \"two\"} (bad arguments)".into(),
+            call(&session, "add", serde_json::json!({"a": "two"})),
+        )
+        .await,
+    );
+
+    // Denials made by the sidecar itself.
+    let title = "CreateSession as alice claiming tenant globex".to_string();
+    let forged = grid::CreateSession {
+        security_context: Some(grid::SecurityContext {
+            principal_id: "alice".into(),
+            tenant_id: "globex".into(),
+        }),
+        ..Default::default()
+    };
+    match alice.create_session(forged).await {
+        Ok(_) => steps.push(Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: "unexpectedly allowed".into(),
+        }),
+        Err(s) => steps.push(denied(title, &s)),
+    }
+
+    let title = "Call /altar.grid.v1.GridHost/DropAllSessions (unknown method)".to_string();
+    match client::call_raw(ch.clone(), "/altar.grid.v1.GridHost/DropAllSessions").await {
+        Ok(()) => steps.push(Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: "unexpectedly allowed".into(),
+        }),
+        Err(s) => steps.push(denied(title, &s)),
+    }
+
+    // bob@globex gets a session of his own: the identity comes from his certificate.
+    let ch_bob = client::channel(endpoint, Some(globex)).await?;
+    let bob = AespGridClient::new(ch_bob);
+    let title = "CreateSession as bob (tenant globex)".to_string();
+    match bob.create_session(grid::CreateSession::default()).await {
+        Ok(ack) => steps.push(Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: format!("session_id: {}", ack.session_id),
+        }),
+        Err(s) => steps.push(denied(title, &s)),
+    }
+
+    if !session.is_empty() {
+        let title = "DestroySession (alice's session)".to_string();
+        match alice
+            .destroy_session(grid::DestroySession {
+                session_id: session.clone(),
+            })
+            .await
+        {
+            Ok(ack) => steps.push(Step {
+                title,
+                allowed: true,
+                error_code: None,
+                detail: format!("destroyed: {}", ack.destroyed),
+            }),
+            Err(s) => steps.push(denied(title, &s)),
+        }
+    }
+
+    for (i, s) in steps.iter().enumerate() {
+        print_step(i + 1, s);
+    }
+    Ok(steps)
+}
