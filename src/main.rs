@@ -274,21 +274,20 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
         println!("{}", client::describe_status(&s));
         Ok(ExitCode::from(1))
     };
-    let session =
-        match &a.op {
-            CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
-                .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)
-                .await
-            {
-                Ok(ack) => {
-                    let id = ack.session_id;
-                    println!("session_id: {id}");
-                    id
-                }
-                Err(s) => return fail(s),
-            },
-            _ => String::new(),
-        };
+    let session = match &a.op {
+        CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
+            .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)
+            .await
+        {
+            Ok(ack) => {
+                let id = ack.session_id;
+                println!("session_id: {id}");
+                id
+            }
+            Err(s) => return fail(s),
+        },
+        _ => String::new(),
+    };
     match a.op {
         CallOp::CreateSession {
             ttl,

@@ -635,7 +635,23 @@ impl HostState {
             return;
         }
 
+        // The ack goes into the queue before the runtime is registered, so nothing (a
+        // RequestFulfillment from a concurrent CreateSession) can overtake it.
+        let ack = grid::AnnounceAck {
+            accepted: true,
+            available_contracts: self.manifest.iter().map(|d| d.name.clone()).collect(),
+            error: None,
+        };
+        if tx
+            .send(Ok(host_msg(host_message::Kind::AnnounceAck(ack))))
+            .await
+            .is_err()
+        {
+            return;
+        }
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Registering and listing the sessions under one lock: every session is either in
+        // this list or sees this runtime in its own CreateSession, never neither.
         let live_sessions: Vec<String> = {
             let mut inner = lock(&self.inner);
             inner.runtimes.insert(
@@ -653,15 +669,7 @@ impl HostState {
                 .map(|(id, _)| id.clone())
                 .collect()
         };
-        let ack = grid::AnnounceAck {
-            accepted: true,
-            available_contracts: self.manifest.iter().map(|d| d.name.clone()).collect(),
-            error: None,
-        };
-        let mut alive = tx
-            .send(Ok(host_msg(host_message::Kind::AnnounceAck(ack))))
-            .await
-            .is_ok();
+        let mut alive = true;
         // A runtime that (re)connects while sessions exist is asked about them too.
         for session_id in live_sessions {
             if !alive {
@@ -1330,8 +1338,33 @@ impl Drop for HostHandle {
 
 /// Binds `opts.listen` (h2c) and serves the host in a background task.
 pub async fn spawn(opts: HostOptions) -> anyhow::Result<HostHandle> {
+    spawn_inner(opts, None).await
+}
+
+/// Like [`spawn`], but serves TLS (or mTLS, when `tls` names client CA roots) instead of h2c:
+/// for tests of a sidecar that reaches its host over TLS, or of a runtime's TLS settings.
+pub async fn spawn_tls(
+    opts: HostOptions,
+    tls: tonic::transport::ServerTlsConfig,
+) -> anyhow::Result<HostHandle> {
+    spawn_inner(opts, Some(tls)).await
+}
+
+async fn spawn_inner(
+    opts: HostOptions,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+) -> anyhow::Result<HostHandle> {
     adm::validate_declarations(&opts.manifest)
         .map_err(|e| anyhow::anyhow!("invalid host manifest: {e}"))?;
+    let mut builder = tonic::transport::Server::builder();
+    let scheme = if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("invalid TLS settings for the host: {e}"))?;
+        "TLS"
+    } else {
+        "h2c"
+    };
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
@@ -1339,7 +1372,7 @@ pub async fn spawn(opts: HostOptions) -> anyhow::Result<HostHandle> {
     let state = Arc::new(HostState::new(&opts));
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let router = builder
         .add_service(GridHostService::new(state.clone()))
         .add_service(GridRuntimeService::new(state.clone()));
     let task = tokio::spawn(async move {
@@ -1351,8 +1384,9 @@ pub async fn spawn(opts: HostOptions) -> anyhow::Result<HostHandle> {
     });
     info!(
         addr = %local_addr,
+        scheme,
         contracts = ?opts.manifest.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
-        "reference GRID host listening (h2c)"
+        "reference GRID host listening"
     );
     Ok(HostHandle {
         local_addr,

@@ -153,6 +153,11 @@ where
     fn on_message(&mut self, msg: GrpcMessage) -> Result<(), Denial> {
         let payload = message_payload(&msg, self.encoding, self.max).map_err(malformed)?;
         match self.hook.on_message(&payload)? {
+            // Towards the host, messages travel uncompressed: the sidecar cannot know which
+            // encodings the host accepts, and every gRPC peer accepts identity.
+            Verdict::Forward if msg.compressed && matches!(self.side, Side::Request { .. }) => {
+                self.ready.push_back(encode_frame(&payload))
+            }
             Verdict::Forward => self.ready.push_back(msg.frame),
             Verdict::Replace(p) => {
                 if p.len() > self.max {

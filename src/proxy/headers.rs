@@ -9,6 +9,7 @@ pub const AESP_SECURITY_CONTEXT_BIN: HeaderName =
     HeaderName::from_static("aesp-security-context-bin");
 pub const X_AESP_CORRELATION_ID: HeaderName = HeaderName::from_static("x-aesp-correlation-id");
 const GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
 /// Identity metadata the sidecar owns: every inbound copy is dropped, in any case, `-bin` or
 /// not. The whole `x-aesp-` and `aesp-` namespaces are reserved, not just the four names.
@@ -75,16 +76,27 @@ pub struct IdentityHeaders {
 
 /// Headers for the upstream request: the client's own metadata, minus hop-by-hop and
 /// reserved ones, plus `te: trailers` and the sidecar's identity metadata.
-pub fn upstream_request_headers(inbound: &HeaderMap, id: IdentityHeaders) -> HeaderMap {
+///
+/// For an `inspected` call, `grpc-encoding` is dropped (the sidecar forwards inspected
+/// request messages uncompressed) and `grpc-accept-encoding` is narrowed to what the sidecar
+/// can read; a pass-through call keeps both as they are.
+pub fn upstream_request_headers(
+    inbound: &HeaderMap,
+    id: IdentityHeaders,
+    inspected: bool,
+) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(inbound.len() + 5);
     for (name, value) in inbound {
-        if is_hop_by_hop(name) || is_reserved(name) || *name == GRPC_ACCEPT_ENCODING {
+        if is_hop_by_hop(name)
+            || is_reserved(name)
+            || (inspected && (*name == GRPC_ACCEPT_ENCODING || *name == GRPC_ENCODING))
+        {
             continue;
         }
         out.append(name.clone(), value.clone());
     }
     out.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    if let Some(v) = filtered_accept_encoding(inbound) {
+    if inspected && let Some(v) = filtered_accept_encoding(inbound) {
         out.insert(GRPC_ACCEPT_ENCODING, v);
     }
     out.insert(X_AESP_PRINCIPAL, id.principal);
@@ -138,6 +150,7 @@ mod tests {
                 security_context_bin: HeaderValue::from_static("CgVhbGljZQ"),
                 correlation_id: HeaderValue::from_static("c1"),
             },
+            true,
         );
         assert_eq!(
             out.get_all("x-aesp-principal").iter().collect::<Vec<_>>(),
@@ -149,6 +162,7 @@ mod tests {
         assert!(out.get("connection").is_none());
         assert_eq!(out["te"], "trailers");
         assert_eq!(out["grpc-accept-encoding"], "gzip,identity");
+        assert!(out.get("grpc-encoding").is_none());
     }
 
     #[test]

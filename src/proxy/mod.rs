@@ -180,6 +180,7 @@ impl Proxy {
                             &esc,
                             &cid,
                             body.map_err(Into::into).boxed_unsync(),
+                            false,
                         );
                         match self.upstream.send(up).await {
                             Ok(resp) => self.passthrough_response(resp, &cid),
@@ -224,6 +225,7 @@ impl Proxy {
         esc: &aesp::EnterpriseSecurityContext,
         cid: &str,
         body: ProxyBody,
+        inspected: bool,
     ) -> Request<ProxyBody> {
         let esc_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(esc.encode_to_vec());
         let h = headers::upstream_request_headers(
@@ -236,6 +238,7 @@ impl Proxy {
                 correlation_id: HeaderValue::from_str(cid)
                     .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
             },
+            inspected,
         );
         let mut req = Request::new(body);
         *req.method_mut() = http::Method::POST;
@@ -418,6 +421,8 @@ impl Proxy {
             _ => None,
         };
         let frame = match upgraded {
+            // Compressed requests are forwarded uncompressed (see `upstream_request_headers`).
+            None if msg.compressed => encode_frame(&payload),
             None => msg.frame,
             Some(Ok(p)) => encode_frame(&p),
             Some(Err(denial)) => {
@@ -426,7 +431,7 @@ impl Proxy {
             }
         };
 
-        let up = self.upstream_request(&parts, id, &esc, &cid, body::full(frame));
+        let up = self.upstream_request(&parts, id, &esc, &cid, body::full(frame), true);
         match self.upstream.send(up).await {
             Ok(resp) => {
                 let hook = ErrorHook {
@@ -481,7 +486,7 @@ impl Proxy {
             encoding,
             self.cfg.limits.max_message_bytes,
         );
-        let up = self.upstream_request(&parts, id, &esc, &cid, req_body.boxed_unsync());
+        let up = self.upstream_request(&parts, id, &esc, &cid, req_body.boxed_unsync(), true);
         match self.upstream.send(up).await {
             Ok(resp) => {
                 let hook = HostHook {
