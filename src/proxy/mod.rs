@@ -135,7 +135,7 @@ impl Proxy {
         };
         let identity = self.identity(&conn);
 
-        // The request's message encoding must be one the sidecar can read.
+        // The message encoding of an inspected call must be one the sidecar can read.
         let encoding = match req
             .headers()
             .get("grpc-encoding")
@@ -143,7 +143,7 @@ impl Proxy {
         {
             None => Encoding::Identity,
             Some(Some(e)) => e,
-            Some(None) => {
+            Some(None) if matches!(route, Route::Grid(_)) => {
                 let d = Decision::early_denial(
                     &path,
                     identity.ok(),
@@ -154,6 +154,8 @@ impl Proxy {
                 self.record(route, &d);
                 return self.deny(&d);
             }
+            // Pass-through and refused calls are not inspected.
+            Some(None) => Encoding::Identity,
         };
 
         match route {

@@ -1,0 +1,241 @@
+//! How the sidecar passes on what a host does at the HTTP/2 level: stream resets, trailers,
+//! pass-through methods, and a client's cancellation. The host here is a real HTTP/2 server
+//! (the h2 crate) on a real socket that does exactly what each test needs.
+
+mod common;
+
+use aesp_sidecar::proto::{aesp, grid};
+use bytes::Bytes;
+use common::frame;
+use prost::Message;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug)]
+enum Seen {
+    Headers(String, http::HeaderMap),
+    Reset(String),
+}
+
+/// A host that resets `ExecuteToolStream` after one chunk, echoes `/test.Echo/Trailers` with
+/// trailers, and reports what it sees.
+async fn odd_host() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let _ = tx.send(Seen::Headers(path.clone(), req.headers().clone()));
+                        let mut body = req.into_body();
+                        let ok = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        match path.as_str() {
+                            "/altar.grid.v1.GridHost/ExecuteToolStream" => {
+                                while let Some(Ok(_)) = body.data().await {}
+                                let mut send = respond.send_response(ok, false).unwrap();
+                                let chunk = grid::StreamChunk {
+                                    invocation_id: "i".into(),
+                                    payload: b"{}".to_vec(),
+                                    ..Default::default()
+                                };
+                                send.send_data(Bytes::from(frame(&chunk.encode_to_vec())), false)
+                                    .unwrap();
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                            }
+                            "/test.Echo/Trailers" => {
+                                let mut data = Vec::new();
+                                while let Some(Ok(d)) = body.data().await {
+                                    let _ = body.flow_control().release_capacity(d.len());
+                                    data.extend_from_slice(&d);
+                                }
+                                let mut send = respond.send_response(ok, false).unwrap();
+                                send.send_data(Bytes::from(data), false).unwrap();
+                                let mut t = http::HeaderMap::new();
+                                t.insert("grpc-status", "0".parse().unwrap());
+                                t.insert("x-test-trailer", "yes".parse().unwrap());
+                                send.send_trailers(t).unwrap();
+                            }
+                            _ => {
+                                // Connect and anything else: answer headers, then wait for the
+                                // peer to go away and report how.
+                                let mut send = respond.send_response(ok, false).unwrap();
+                                let _ = send.send_data(Bytes::new(), false);
+                                loop {
+                                    match body.data().await {
+                                        Some(Ok(d)) => {
+                                            let _ = body.flow_control().release_capacity(d.len());
+                                        }
+                                        Some(Err(e)) => {
+                                            let _ = tx.send(Seen::Reset(format!("{path}: {e}")));
+                                            break;
+                                        }
+                                        None => {
+                                            // Request side ended; wait for the response side to be reset.
+                                            let r = std::future::poll_fn(|cx| send.poll_reset(cx))
+                                                .await;
+                                            let _ = tx.send(Seen::Reset(format!("{path}: {r:?}")));
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn sidecar_for(
+    addr: std::net::SocketAddr,
+    extra: &str,
+) -> (tempfile::TempDir, aesp_sidecar::sidecar::Sidecar) {
+    let dir = tempfile::tempdir().unwrap();
+    aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    let p = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &p,
+        common::config_text(&format!("http://{addr}"), extra).replace("passthrough: []\n", ""),
+    )
+    .unwrap();
+    let s = aesp_sidecar::sidecar::Sidecar::start(aesp_sidecar::config::Config::load(&p).unwrap())
+        .await
+        .unwrap();
+    (dir, s)
+}
+
+fn client_config(dir: &std::path::Path, stem: &str) -> rustls::ClientConfig {
+    let r = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    aesp_sidecar::tls::client_config_from_pem(
+        &r("ca.crt"),
+        Some((&r(&format!("{stem}.crt")), &r(&format!("{stem}.key")))),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_stream_reset_by_the_host_ends_the_call_with_upstream_unavailable() {
+    let (addr, _seen) = odd_host().await;
+    let (dir, sidecar) = sidecar_for(addr, "").await;
+    let mut raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
+    let tc = grid::ToolCall {
+        session_id: "s".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/ExecuteToolStream",
+            &[],
+            vec![frame(&tc)],
+        )
+        .await;
+    assert_eq!(
+        r.messages().len(),
+        1,
+        "the chunk sent before the reset is delivered"
+    );
+    assert_eq!(r.grpc_status(), Some(14), "{r:?}");
+    let e = r.enterprise_error().unwrap();
+    assert_eq!(e.code, "UPSTREAM_UNAVAILABLE");
+    assert!(e.message.contains("reset"), "{}", e.message);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn pass_through_methods_are_forwarded_untouched_with_trailers_and_identity() {
+    let (addr, mut seen) = odd_host().await;
+    let (dir, sidecar) = sidecar_for(addr, "passthrough: [\"/test.Echo/Trailers\"]\n").await;
+    let mut raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
+    // Not protobuf, and compressed with an encoding the sidecar cannot read: pass-through
+    // does not inspect.
+    let body = vec![1u8, 0, 0, 0, 3, 0xde, 0xad, 0xbf];
+    let r = raw
+        .call(
+            "/test.Echo/Trailers",
+            &[("grpc-encoding", "snappy"), ("x-aesp-tenant", "globex")],
+            vec![body.clone()],
+        )
+        .await;
+    assert_eq!(r.data, body);
+    let t = r.trailers.as_ref().expect("trailers");
+    assert_eq!(t["x-test-trailer"], "yes");
+    assert_eq!(r.grpc_status(), Some(0));
+    let Some(Seen::Headers(path, h)) = seen.recv().await else {
+        panic!("host saw nothing")
+    };
+    assert_eq!(path, "/test.Echo/Trailers");
+    assert_eq!(h["x-aesp-principal"], "alice");
+    assert_eq!(
+        h.get_all("x-aesp-tenant").iter().collect::<Vec<_>>(),
+        vec!["acme"]
+    );
+    assert_eq!(
+        h["grpc-encoding"], "snappy",
+        "pass-through keeps the encoding"
+    );
+    // A method not listed is still refused.
+    let r = raw.call("/test.Echo/Other", &[], vec![frame(b"")]).await;
+    assert_eq!(r.enterprise_error().unwrap().code, "METHOD_NOT_ALLOWED");
+    sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_a_stream_cancels_it_at_the_host() {
+    let (addr, mut seen) = odd_host().await;
+    let (dir, sidecar) = sidecar_for(addr, "").await;
+    let cc = client_config(dir.path(), "runtime");
+    let tcp = tokio::net::TcpStream::connect(sidecar.data_addr)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cc))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (h2c, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2c = h2c.ready().await.unwrap();
+    let req = http::Request::post("https://localhost/altar.grid.v1.GridRuntime/Connect")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2c.send_request(req, false).unwrap();
+    let ann = aesp::EnterpriseRuntimeMessage {
+        kind: Some(aesp::enterprise_runtime_message::Kind::Announce(
+            Default::default(),
+        )),
+    }
+    .encode_to_vec();
+    send.send_data(Bytes::from(frame(&ann)), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let Some(Seen::Headers(p, _)) = seen.recv().await else {
+        panic!()
+    };
+    assert_eq!(p, "/altar.grid.v1.GridRuntime/Connect");
+    // The runtime goes away mid-stream.
+    send.send_reset(h2::Reason::CANCEL);
+    drop(resp);
+    let got = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+        .await
+        .expect("the host saw the cancellation");
+    assert!(matches!(got, Some(Seen::Reset(_))), "{got:?}");
+    sidecar.shutdown().await;
+}
