@@ -1,5 +1,7 @@
 //! The `aesp` binary as users run it: config validation, SIGTERM, and the demo.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -183,4 +185,89 @@ fn demo_runs_its_scenario_and_writes_its_files() {
         .output()
         .unwrap();
     assert!(out.status.success());
+}
+
+async fn run_call(stack: &common::Stack, stem: &str, args: &[&str]) -> (i32, String) {
+    let f = |n: &str| stack.files.path(n).display().to_string();
+    let mut cmd = aesp();
+    cmd.args(["call", "--endpoint", &stack.endpoint, "--ca", &f("ca.crt")])
+        .args([
+            "--cert",
+            &f(&format!("{stem}.crt")),
+            "--key",
+            &f(&format!("{stem}.key")),
+        ])
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn aesp_call_prints_results_streams_and_decoded_denials() {
+    let stack = common::Stack::start().await;
+    let (code, out) = run_call(
+        &stack,
+        "acme",
+        &[
+            "--correlation-id",
+            "cli-1",
+            "execute",
+            "--tool",
+            "echo",
+            "--args",
+            r#"{"text":"hi there"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(r#"{"text":"hi there"}"#), "{out}");
+    assert!(
+        out.contains("cli-1"),
+        "the correlation id went end to end: {out}"
+    );
+
+    let (code, out) = run_call(
+        &stack,
+        "acme",
+        &["stream", "--tool", "count", "--args", r#"{"n":3}"#],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("chunk ")).count(),
+        3,
+        "{out}"
+    );
+    assert!(out.contains("(final)"));
+
+    let (code, out) = run_call(&stack, "acme", &["execute", "--tool", "fail"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("EnterpriseError TOOL_ERROR") && out.contains("correlation_id: "),
+        "{out}"
+    );
+
+    let (code, out) = run_call(&stack, "globex", &["create-session", "--tenant", "acme"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("PermissionDenied") && out.contains("IDENTITY_MISMATCH"),
+        "{out}"
+    );
+
+    let (code, out) = run_call(
+        &stack,
+        "acme",
+        &["execute", "--tool", "echo", "--args", "not json"],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--args is not valid JSON"), "{out}");
+    stack.stop().await;
 }
