@@ -110,7 +110,7 @@ fn exercise(buf: &[u8]) {
         }
     }
     if let Ok(up) =
-        upgrade::upgrade_create_session(buf, &aesp::EnterpriseSecurityContext::default())
+        upgrade::upgrade_create_session(buf, b"\x0a\x01p")
     {
         let _ = aesp::EnterpriseCreateSession::decode(up);
     }

@@ -94,45 +94,65 @@ pub fn decode_request(
     })
 }
 
-/// The `EnterpriseSecurityContext` of a call: identity fields from verification only.
-pub fn security_context(
-    id: &PeerIdentity,
-    organization_id: &str,
-    method: &str,
-    source: &str,
-    security_zone: &str,
-) -> aesp::EnterpriseSecurityContext {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut policy_context = HashMap::with_capacity(6);
-    policy_context.insert("method".to_string(), method.to_string());
-    policy_context.insert("source".to_string(), source.to_string());
-    policy_context.insert("request_time_unix".to_string(), now.to_string());
-    policy_context.insert("peer_kind".to_string(), id.kind.clone());
-    policy_context.insert("security_zone".to_string(), security_zone.to_string());
-    if let Some(s) = &id.spiffe_id {
-        policy_context.insert("spiffe_id".to_string(), s.clone());
+/// The `EnterpriseSecurityContext` of a connection, encoded once when the connection is
+/// accepted: identity fields from verification only, and the connection's policy context
+/// (source address, peer kind, SPIFFE ID, security zone). Each call appends its own
+/// `policy_context` entries (`method`, `request_time_unix`): protobuf map entries are plain
+/// repeated records, so a call's context is the connection's bytes plus two records.
+#[derive(Debug, Clone)]
+pub struct ContextTemplate {
+    base: Vec<u8>,
+}
+
+impl ContextTemplate {
+    pub fn new(
+        id: &PeerIdentity,
+        organization_id: &str,
+        source: &str,
+        security_zone: &str,
+    ) -> ContextTemplate {
+        let mut policy_context = HashMap::with_capacity(4);
+        policy_context.insert("source".to_string(), source.to_string());
+        policy_context.insert("peer_kind".to_string(), id.kind.clone());
+        policy_context.insert("security_zone".to_string(), security_zone.to_string());
+        if let Some(s) = &id.spiffe_id {
+            policy_context.insert("spiffe_id".to_string(), s.clone());
+        }
+        let base = aesp::EnterpriseSecurityContext {
+            principal_id: id.principal_id.clone(),
+            tenant_id: id.tenant_id.clone(),
+            claims: HashMap::new(),
+            organization_id: organization_id.to_string(),
+            roles: Vec::new(),
+            security_clearance: String::new(),
+            policy_context,
+        }
+        .encode_to_vec();
+        ContextTemplate { base }
     }
-    aesp::EnterpriseSecurityContext {
-        principal_id: id.principal_id.clone(),
-        tenant_id: id.tenant_id.clone(),
-        claims: HashMap::new(),
-        organization_id: organization_id.to_string(),
-        roles: Vec::new(),
-        security_clearance: String::new(),
-        policy_context,
+
+    /// The encoded `EnterpriseSecurityContext` of one call of `method`.
+    pub fn for_call(&self, method: &str) -> Bytes {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut out = BytesMut::with_capacity(self.base.len() + method.len() + 48);
+        out.extend_from_slice(&self.base);
+        for (k, v) in [("method", method), ("request_time_unix", &now.to_string())] {
+            let mut entry = BytesMut::with_capacity(k.len() + v.len() + 4);
+            wire::put_len_field(&mut entry, 1, k.as_bytes());
+            wire::put_len_field(&mut entry, 2, v.as_bytes());
+            wire::put_len_field(&mut out, 7, &entry);
+        }
+        out.freeze()
     }
 }
 
-/// `CreateSession` with its `security_context` (field 3) replaced by `esc`.
-pub fn upgrade_create_session(
-    payload: &[u8],
-    esc: &aesp::EnterpriseSecurityContext,
-) -> Result<Bytes, WireError> {
-    let mut app = BytesMut::new();
-    wire::put_len_field(&mut app, 3, &esc.encode_to_vec());
+/// `CreateSession` with its `security_context` (field 3) replaced by `esc` (encoded).
+pub fn upgrade_create_session(payload: &[u8], esc: &[u8]) -> Result<Bytes, WireError> {
+    let mut app = BytesMut::with_capacity(esc.len() + 4);
+    wire::put_len_field(&mut app, 3, esc);
     wire::rewrite(payload, &[3], &app)
 }
 
@@ -256,7 +276,7 @@ mod tests {
             security_context: None,
         }
         .encode_to_vec();
-        let esc = security_context(&alice(), "org-1", "/m", "127.0.0.1:1", "zone-a");
+        let esc = ContextTemplate::new(&alice(), "org-1", "127.0.0.1:1", "zone-a").for_call("/m");
         let out = upgrade_create_session(&raw, &esc).unwrap();
         let cs = aesp::EnterpriseCreateSession::decode(out.clone()).unwrap();
         let sc = cs.security_context.unwrap();
@@ -269,6 +289,17 @@ mod tests {
             ("alice", "acme", "org-1")
         );
         assert_eq!(sc.policy_context["security_zone"], "zone-a");
+        assert_eq!(sc.policy_context["method"], "/m");
+        assert_eq!(
+            sc.policy_context["spiffe_id"],
+            "spiffe://aesp.local/tenant/acme/client/alice"
+        );
+        assert!(
+            sc.policy_context["request_time_unix"]
+                .parse::<u64>()
+                .unwrap()
+                > 1_700_000_000
+        );
         assert_eq!(cs.suggested_session_id, "s");
         // Still a valid base CreateSession.
         let base = grid::CreateSession::decode(out).unwrap();

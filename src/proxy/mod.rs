@@ -44,11 +44,43 @@ pub enum Role {
     Management,
 }
 
-/// One accepted connection: its verified identity, computed once.
+/// One accepted connection: its verified identity and security context, computed once.
 #[derive(Debug)]
 pub struct ConnInfo {
     pub identity: Result<PeerIdentity, String>,
     pub remote: SocketAddr,
+    /// `Some` exactly when `identity` is `Ok`.
+    pub context: Option<upgrade::ContextTemplate>,
+}
+
+impl ConnInfo {
+    pub fn new(
+        identity: Result<PeerIdentity, String>,
+        remote: SocketAddr,
+        cfg: &Config,
+    ) -> ConnInfo {
+        let context = identity.as_ref().ok().map(|id| {
+            upgrade::ContextTemplate::new(
+                id,
+                &cfg.identity.organization_id,
+                &remote.to_string(),
+                &cfg.runtime.security_zone,
+            )
+        });
+        ConnInfo {
+            identity,
+            remote,
+            context,
+        }
+    }
+
+    /// The encoded `EnterpriseSecurityContext` of one call.
+    fn security_context(&self, method: &str) -> Bytes {
+        self.context
+            .as_ref()
+            .map(|c| c.for_call(method))
+            .unwrap_or_default()
+    }
 }
 
 /// Shared, immutable state of the data plane.
@@ -174,7 +206,7 @@ impl Proxy {
                 self.record(route, &d);
                 match (&d.denial, identity) {
                     (None, Ok(id)) => {
-                        let esc = self.security_context(id, &path, &conn);
+                        let esc = conn.security_context(&path);
                         let (parts, body) = req.into_parts();
                         let up = self.upstream_request(
                             &parts,
@@ -205,31 +237,16 @@ impl Proxy {
         }
     }
 
-    fn security_context(
-        &self,
-        id: &PeerIdentity,
-        path: &str,
-        conn: &ConnInfo,
-    ) -> aesp::EnterpriseSecurityContext {
-        upgrade::security_context(
-            id,
-            &self.cfg.identity.organization_id,
-            path,
-            &conn.remote.to_string(),
-            &self.cfg.runtime.security_zone,
-        )
-    }
-
     fn upstream_request(
         &self,
         parts: &http::request::Parts,
         id: &PeerIdentity,
-        esc: &aesp::EnterpriseSecurityContext,
+        esc: &[u8],
         cid: &str,
         body: ProxyBody,
         inspected: bool,
     ) -> Request<ProxyBody> {
-        let esc_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(esc.encode_to_vec());
+        let esc_b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(esc);
         let h = headers::upstream_request_headers(
             &parts.headers,
             IdentityHeaders {
@@ -412,7 +429,7 @@ impl Proxy {
             _ => return self.deny(&d),
         };
 
-        let esc = self.security_context(id, path, &conn);
+        let esc = conn.security_context(path);
         let upgraded = match &request {
             upgrade::Request::CreateSession(_) => {
                 Some(upgrade::upgrade_create_session(&payload, &esc).map_err(malformed))
@@ -470,7 +487,7 @@ impl Proxy {
             (None, Ok(id)) => id,
             _ => return self.deny(&d),
         };
-        let esc = self.security_context(id, method.path(), &conn);
+        let esc = conn.security_context(method.path());
         let (parts, body) = req.into_parts();
         let (abort_tx, abort_rx) = tokio::sync::oneshot::channel();
         let hook = RuntimeHook {

@@ -102,7 +102,7 @@ pub async fn serve(
                     tracing::info!(%remote, reason = %why, "connection without a usable identity; its calls will be refused")
                 }
             }
-            let conn = Arc::new(ConnInfo { identity, remote });
+            let conn = Arc::new(ConnInfo::new(identity, remote, &proxy.cfg));
             proxy.metrics.connections_total.inc();
             proxy.metrics.connections_active.inc();
             let p = proxy.clone();
