@@ -267,6 +267,10 @@ fn request<T>(msg: T, cid: &Option<String>) -> anyhow::Result<tonic::Request<T>>
 }
 
 async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
+    // Bad arguments are reported before anything is sent.
+    if let CallOp::Execute { tool, args, .. } | CallOp::Stream { tool, args, .. } = &a.op {
+        tool_call("", tool, args)?;
+    }
     let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
     let ch = client::channel(&a.endpoint, Some(&tls)).await?;
     let c = AespGridClient::new(ch);

@@ -28,8 +28,16 @@ pub enum UpstreamError {
 }
 
 struct Slot {
-    sender: std::sync::Mutex<Option<SendRequest<ProxyBody>>>,
+    /// The connection's handle and its generation (bumped on every new connection).
+    sender: std::sync::Mutex<Option<(u64, SendRequest<ProxyBody>)>>,
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// A pooled connection handed to one request.
+struct Lease {
+    slot: usize,
+    generation: u64,
+    sender: SendRequest<ProxyBody>,
 }
 
 pub struct Upstream {
@@ -99,24 +107,42 @@ impl Upstream {
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }
 
-    fn cached(slot: &Slot) -> Option<SendRequest<ProxyBody>> {
+    fn cached(slot: &Slot, i: usize, not: Option<u64>) -> Option<Lease> {
         let guard = slot.sender.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().filter(|s| !s.is_closed()).cloned()
+        guard
+            .as_ref()
+            .filter(|(g, s)| !s.is_closed() && Some(*g) != not)
+            .map(|(g, s)| Lease {
+                slot: i,
+                generation: *g,
+                sender: s.clone(),
+            })
     }
 
-    async fn sender(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+    async fn sender(&self) -> Result<Lease, UpstreamError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.lease(i, None).await
+    }
+
+    /// A connection of slot `i`; never the one of generation `not` (known to be dead).
+    async fn lease(&self, i: usize, not: Option<u64>) -> Result<Lease, UpstreamError> {
         let slot = &self.slots[i];
-        if let Some(s) = Self::cached(slot) {
-            return Ok(s);
+        if let Some(l) = Self::cached(slot, i, not) {
+            return Ok(l);
         }
         let _g = slot.connecting.lock().await;
-        if let Some(s) = Self::cached(slot) {
-            return Ok(s);
+        if let Some(l) = Self::cached(slot, i, not) {
+            return Ok(l);
         }
-        let s = self.connect().await?;
-        *slot.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
-        Ok(s)
+        let sender = self.connect().await?;
+        let mut guard = slot.sender.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = guard.as_ref().map_or(0, |(g, _)| g + 1);
+        *guard = Some((generation, sender.clone()));
+        Ok(Lease {
+            slot: i,
+            generation,
+            sender,
+        })
     }
 
     async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
@@ -159,17 +185,31 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Sends one request on a pooled connection.
+    /// Sends one request on a pooled connection. A request the connection never took (it
+    /// was closing: the host restarted, or sent GOAWAY) is sent once more on a fresh one, so
+    /// a graceful host restart loses no call.
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.sender().await?;
-        sender.ready().await?;
-        Ok(sender.send_request(req).await?)
+        let mut lease = self.sender().await?;
+        let req = match lease.sender.ready().await {
+            Ok(()) => match lease.sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => req,
+                    None => return Err(e.into_error().into()),
+                },
+            },
+            Err(_) => req,
+        };
+        tracing::debug!(upstream = %self.addr, "upstream connection closed under a request; retrying on a new one");
+        let mut lease = self.lease(lease.slot, Some(lease.generation)).await?;
+        lease.sender.ready().await?;
+        Ok(lease.sender.send_request(req).await?)
     }
 
     /// Whether a connection to the host can be had (readiness).
     pub async fn probe(&self) -> Result<(), UpstreamError> {
-        let mut s = self.sender().await?;
-        s.ready().await?;
+        let mut l = self.sender().await?;
+        l.sender.ready().await?;
         Ok(())
     }
 }

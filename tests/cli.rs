@@ -269,5 +269,6 @@ async fn aesp_call_prints_results_streams_and_decoded_denials() {
     .await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--args is not valid JSON"), "{out}");
+    assert!(!out.contains("session_id"), "nothing was sent: {out}");
     stack.stop().await;
 }

@@ -936,3 +936,46 @@ async fn shutdown_lets_in_flight_streams_finish_and_stops_accepting() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn the_sidecar_reconnects_when_the_host_comes_back() {
+    let mut stack = Stack::start_with("", false).await;
+    let c = AespGridClient::new(stack.channel("acme").await);
+    c.create_session(grid::CreateSession::default())
+        .await
+        .unwrap();
+    let addr = stack.host.local_addr;
+    let old = std::mem::replace(
+        &mut stack.host,
+        aesp_sidecar::demo::host::spawn(aesp_sidecar::demo::host::HostOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    old.shutdown().await;
+    let err = c
+        .create_session(grid::CreateSession::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        client::enterprise_error(&err).unwrap().code,
+        "UPSTREAM_UNAVAILABLE"
+    );
+    // The host is back on the same address: the pool reconnects, no sidecar restart.
+    let back = aesp_sidecar::demo::host::spawn(aesp_sidecar::demo::host::HostOptions {
+        listen: addr,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ack = c
+        .create_session(grid::CreateSession::default())
+        .await
+        .unwrap();
+    assert!(!ack.session_id.is_empty());
+    assert_eq!(back.state.security_contexts().len(), 1);
+    back.shutdown().await;
+    stack.stop().await;
+}

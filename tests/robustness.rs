@@ -109,9 +109,7 @@ fn exercise(buf: &[u8]) {
             aesp::EnterpriseRuntimeMessage::decode(up).unwrap();
         }
     }
-    if let Ok(up) =
-        upgrade::upgrade_create_session(buf, b"\x0a\x01p")
-    {
+    if let Ok(up) = upgrade::upgrade_create_session(buf, b"\x0a\x01p") {
         let _ = aesp::EnterpriseCreateSession::decode(up);
     }
 }
