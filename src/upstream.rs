@@ -27,6 +27,15 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
+/// Which connections of the pool a request uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Calls: spread over `upstream.connections` connections.
+    Call,
+    /// The runtimes' `Connect` streams: one connection of their own.
+    RuntimeStream,
+}
+
 struct Slot {
     /// The connection's handle and its generation (bumped on every new connection).
     sender: std::sync::Mutex<Option<(u64, SendRequest<ProxyBody>)>>,
@@ -83,7 +92,10 @@ impl Upstream {
             authority: u.authority.clone(),
             addr: u.authority.as_str().to_string(),
             tls,
-            slots: (0..u.connections)
+            // One more slot than configured: the runtimes' long-lived Connect streams get a
+            // connection of their own, so a problem on the calls' connections (a GOAWAY, a
+            // flow-control stall) does not take the runtimes down, and the other way round.
+            slots: (0..u.connections + 1)
                 .map(|_| Slot {
                     sender: std::sync::Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
@@ -119,8 +131,12 @@ impl Upstream {
             })
     }
 
-    async fn sender(&self) -> Result<Lease, UpstreamError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+    async fn sender(&self, class: Class) -> Result<Lease, UpstreamError> {
+        let calls = self.slots.len() - 1;
+        let i = match class {
+            Class::Call => self.next.fetch_add(1, Ordering::Relaxed) % calls,
+            Class::RuntimeStream => calls,
+        };
         self.lease(i, None).await
     }
 
@@ -188,8 +204,12 @@ impl Upstream {
     /// Sends one request on a pooled connection. A request the connection never took (it
     /// was closing: the host restarted, or sent GOAWAY) is sent once more on a fresh one, so
     /// a graceful host restart loses no call.
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
-        let mut lease = self.sender().await?;
+    pub async fn send(
+        &self,
+        req: Request<ProxyBody>,
+        class: Class,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut lease = self.sender(class).await?;
         let req = match lease.sender.ready().await {
             Ok(()) => match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
@@ -208,7 +228,7 @@ impl Upstream {
 
     /// Whether a connection to the host can be had (readiness).
     pub async fn probe(&self) -> Result<(), UpstreamError> {
-        let mut l = self.sender().await?;
+        let mut l = self.sender(Class::Call).await?;
         l.sender.ready().await?;
         Ok(())
     }

@@ -198,24 +198,29 @@ pub fn upgrade_announce(
     wire::rewrite(envelope, &[1], &app)
 }
 
-/// The merge patch that turns an `Error` into an `EnterpriseError` for one call.
+/// The merge patch that turns an `Error` into an `EnterpriseError` for one call. Built only
+/// when a message actually carries an error.
 #[derive(Debug, Clone)]
 pub struct ErrorPatch {
-    body: Vec<u8>,
+    correlation_id: String,
 }
 
 impl ErrorPatch {
     pub fn new(correlation_id: &str) -> ErrorPatch {
-        let mut details = HashMap::new();
-        details.insert("origin".to_string(), "grid-host".to_string());
         ErrorPatch {
-            body: aesp::EnterpriseError {
-                correlation_id: correlation_id.to_string(),
-                details,
-                ..Default::default()
-            }
-            .encode_to_vec(),
+            correlation_id: correlation_id.to_string(),
         }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let mut details = HashMap::with_capacity(1);
+        details.insert("origin".to_string(), "grid-host".to_string());
+        aesp::EnterpriseError {
+            correlation_id: self.correlation_id.clone(),
+            details,
+            ..Default::default()
+        }
+        .encode_to_vec()
     }
 
     /// If `msg` carries an error in top-level field `error_field`, the upgraded message.
@@ -223,8 +228,9 @@ impl ErrorPatch {
         if !wire::has_len_field(msg, error_field)? {
             return Ok(None);
         }
-        let mut patch = BytesMut::with_capacity(self.body.len() + 4);
-        wire::put_len_field(&mut patch, error_field, &self.body);
+        let body = self.body();
+        let mut patch = BytesMut::with_capacity(body.len() + 4);
+        wire::put_len_field(&mut patch, error_field, &body);
         Ok(Some(wire::merge(msg, &patch)))
     }
 
@@ -245,8 +251,9 @@ impl ErrorPatch {
         if !found {
             return Ok(None);
         }
-        let mut inner_patch = BytesMut::with_capacity(self.body.len() + 4);
-        wire::put_len_field(&mut inner_patch, inner, &self.body);
+        let body = self.body();
+        let mut inner_patch = BytesMut::with_capacity(body.len() + 4);
+        wire::put_len_field(&mut inner_patch, inner, &body);
         let mut patch = BytesMut::with_capacity(inner_patch.len() + 4);
         wire::put_len_field(&mut patch, outer, &inner_patch);
         Ok(Some(wire::merge(envelope, &patch)))

@@ -16,6 +16,9 @@ use std::io::Read;
 /// Size of the length prefix.
 pub const PREFIX_LEN: usize = 5;
 
+/// The most buffer reserved ahead of a partial message's bytes.
+const RESERVE_CAP: usize = 64 * 1024;
+
 /// One complete gRPC message as it arrived.
 #[derive(Debug, Clone)]
 pub struct GrpcMessage {
@@ -86,9 +89,11 @@ impl FrameDecoder {
                 return Ok(());
             }
             if data.len() >= PREFIX_LEN {
-                // The prefix was checked in the loop; reserve once for the whole message.
+                // The prefix was checked in the loop; reserve for the message, but never more
+                // up front than a modest chunk: a peer's declared length costs nothing until
+                // its bytes arrive.
                 let len = self.check_prefix(&data)?;
-                self.buf.reserve(PREFIX_LEN + len);
+                self.buf.reserve((PREFIX_LEN + len).min(RESERVE_CAP));
             }
             self.buf.put(data);
             return Ok(());
@@ -97,7 +102,8 @@ impl FrameDecoder {
         while self.buf.len() >= PREFIX_LEN {
             let len = self.check_prefix(&self.buf)?;
             if self.buf.len() < PREFIX_LEN + len {
-                self.buf.reserve(PREFIX_LEN + len - self.buf.len());
+                self.buf
+                    .reserve((PREFIX_LEN + len - self.buf.len()).min(RESERVE_CAP));
                 break;
             }
             let frame = self.buf.split_to(PREFIX_LEN + len).freeze();

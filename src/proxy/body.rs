@@ -10,7 +10,7 @@
 
 use crate::grpc::frame::{Encoding, FrameDecoder, GrpcMessage, encode_frame, message_payload};
 use crate::grpc::{Denial, ErrorCode};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -85,10 +85,17 @@ pub struct InterceptBody<B, H> {
     hook: H,
     side: Side,
     ready: VecDeque<Bytes>,
+    /// Small messages produced from one incoming DATA frame are sent as one outgoing frame:
+    /// a peer that sees thousands of tiny frames may (rightly) call it a flood.
+    pending: Option<Bytes>,
+    coalesced: Option<BytesMut>,
     trailers: Option<HeaderMap>,
     done: bool,
     scratch: Vec<GrpcMessage>,
 }
+
+/// Outgoing messages below this size are coalesced into one DATA frame.
+const COALESCE_LIMIT: usize = 16 * 1024;
 
 impl<B, H> InterceptBody<B, H>
 where
@@ -111,6 +118,8 @@ where
             hook,
             side,
             ready: VecDeque::new(),
+            pending: None,
+            coalesced: None,
             trailers: None,
             done: false,
             scratch: Vec::new(),
@@ -126,6 +135,8 @@ where
                     let _ = tx.send(denial.clone());
                 }
                 self.ready.clear();
+                self.pending = None;
+                self.coalesced = None;
                 Some(Box::new(Aborted(denial)))
             }
             Side::Response { correlation_id, .. } => {
@@ -136,18 +147,53 @@ where
         }
     }
 
+    /// Decodes one incoming DATA frame and queues what it yields as few outgoing frames.
     fn on_data(&mut self, data: Bytes) -> Result<(), Denial> {
         let mut msgs = std::mem::take(&mut self.scratch);
+        // Messages completed before a framing error are still handled, in order.
         let pushed = self.decoder.push(data, &mut msgs);
-        let mut result = pushed.map_err(malformed);
+        let mut result = Ok(());
         for msg in msgs.drain(..) {
+            result = self.on_message(msg);
             if result.is_err() {
                 break;
             }
-            result = self.on_message(msg);
         }
         self.scratch = msgs;
-        result
+        self.flush();
+        result.and(pushed.map_err(malformed))
+    }
+
+    /// Queues one outgoing message frame, coalescing small ones.
+    fn emit(&mut self, b: Bytes) {
+        if b.len() >= COALESCE_LIMIT {
+            self.flush();
+            self.ready.push_back(b);
+            return;
+        }
+        if let Some(acc) = &mut self.coalesced {
+            acc.extend_from_slice(&b);
+            if acc.len() >= COALESCE_LIMIT {
+                self.flush();
+            }
+        } else if let Some(first) = self.pending.take() {
+            let mut acc = BytesMut::with_capacity((first.len() + b.len()) * 2);
+            acc.extend_from_slice(&first);
+            acc.extend_from_slice(&b);
+            self.coalesced = Some(acc);
+        } else {
+            // A lone message goes out as it came, without a copy.
+            self.pending = Some(b);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.ready.push_back(p);
+        }
+        if let Some(acc) = self.coalesced.take() {
+            self.ready.push_back(acc.freeze());
+        }
     }
 
     fn on_message(&mut self, msg: GrpcMessage) -> Result<(), Denial> {
@@ -156,9 +202,9 @@ where
             // Towards the host, messages travel uncompressed: the sidecar cannot know which
             // encodings the host accepts, and every gRPC peer accepts identity.
             Verdict::Forward if msg.compressed && matches!(self.side, Side::Request { .. }) => {
-                self.ready.push_back(encode_frame(&payload))
+                self.emit(encode_frame(&payload))
             }
-            Verdict::Forward => self.ready.push_back(msg.frame),
+            Verdict::Forward => self.emit(msg.frame),
             Verdict::Replace(p) => {
                 if p.len() > self.max {
                     return Err(malformed(crate::grpc::FrameError::TooLarge {
@@ -166,7 +212,7 @@ where
                         max: self.max,
                     }));
                 }
-                self.ready.push_back(encode_frame(&p))
+                self.emit(encode_frame(&p))
             }
         }
         Ok(())
@@ -298,5 +344,146 @@ where
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::frame::encode_frame;
+    use http_body_util::StreamBody;
+
+    type Src = StreamBody<
+        tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
+    >;
+
+    fn source(frames: Vec<Frame<Bytes>>) -> Src {
+        StreamBody::new(tokio_stream::iter(
+            frames.into_iter().map(Ok).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Forwards everything; refuses a message equal to `b"bad"`.
+    struct Picky;
+    impl MessageHook for Picky {
+        fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
+            if &payload[..] == b"bad" {
+                Err(Denial::new(ErrorCode::PolicyDenied, "bad message"))
+            } else {
+                Ok(Verdict::Forward)
+            }
+        }
+    }
+
+    async fn collect<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
+        mut b: B,
+    ) -> (Vec<Bytes>, Option<HeaderMap>, Option<String>) {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(f) = b.frame().await {
+            match f {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => data.push(d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Err(e) => return (data, trailers, Some(e.to_string())),
+            }
+        }
+        (data, trailers, None)
+    }
+
+    fn response_side() -> Side {
+        Side::Response {
+            abort: None,
+            correlation_id: Arc::from("cid"),
+        }
+    }
+
+    #[tokio::test]
+    async fn small_messages_of_one_frame_leave_as_one_frame() {
+        let mut one = Vec::new();
+        for i in 0..100u8 {
+            one.extend_from_slice(&encode_frame(&[i; 7]));
+        }
+        let b = InterceptBody::new(
+            source(vec![Frame::data(Bytes::from(one.clone()))]),
+            Picky,
+            response_side(),
+            Encoding::Identity,
+            1024,
+        );
+        let (data, trailers, err) = collect(b).await;
+        assert_eq!(data.len(), 1, "coalesced into one DATA frame");
+        assert_eq!(&data[0][..], &one[..]);
+        assert!(trailers.is_none() && err.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refused_response_message_ends_the_stream_with_error_trailers() {
+        let mut f = encode_frame(b"good").to_vec();
+        f.extend_from_slice(&encode_frame(b"bad"));
+        f.extend_from_slice(&encode_frame(b"never"));
+        let b = InterceptBody::new(
+            source(vec![Frame::data(Bytes::from(f))]),
+            Picky,
+            response_side(),
+            Encoding::Identity,
+            1024,
+        );
+        let (data, trailers, err) = collect(b).await;
+        assert_eq!(
+            data.concat(),
+            encode_frame(b"good").to_vec(),
+            "only what passed before the refusal"
+        );
+        let t = trailers.expect("error trailers");
+        assert_eq!(t["grpc-status"], "7");
+        assert!(err.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_message_aborts_and_tells_the_response_side() {
+        let (tx, rx) = oneshot::channel();
+        let frames = vec![
+            Frame::data(encode_frame(b"ok")),
+            Frame::data(encode_frame(b"bad")),
+        ];
+        let b = InterceptBody::new(
+            source(frames),
+            Picky,
+            Side::Request { abort: Some(tx) },
+            Encoding::Identity,
+            1024,
+        );
+        let (data, _, err) = collect(b).await;
+        assert_eq!(data.len(), 1);
+        assert!(err.unwrap().contains("bad message"));
+        assert_eq!(rx.await.unwrap().code, ErrorCode::PolicyDenied);
+    }
+
+    #[tokio::test]
+    async fn trailers_pass_and_a_truncated_stream_is_refused() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let b = InterceptBody::new(
+            source(vec![Frame::data(encode_frame(b"x")), Frame::trailers(t)]),
+            Picky,
+            response_side(),
+            Encoding::Identity,
+            1024,
+        );
+        let (data, trailers, _) = collect(b).await;
+        assert_eq!(data.len(), 1);
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+
+        let b = InterceptBody::new(
+            source(vec![Frame::data(Bytes::from_static(&[0, 0, 0, 0, 9, 1]))]),
+            Picky,
+            response_side(),
+            Encoding::Identity,
+            1024,
+        );
+        let (_, trailers, _) = collect(b).await;
+        assert_eq!(trailers.unwrap()["grpc-status"], "3");
     }
 }

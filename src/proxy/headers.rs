@@ -101,8 +101,14 @@ pub fn upstream_request_headers(
     }
     out.insert(X_AESP_PRINCIPAL, id.principal);
     out.insert(X_AESP_TENANT, id.tenant);
-    out.insert(AESP_SECURITY_CONTEXT_BIN, id.security_context_bin);
-    out.insert(X_AESP_CORRELATION_ID, id.correlation_id);
+    // Values that change with every call are sent as never-indexed literals: indexing them
+    // would only churn both HPACK tables.
+    let mut esc = id.security_context_bin;
+    esc.set_sensitive(true);
+    out.insert(AESP_SECURITY_CONTEXT_BIN, esc);
+    let mut cid = id.correlation_id;
+    cid.set_sensitive(true);
+    out.insert(X_AESP_CORRELATION_ID, cid);
     out
 }
 
@@ -119,7 +125,9 @@ pub fn downstream_response_headers(
         }
         out.append(name.clone(), value.clone());
     }
-    out.insert(X_AESP_CORRELATION_ID, correlation_id.clone());
+    let mut cid = correlation_id.clone();
+    cid.set_sensitive(true);
+    out.insert(X_AESP_CORRELATION_ID, cid);
     out
 }
 

@@ -23,7 +23,7 @@ use crate::grpc::{Denial, ErrorCode};
 use crate::listener::PeerIdentity;
 use crate::metrics::{self, Metrics};
 use crate::proto::aesp;
-use crate::upstream::Upstream;
+use crate::upstream::{Class, Upstream};
 use base64::Engine;
 use body::{InterceptBody, MessageHook, ProxyBody, Side, Verdict};
 use bytes::Bytes;
@@ -216,7 +216,7 @@ impl Proxy {
                             body.map_err(Into::into).boxed_unsync(),
                             false,
                         );
-                        match self.upstream.send(up).await {
+                        match self.upstream.send(up, Class::Call).await {
                             Ok(resp) => self.passthrough_response(resp, &cid),
                             Err(e) => self.upstream_down(&path, id, &cid, e),
                         }
@@ -451,7 +451,7 @@ impl Proxy {
         };
 
         let up = self.upstream_request(&parts, id, &esc, &cid, body::full(frame), true);
-        match self.upstream.send(up).await {
+        match self.upstream.send(up, Class::Call).await {
             Ok(resp) => {
                 let hook = ErrorHook {
                     patch: ErrorPatch::new(&cid),
@@ -506,7 +506,7 @@ impl Proxy {
             self.cfg.limits.max_message_bytes,
         );
         let up = self.upstream_request(&parts, id, &esc, &cid, req_body.boxed_unsync(), true);
-        match self.upstream.send(up).await {
+        match self.upstream.send(up, Class::RuntimeStream).await {
             Ok(resp) => {
                 let hook = HostHook {
                     patch: ErrorPatch::new(&cid),
@@ -591,18 +591,45 @@ struct RuntimeHook {
 impl MessageHook for RuntimeHook {
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
         use aesp::enterprise_runtime_message::Kind;
-        let msg = aesp::EnterpriseRuntimeMessage::decode(payload.clone()).map_err(|e| {
+        let bad = |what: String| {
             Denial::new(
                 ErrorCode::MalformedMessage,
-                format!("not a valid altar.grid.v1.RuntimeMessage: {e}"),
+                format!("not a valid altar.grid.v1.RuntimeMessage: {what}"),
             )
-        })?;
+        };
+        // The envelope's kind is its last top-level field (oneof: the last one wins). Only the
+        // announcement is decoded whole; the messages that follow are checked for valid wire
+        // format and forwarded without a decode.
+        let mut kind = None;
+        for f in wire::fields(payload) {
+            let f = f.map_err(|e| bad(e.to_string()))?;
+            if f.wire_type != 2 || !(1..=4).contains(&f.number) {
+                return Err(bad(format!(
+                    "unexpected field {} (wire type {})",
+                    f.number, f.wire_type
+                )));
+            }
+            kind = Some(f);
+        }
+        let Some(kind) = kind else {
+            return Err(bad("no kind set".into()));
+        };
+        if kind.number != 1 {
+            if !self.announced {
+                return Err(Denial::new(
+                    ErrorCode::MalformedMessage,
+                    "the first message on GridRuntime/Connect must be announce",
+                ));
+            }
+            if let Some(e) = wire::fields(kind.value).find_map(Result::err) {
+                return Err(bad(e.to_string()));
+            }
+            return Ok(Verdict::Forward);
+        }
+        let msg = aesp::EnterpriseRuntimeMessage::decode(payload.clone())
+            .map_err(|e| bad(e.to_string()))?;
         let path = GridMethod::Connect.path();
         match msg.kind {
-            None => Err(Denial::new(
-                ErrorCode::MalformedMessage,
-                "RuntimeMessage with no kind set",
-            )),
             Some(Kind::Announce(a)) => {
                 if self.announced {
                     return Err(Denial::new(
@@ -659,11 +686,7 @@ impl MessageHook for RuntimeHook {
                 );
                 Ok(Verdict::Replace(up))
             }
-            Some(_) if !self.announced => Err(Denial::new(
-                ErrorCode::MalformedMessage,
-                "the first message on GridRuntime/Connect must be announce",
-            )),
-            Some(_) => Ok(Verdict::Forward),
+            _ => Err(bad("announce does not decode".into())),
         }
     }
 }

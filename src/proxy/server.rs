@@ -109,7 +109,8 @@ pub async fn serve(
             let svc = service_fn(move |req| {
                 let p = p.clone();
                 let c = conn.clone();
-                async move { Ok::<_, Infallible>(p.handle(c, req).await) }
+                // Boxed: the call's future is large, and hyper moves it into a task.
+                async move { Ok::<_, Infallible>(Box::pin(p.handle(c, req)).await) }
             });
             let served = builder.serve_connection(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(served).await {
