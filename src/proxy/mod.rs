@@ -167,6 +167,22 @@ impl Proxy {
         };
         let identity = self.identity(&conn);
 
+        // A connection without a usable identity gets nothing but the refusal, whatever it
+        // calls; its request body is never read.
+        if identity.is_err() {
+            let d = self.pipeline.decide(&DecisionInput {
+                method: &path,
+                route,
+                identity,
+                claims: Claims::default(),
+                tool_name: None,
+                session_id: None,
+                correlation_id: &cid,
+            });
+            self.record(route, &d);
+            return self.deny(&d);
+        }
+
         // The message encoding of an inspected call must be one the sidecar can read.
         let encoding = match req
             .headers()
@@ -373,21 +389,6 @@ impl Proxy {
         let route = Route::Grid(method);
         let identity = self.identity(&conn);
         let (parts, body) = req.into_parts();
-
-        // Refuse an unauthenticated call before reading its body.
-        if identity.is_err() {
-            let d = self.pipeline.decide(&DecisionInput {
-                method: path,
-                route,
-                identity,
-                claims: Claims::default(),
-                tool_name: None,
-                session_id: None,
-                correlation_id: &header_cid,
-            });
-            self.record(route, &d);
-            return self.deny(&d);
-        }
 
         let decoded = match self.read_unary(body, encoding).await {
             Ok((msg, payload)) => upgrade::decode_request(method, &payload)
