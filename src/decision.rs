@@ -123,6 +123,13 @@ impl Pipeline {
         d.tenant_id = id.tenant_id.clone();
 
         // 2. The method must be known or listed for pass-through.
+        if input.route == Route::Management {
+            return Err(Denial::new(
+                ErrorCode::MethodNotAllowed,
+                format!("{} is not served: the Enterprise*Service management APIs are not available in this release", input.method),
+            )
+            .detail("method", input.method));
+        }
         if input.route == Route::Unknown {
             return Err(Denial::new(
                 ErrorCode::MethodNotAllowed,

@@ -58,6 +58,9 @@ pub enum Route {
     Passthrough,
     /// Everything else: refused with `METHOD_NOT_ALLOWED`.
     Unknown,
+    /// A call on the management port, whose services this release does not serve yet:
+    /// refused with `METHOD_NOT_ALLOWED`.
+    Management,
 }
 
 pub fn route(path: &str, passthrough: &std::collections::HashSet<String>) -> Route {

@@ -136,7 +136,7 @@ impl Proxy {
         match route {
             Route::Grid(m) => m.index(),
             Route::Passthrough => metrics::PASSTHROUGH,
-            Route::Unknown => metrics::OTHER,
+            Route::Unknown | Route::Management => metrics::OTHER,
         }
     }
 
@@ -163,7 +163,7 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let route = match self.role {
             Role::DataPlane => crate::grid::route(&path, &self.cfg.passthrough),
-            Role::Management => Route::Unknown,
+            Role::Management => Route::Management,
         };
         let identity = self.identity(&conn);
 
@@ -209,7 +209,7 @@ impl Proxy {
         match route {
             Route::Grid(GridMethod::Connect) => self.connect(conn, req, cid, encoding).await,
             Route::Grid(m) => self.unary(conn, m, req, cid, encoding).await,
-            Route::Passthrough | Route::Unknown => {
+            Route::Passthrough | Route::Unknown | Route::Management => {
                 let d = self.pipeline.decide(&DecisionInput {
                     method: &path,
                     route,
