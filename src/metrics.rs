@@ -25,7 +25,7 @@ impl Metrics {
         let calls_vec = IntCounterVec::new(
             Opts::new(
                 "aesp_calls_total",
-                "Calls decided by the sidecar, by method and outcome",
+                "Decisions of the sidecar, by method and outcome (a call, or a runtime announcement on Connect)",
             ),
             &["method", "outcome"],
         )?;

@@ -130,6 +130,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Vec<scenario::Step>> {
     if !opts.once {
         println!("\nServing until Ctrl-C.");
         crate::sidecar::wait_for_signal().await;
+        println!(
+            "Shutting down: draining calls, then stopping the runtime, the sidecar and the host."
+        );
     }
     runtime.shutdown().await;
     sidecar.shutdown().await;
