@@ -37,6 +37,23 @@ impl ClientTls {
     }
 }
 
+/// A `ToolCall` of `tool` with JSON object `args` in `session`.
+pub fn tool_call(
+    session: &str,
+    tool: &str,
+    args: &serde_json::Value,
+) -> Result<crate::proto::grid::ToolCall, String> {
+    Ok(crate::proto::grid::ToolCall {
+        session_id: session.to_string(),
+        function_call: Some(crate::proto::adm::FunctionCall {
+            name: tool.to_string(),
+            args: Some(crate::adm::json_to_struct(args)?),
+            call_id: String::new(),
+        }),
+        ..Default::default()
+    })
+}
+
 /// A tonic channel to `endpoint` (`https://...` with `tls`, or `http://...` without).
 pub async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> anyhow::Result<Channel> {
     crate::tls::install_default_provider();

@@ -23,6 +23,26 @@ pub struct DecisionInput<'a> {
     pub correlation_id: &'a str,
 }
 
+impl<'a> DecisionInput<'a> {
+    /// A call decided on its headers alone, before any message is read.
+    pub fn headers(
+        method: &'a str,
+        route: Route,
+        identity: Result<&'a PeerIdentity, &'a str>,
+        correlation_id: &'a str,
+    ) -> Self {
+        DecisionInput {
+            method,
+            route,
+            identity,
+            claims: Claims::default(),
+            tool_name: None,
+            session_id: None,
+            correlation_id,
+        }
+    }
+}
+
 /// The outcome of the pipeline.
 #[derive(Debug, Clone)]
 pub struct Decision {

@@ -4,7 +4,7 @@ use aesp_sidecar::client::AespGridClient;
 use aesp_sidecar::client::{self, ClientTls};
 use aesp_sidecar::config::Config;
 use aesp_sidecar::demo;
-use aesp_sidecar::proto::{adm, grid};
+use aesp_sidecar::proto::grid;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -241,17 +241,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 
 fn tool_call(session: &str, tool: &str, args: &str) -> anyhow::Result<grid::ToolCall> {
     let json: serde_json::Value = serde_json::from_str(args).context("--args is not valid JSON")?;
-    let args =
-        aesp_sidecar::adm::json_to_struct(&json).map_err(|e| anyhow::anyhow!("--args: {e}"))?;
-    Ok(grid::ToolCall {
-        session_id: session.to_string(),
-        function_call: Some(adm::FunctionCall {
-            name: tool.to_string(),
-            args: Some(args),
-            call_id: String::new(),
-        }),
-        ..Default::default()
-    })
+    client::tool_call(session, tool, &json).map_err(|e| anyhow::anyhow!("--args: {e}"))
 }
 
 fn request<T>(msg: T, cid: &Option<String>) -> anyhow::Result<tonic::Request<T>> {

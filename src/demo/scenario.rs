@@ -3,7 +3,7 @@
 
 use crate::client::AespGridClient;
 use crate::client::{self, ClientTls};
-use crate::proto::{adm, aesp, grid};
+use crate::proto::{aesp, grid};
 
 /// One step of the scenario.
 #[derive(Debug, Clone)]
@@ -23,20 +23,9 @@ fn print_step(n: usize, s: &Step) {
     }
 }
 
-fn args(v: serde_json::Value) -> Option<prost_types::Struct> {
-    crate::adm::json_to_struct(&v).ok()
-}
-
 fn call(session: &str, tool: &str, a: serde_json::Value) -> grid::ToolCall {
-    grid::ToolCall {
-        session_id: session.to_string(),
-        function_call: Some(adm::FunctionCall {
-            name: tool.to_string(),
-            args: args(a),
-            call_id: String::new(),
-        }),
-        ..Default::default()
-    }
+    // The scenario's arguments are JSON object literals.
+    client::tool_call(session, tool, &a).unwrap_or_default()
 }
 
 /// Renders a `ToolResult` (decoded as its enterprise view) for people.

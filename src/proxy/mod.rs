@@ -140,6 +140,13 @@ impl Proxy {
         }
     }
 
+    /// Runs the decision pipeline and records its outcome.
+    fn decide(&self, input: &DecisionInput<'_>) -> Decision {
+        let d = self.pipeline.decide(input);
+        self.record(input.route, &d);
+        d
+    }
+
     fn record(&self, route: Route, d: &Decision) {
         self.metrics
             .record(Self::metric_slot(route), d.denial.as_ref().map(|x| x.code));
@@ -170,16 +177,7 @@ impl Proxy {
         // A connection without a usable identity gets nothing but the refusal, whatever it
         // calls; its request body is never read.
         if identity.is_err() {
-            let d = self.pipeline.decide(&DecisionInput {
-                method: &path,
-                route,
-                identity,
-                claims: Claims::default(),
-                tool_name: None,
-                session_id: None,
-                correlation_id: &cid,
-            });
-            self.record(route, &d);
+            let d = self.decide(&DecisionInput::headers(&path, route, identity, &cid));
             return self.deny(&d);
         }
 
@@ -210,16 +208,7 @@ impl Proxy {
             Route::Grid(GridMethod::Connect) => self.connect(conn, req, cid, encoding).await,
             Route::Grid(m) => self.unary(conn, m, req, cid, encoding).await,
             Route::Passthrough | Route::Unknown | Route::Management => {
-                let d = self.pipeline.decide(&DecisionInput {
-                    method: &path,
-                    route,
-                    identity,
-                    claims: Claims::default(),
-                    tool_name: None,
-                    session_id: None,
-                    correlation_id: &cid,
-                });
-                self.record(route, &d);
+                let d = self.decide(&DecisionInput::headers(&path, route, identity, &cid));
                 match (&d.denial, identity) {
                     (None, Ok(id)) => {
                         let esc = conn.security_context(&path);
@@ -415,7 +404,7 @@ impl Proxy {
             .map(str::to_string);
         let cid = msg_cid.clone().unwrap_or(header_cid);
 
-        let d = self.pipeline.decide(&DecisionInput {
+        let d = self.decide(&DecisionInput {
             method: path,
             route,
             identity,
@@ -424,7 +413,6 @@ impl Proxy {
             session_id: request.session_id(),
             correlation_id: &cid,
         });
-        self.record(route, &d);
         let id = match (&d.denial, identity) {
             (None, Ok(id)) => id,
             _ => return self.deny(&d),
@@ -474,16 +462,12 @@ impl Proxy {
         let method = GridMethod::Connect;
         let route = Route::Grid(method);
         let identity = self.identity(&conn);
-        let d = self.pipeline.decide(&DecisionInput {
-            method: method.path(),
+        let d = self.decide(&DecisionInput::headers(
+            method.path(),
             route,
             identity,
-            claims: Claims::default(),
-            tool_name: None,
-            session_id: None,
-            correlation_id: &cid,
-        });
-        self.record(route, &d);
+            &cid,
+        ));
         let id = match (&d.denial, identity) {
             (None, Ok(id)) => id,
             _ => return self.deny(&d),
@@ -640,7 +624,7 @@ impl MessageHook for RuntimeHook {
                 }
                 let p = &self.proxy;
                 let identity = self.conn.identity.as_ref().map_err(String::as_str);
-                let d = p.pipeline.decide(&DecisionInput {
+                let d = p.decide(&DecisionInput {
                     method: path,
                     route: Route::Grid(GridMethod::Connect),
                     identity,
@@ -652,7 +636,6 @@ impl MessageHook for RuntimeHook {
                     session_id: None,
                     correlation_id: &self.correlation_id,
                 });
-                p.record(Route::Grid(GridMethod::Connect), &d);
                 if let Some(den) = d.denial {
                     return Err(den);
                 }
