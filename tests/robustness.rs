@@ -84,7 +84,7 @@ fn exercise(buf: &[u8]) {
     let p = ErrorPatch::new("cid");
     for f in 1..6 {
         let _ = p.apply(buf, f);
-        let _ = p.apply_nested(buf, f, 3);
+        let _ = p.apply_nested(buf, &[1, 2, 3, 4], f, 3);
     }
     let b = Bytes::copy_from_slice(buf);
     for m in GridMethod::ALL {
@@ -188,5 +188,51 @@ fn random_framing_never_panics_and_respects_the_limit() {
         };
         let _ = message_payload(&msg, Encoding::Gzip, 1024);
         let _ = message_payload(&msg, Encoding::Deflate, 1024);
+    }
+}
+
+/// Found by the fuzzer (fuzz/ wire_and_upgrades): an envelope whose earlier `fulfill_ack` had
+/// an error, superseded by later members, got an error added by the upgrade.
+#[test]
+fn connect_error_patches_follow_oneof_semantics() {
+    use aesp_sidecar::proto::grid::host_message::Kind;
+    let crash: &[u8] = &[
+        0x0a, 0x00, 0x1a, 0x00, 0x12, 0x02, 0x0a, 0x00, 0x1a, 0x00, 0x12, 0x02, 0x0a, 0x00, 0x22,
+        0x00, 0x1a, 0x02, 0x1a, 0x00, 0x1a, 0x00, 0x0a, 0x00, 0x22, 0x00, 0x1a, 0x02, 0x3a, 0x00,
+        0x1a, 0x00,
+    ];
+    let mut rng = Rng(0x5151_2323_7777_1111);
+    let samples = samples();
+    let mut inputs = vec![crash.to_vec()];
+    for _ in 0..20_000 {
+        let mut b = samples[3].clone();
+        b.extend_from_slice(&samples[rng.below(samples.len())]);
+        for _ in 0..rng.below(4) {
+            let at = rng.below(b.len());
+            b.insert(at, [0x0a, 0x1a, 0x12, 0x22, 0x00, 0x02][rng.below(6)]);
+        }
+        inputs.push(b);
+    }
+    let error_of = |m: &grid::HostMessage| match &m.kind {
+        Some(Kind::AnnounceAck(a)) => a.error.is_some(),
+        Some(Kind::FulfillAck(a)) => a.error.is_some(),
+        _ => false,
+    };
+    let p = ErrorPatch::new("cid");
+    for buf in inputs {
+        let Ok(before) = grid::HostMessage::decode(&buf[..]) else {
+            continue;
+        };
+        for outer in [1, 3] {
+            if let Ok(Some(up)) = p.apply_nested(&buf, &[1, 2, 3, 4], outer, 3) {
+                let after = grid::HostMessage::decode(up).unwrap();
+                assert!(error_of(&before), "an error was added to {before:?}");
+                assert!(error_of(&after));
+                assert_eq!(
+                    std::mem::discriminant(before.kind.as_ref().unwrap()),
+                    std::mem::discriminant(after.kind.as_ref().unwrap())
+                );
+            }
+        }
     }
 }

@@ -234,22 +234,19 @@ impl ErrorPatch {
         Ok(Some(wire::merge(msg, &patch)))
     }
 
-    /// Same, for an error at `envelope field outer` → `field inner` (the Connect acks).
+    /// Same, for the error at field `inner` of the oneof member `outer` of a Connect
+    /// envelope (`members` are the oneof's field numbers): patched only when `outer` is the
+    /// member a decoder would see and that member carries an error.
     pub fn apply_nested(
         &self,
         envelope: &[u8],
+        members: &[u32],
         outer: u32,
         inner: u32,
     ) -> Result<Option<Bytes>, WireError> {
-        let mut found = false;
-        for f in wire::fields(envelope) {
-            let f = f?;
-            if f.number == outer && f.wire_type == 2 && wire::has_len_field(f.value, inner)? {
-                found = true;
-            }
-        }
-        if !found {
-            return Ok(None);
+        match wire::oneof_member(envelope, members)? {
+            Some(m) if m.number == outer && m.has_len_field(inner)? => {}
+            _ => return Ok(None),
         }
         let body = self.body();
         let mut inner_patch = BytesMut::with_capacity(body.len() + 4);
@@ -385,9 +382,11 @@ mod tests {
             })),
         }
         .encode_to_vec();
-        assert!(p.apply_nested(&hm, 1, 3).unwrap().is_none());
-        let up = aesp::EnterpriseHostMessage::decode(p.apply_nested(&hm, 3, 3).unwrap().unwrap())
-            .unwrap();
+        assert!(p.apply_nested(&hm, &[1, 2, 3, 4], 1, 3).unwrap().is_none());
+        let up = aesp::EnterpriseHostMessage::decode(
+            p.apply_nested(&hm, &[1, 2, 3, 4], 3, 3).unwrap().unwrap(),
+        )
+        .unwrap();
         let Some(aesp::enterprise_host_message::Kind::FulfillAck(a)) = up.kind else {
             panic!("kind")
         };

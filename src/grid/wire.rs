@@ -141,6 +141,62 @@ pub fn first_field(buf: &[u8]) -> Result<Option<Field<'_>>, WireError> {
     fields(buf).next().transpose()
 }
 
+/// The member of a oneof that is set, as a decoder sees it: the last of `members` to occur
+/// (a different member resets the oneof), and the records of that member since it was last
+/// set (which a decoder merges). Fields that are not members leave the oneof alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneofMember<'a> {
+    pub number: u32,
+    pub records: Vec<&'a [u8]>,
+}
+
+impl OneofMember<'_> {
+    /// Whether the merged member has length-delimited field `number`.
+    pub fn has_len_field(&self, number: u32) -> Result<bool, WireError> {
+        for r in &self.records {
+            if has_len_field(r, number)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The merged member's bytes (protobuf merges a message by concatenation).
+    pub fn merged(&self) -> Vec<u8> {
+        self.records.concat()
+    }
+}
+
+/// See [`OneofMember`]. Members must be length-delimited (message) fields.
+pub fn oneof_member<'a>(
+    buf: &'a [u8],
+    members: &[u32],
+) -> Result<Option<OneofMember<'a>>, WireError> {
+    let mut current: Option<OneofMember<'a>> = None;
+    for f in fields(buf) {
+        let f = f?;
+        if !members.contains(&f.number) {
+            continue;
+        }
+        if f.wire_type != 2 {
+            return Err(WireError {
+                offset: f.start,
+                what: "a oneof message member with a wire type other than length-delimited",
+            });
+        }
+        match &mut current {
+            Some(m) if m.number == f.number => m.records.push(f.value),
+            _ => {
+                current = Some(OneofMember {
+                    number: f.number,
+                    records: vec![f.value],
+                })
+            }
+        }
+    }
+    Ok(current)
+}
+
 /// Appends a length-delimited field record.
 pub fn put_len_field(out: &mut BytesMut, number: u32, value: &[u8]) {
     put_varint(out, (u64::from(number) << 3) | 2);
@@ -249,6 +305,35 @@ mod tests {
         assert_eq!(cs.security_context.unwrap().principal_id, "alice");
         assert_eq!(cs.ttl_seconds, 60);
         assert!(out.windows(4).any(|w| w == b"keep"));
+    }
+
+    #[test]
+    fn oneof_member_follows_decoder_semantics() {
+        use crate::proto::grid::{FulfillAck, HostMessage, host_message::Kind};
+        // fulfill_ack with an error, then announce_ack, then fulfill_ack without: the error is gone.
+        let bytes = [
+            &[0x1a, 0x02, 0x1a, 0x00][..], // 3 { 3 {} }
+            &[0x0a, 0x00],                 // 1 {}
+            &[0x1a, 0x00],                 // 3 {}
+            &[0x3a, 0x00],                 // 7 {} (not a member)
+        ]
+        .concat();
+        let m = oneof_member(&bytes, &[1, 2, 3, 4]).unwrap().unwrap();
+        assert_eq!(m.number, 3);
+        assert!(!m.has_len_field(3).unwrap());
+        let decoded = HostMessage::decode(&bytes[..]).unwrap();
+        assert_eq!(decoded.kind, Some(Kind::FulfillAck(FulfillAck::default())));
+        // Consecutive records of one member merge.
+        let bytes = [&[0x1a, 0x02, 0x1a, 0x00][..], &[0x1a, 0x00]].concat();
+        let m = oneof_member(&bytes, &[1, 2, 3, 4]).unwrap().unwrap();
+        assert!(m.has_len_field(3).unwrap());
+        assert_eq!(m.merged(), vec![0x1a, 0x00]);
+        assert!(
+            oneof_member(&[0x3a, 0x00], &[1, 2, 3, 4])
+                .unwrap()
+                .is_none()
+        );
+        assert!(oneof_member(&[0x08, 0x01], &[1]).is_err());
     }
 
     #[test]

@@ -537,6 +537,9 @@ impl MessageHook for ErrorHook {
     }
 }
 
+/// The oneof members of both Connect envelopes (`RuntimeMessage.kind`, `HostMessage.kind`).
+const ENVELOPE_KINDS: [u32; 4] = [1, 2, 3, 4];
+
 /// Host → runtime on `Connect`: errors in `announce_ack` and `fulfill_ack` are upgraded.
 struct HostHook {
     patch: ErrorPatch,
@@ -550,14 +553,15 @@ impl MessageHook for HostHook {
                 format!("the GRID host sent a malformed HostMessage: {e}"),
             )
         };
-        let kind = wire::fields(payload)
-            .last()
-            .transpose()
+        let member = wire::oneof_member(payload, &ENVELOPE_KINDS)
             .map_err(bad)?
-            .map(|f| f.number);
-        let up = match kind {
+            .map(|m| m.number);
+        let up = match member {
             // announce_ack (1) and fulfill_ack (3) carry `error` as their field 3.
-            Some(outer @ (1 | 3)) => self.patch.apply_nested(payload, outer, 3).map_err(bad)?,
+            Some(outer @ (1 | 3)) => self
+                .patch
+                .apply_nested(payload, &ENVELOPE_KINDS, outer, 3)
+                .map_err(bad)?,
             _ => None,
         };
         Ok(up.map_or(Verdict::Forward, Verdict::Replace))
@@ -575,30 +579,27 @@ struct RuntimeHook {
 
 impl MessageHook for RuntimeHook {
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
-        use aesp::enterprise_runtime_message::Kind;
         let bad = |what: String| {
             Denial::new(
                 ErrorCode::MalformedMessage,
                 format!("not a valid altar.grid.v1.RuntimeMessage: {what}"),
             )
         };
-        // The envelope's kind is its last top-level field (oneof: the last one wins). Only the
-        // announcement is decoded whole; the messages that follow are checked for valid wire
-        // format and forwarded without a decode.
-        let mut kind = None;
+        // The envelope's kind is the oneof member a decoder would see. Only the announcement
+        // is decoded whole; the messages that follow are checked for valid wire format and
+        // forwarded without a decode. Fields outside the oneof are refused.
         for f in wire::fields(payload) {
             let f = f.map_err(|e| bad(e.to_string()))?;
-            if f.wire_type != 2 || !(1..=4).contains(&f.number) {
+            if f.wire_type != 2 || !ENVELOPE_KINDS.contains(&f.number) {
                 return Err(bad(format!(
                     "unexpected field {} (wire type {})",
                     f.number, f.wire_type
                 )));
             }
-            kind = Some(f);
         }
-        let Some(kind) = kind else {
-            return Err(bad("no kind set".into()));
-        };
+        let kind = wire::oneof_member(payload, &ENVELOPE_KINDS)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("no kind set".into()))?;
         if kind.number != 1 {
             if !self.announced {
                 return Err(Denial::new(
@@ -606,71 +607,63 @@ impl MessageHook for RuntimeHook {
                     "the first message on GridRuntime/Connect must be announce",
                 ));
             }
-            if let Some(e) = wire::fields(kind.value).find_map(Result::err) {
-                return Err(bad(e.to_string()));
+            for r in &kind.records {
+                if let Some(e) = wire::fields(r).find_map(Result::err) {
+                    return Err(bad(e.to_string()));
+                }
             }
             return Ok(Verdict::Forward);
         }
-        let msg = aesp::EnterpriseRuntimeMessage::decode(payload.clone())
+        let raw = kind.merged();
+        let a = aesp::EnterpriseRuntimeAnnouncement::decode(&raw[..])
             .map_err(|e| bad(e.to_string()))?;
         let path = GridMethod::Connect.path();
-        match msg.kind {
-            Some(Kind::Announce(a)) => {
-                if self.announced {
-                    return Err(Denial::new(
-                        ErrorCode::MalformedMessage,
-                        "a runtime announces once per Connect stream",
-                    ));
-                }
-                let p = &self.proxy;
-                let identity = self.conn.identity.as_ref().map_err(String::as_str);
-                let d = p.decide(&DecisionInput {
-                    method: path,
-                    route: Route::Grid(GridMethod::Connect),
-                    identity,
-                    claims: Claims {
-                        principal_id: None,
-                        tenant_id: (!a.tenant_id.is_empty()).then(|| a.tenant_id.clone()),
-                    },
-                    tool_name: None,
-                    session_id: None,
-                    correlation_id: &self.correlation_id,
-                });
-                if let Some(den) = d.denial {
-                    return Err(den);
-                }
-                let Ok(id) = identity else {
-                    return Err(Denial::new(
-                        ErrorCode::AuthenticationRequired,
-                        "no identity",
-                    ));
-                };
-                let facts = RuntimeFacts {
-                    runtime_id_fallback: id.principal_id.clone(),
-                    tenant_id: id.tenant_id.clone(),
-                    security_zone: p.cfg.runtime.security_zone.clone(),
-                    deployment_environment: p.cfg.runtime.deployment_environment.clone(),
-                };
-                let raw = wire::fields(payload)
-                    .filter_map(Result::ok)
-                    .filter(|f| f.number == 1 && f.wire_type == 2)
-                    .last()
-                    .map(|f| f.value)
-                    .unwrap_or(&[]);
-                let up = upgrade::upgrade_announce(payload, raw, &a.runtime_id, &facts)
-                    .map_err(|e| Denial::new(ErrorCode::MalformedMessage, e.to_string()))?;
-                self.announced = true;
-                tracing::info!(
-                    runtime_id = if a.runtime_id.is_empty() { id.principal_id.as_str() } else { a.runtime_id.as_str() },
-                    tenant = %id.tenant_id,
-                    zone = %p.cfg.runtime.security_zone,
-                    environment = %p.cfg.runtime.deployment_environment,
-                    correlation_id = %self.correlation_id,
-                    "runtime announced"
-                );
-                Ok(Verdict::Replace(up))
-            }
-            _ => Err(bad("announce does not decode".into())),
+        if self.announced {
+            return Err(Denial::new(
+                ErrorCode::MalformedMessage,
+                "a runtime announces once per Connect stream",
+            ));
         }
+        let p = &self.proxy;
+        let identity = self.conn.identity.as_ref().map_err(String::as_str);
+        let d = p.decide(&DecisionInput {
+            method: path,
+            route: Route::Grid(GridMethod::Connect),
+            identity,
+            claims: Claims {
+                principal_id: None,
+                tenant_id: (!a.tenant_id.is_empty()).then(|| a.tenant_id.clone()),
+            },
+            tool_name: None,
+            session_id: None,
+            correlation_id: &self.correlation_id,
+        });
+        if let Some(den) = d.denial {
+            return Err(den);
+        }
+        let Ok(id) = identity else {
+            return Err(Denial::new(
+                ErrorCode::AuthenticationRequired,
+                "no identity",
+            ));
+        };
+        let facts = RuntimeFacts {
+            runtime_id_fallback: id.principal_id.clone(),
+            tenant_id: id.tenant_id.clone(),
+            security_zone: p.cfg.runtime.security_zone.clone(),
+            deployment_environment: p.cfg.runtime.deployment_environment.clone(),
+        };
+        let up = upgrade::upgrade_announce(payload, &raw, &a.runtime_id, &facts)
+            .map_err(|e| Denial::new(ErrorCode::MalformedMessage, e.to_string()))?;
+        self.announced = true;
+        tracing::info!(
+            runtime_id = if a.runtime_id.is_empty() { id.principal_id.as_str() } else { a.runtime_id.as_str() },
+            tenant = %id.tenant_id,
+            zone = %p.cfg.runtime.security_zone,
+            environment = %p.cfg.runtime.deployment_environment,
+            correlation_id = %self.correlation_id,
+            "runtime announced"
+        );
+        Ok(Verdict::Replace(up))
     }
 }
