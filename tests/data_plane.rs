@@ -979,3 +979,30 @@ async fn the_sidecar_reconnects_when_the_host_comes_back() {
     back.shutdown().await;
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn connect_messages_that_do_not_decode_are_refused_even_when_superseded() {
+    let stack = Stack::start_with("", false).await;
+    let mut rt = stack.raw("runtime").await;
+    // `result` with an invalid body, then an `announce` that supersedes it (found by the fuzzer).
+    let r = rt
+        .call(
+            "/altar.grid.v1.GridRuntime/Connect",
+            &[],
+            vec![frame(&[0x1a, 0x01, 0x00, 0x0a, 0x00])],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(3), "{r:?}");
+    assert_eq!(r.enterprise_error().unwrap().code, "MALFORMED_MESSAGE");
+    assert!(stack.host.state.announcements().is_empty());
+    // A field outside the envelope's oneof.
+    let r = rt
+        .call(
+            "/altar.grid.v1.GridRuntime/Connect",
+            &[],
+            vec![frame(&[0x0a, 0x00, 0x2a, 0x00])],
+        )
+        .await;
+    assert_eq!(r.enterprise_error().unwrap().code, "MALFORMED_MESSAGE");
+    stack.stop().await;
+}

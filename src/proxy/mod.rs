@@ -585,9 +585,8 @@ impl MessageHook for RuntimeHook {
                 format!("not a valid altar.grid.v1.RuntimeMessage: {what}"),
             )
         };
-        // The envelope's kind is the oneof member a decoder would see. Only the announcement
-        // is decoded whole; the messages that follow are checked for valid wire format and
-        // forwarded without a decode. Fields outside the oneof are refused.
+        // Only the oneof's fields are allowed in the envelope, and the whole message must
+        // decode: the host never receives what it could not parse.
         for f in wire::fields(payload) {
             let f = f.map_err(|e| bad(e.to_string()))?;
             if f.wire_type != 2 || !ENVELOPE_KINDS.contains(&f.number) {
@@ -597,6 +596,8 @@ impl MessageHook for RuntimeHook {
                 )));
             }
         }
+        aesp::EnterpriseRuntimeMessage::decode(payload.clone()).map_err(|e| bad(e.to_string()))?;
+        // The kind is the oneof member a decoder sees: the last one, its consecutive records merged.
         let kind = wire::oneof_member(payload, &ENVELOPE_KINDS)
             .map_err(|e| bad(e.to_string()))?
             .ok_or_else(|| bad("no kind set".into()))?;
@@ -606,11 +607,6 @@ impl MessageHook for RuntimeHook {
                     ErrorCode::MalformedMessage,
                     "the first message on GridRuntime/Connect must be announce",
                 ));
-            }
-            for r in &kind.records {
-                if let Some(e) = wire::fields(r).find_map(Result::err) {
-                    return Err(bad(e.to_string()));
-                }
             }
             return Ok(Verdict::Forward);
         }
