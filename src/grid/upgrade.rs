@@ -75,22 +75,21 @@ impl Request {
 }
 
 /// Decodes a unary request; `Err` means it is not a valid message of its type.
-pub fn decode_request(
-    method: super::GridMethod,
-    payload: &Bytes,
-) -> Result<Request, prost::DecodeError> {
+pub fn decode_request(method: super::GridMethod, payload: &Bytes) -> Result<Request, String> {
     use super::GridMethod as M;
+    let e = |e: prost::DecodeError| e.to_string();
     Ok(match method {
-        // Connect is a stream; its messages go through the Connect hooks instead.
-        M::CreateSession => {
-            Request::CreateSession(aesp::EnterpriseCreateSession::decode(payload.clone())?)
-        }
+        M::CreateSession => Request::CreateSession(
+            aesp::EnterpriseCreateSession::decode(payload.clone()).map_err(e)?,
+        ),
         M::DestroySession => {
-            Request::DestroySession(grid::DestroySession::decode(payload.clone())?)
+            Request::DestroySession(grid::DestroySession::decode(payload.clone()).map_err(e)?)
         }
-        M::ExecuteTool | M::ExecuteToolStream | M::Connect => {
-            Request::ToolCall(grid::ToolCall::decode(payload.clone())?)
+        M::ExecuteTool | M::ExecuteToolStream => {
+            Request::ToolCall(grid::ToolCall::decode(payload.clone()).map_err(e)?)
         }
+        // A stream: its messages go through the Connect hooks, one by one.
+        M::Connect => return Err("GridRuntime/Connect is a stream, not a unary request".into()),
     })
 }
 
