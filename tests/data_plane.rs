@@ -1006,3 +1006,43 @@ async fn connect_messages_that_do_not_decode_are_refused_even_when_superseded() 
     assert_eq!(r.enterprise_error().unwrap().code, "MALFORMED_MESSAGE");
     stack.stop().await;
 }
+
+/// Found while fuzzing (fuzz/README.md, F2): an announcement split over two records is
+/// merged by a decoder, so the host must receive both parts.
+#[tokio::test]
+async fn an_announcement_split_over_two_records_reaches_the_host_whole() {
+    let stack = Stack::start_with("", false).await;
+    let mut rt = stack.raw("runtime").await;
+    // announce { runtime_id: "rt-split" } then announce { language: "py" }.
+    let mut env = vec![0x0a, 0x0a, 0x0a, 0x08];
+    env.extend_from_slice(b"rt-split");
+    env.extend_from_slice(&[0x0a, 0x04, 0x12, 0x02, b'p', b'y']);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(frame(&env)))))
+        .await
+        .unwrap();
+    let call = tokio::spawn(async move {
+        rt.call_streaming("/altar.grid.v1.GridRuntime/Connect", &[], rx)
+            .await
+    });
+    for _ in 0..100 {
+        if !stack.host.state.announcements().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(tx);
+    let r = call.await.unwrap();
+    let a = stack
+        .host
+        .state
+        .announcements()
+        .pop()
+        .unwrap_or_else(|| panic!("no announcement reached the host: {r:?}"));
+    assert_eq!(
+        (a.runtime_id.as_str(), a.language.as_str()),
+        ("rt-split", "py")
+    );
+    assert_eq!(a.tenant_id, "acme");
+    stack.stop().await;
+}
