@@ -225,30 +225,17 @@ async fn runtime_connect_works_and_the_host_receives_the_upgraded_announcement()
 async fn a_runtime_that_claims_another_tenant_is_refused() {
     let stack = Stack::start_with("", false).await;
     let mut raw = stack.raw("runtime").await;
-    let announce = grid::RuntimeMessage {
-        kind: Some(grid::runtime_message::Kind::Announce(
-            grid::AnnounceRuntime {
+    // An AESP-aware runtime that claims tenant globex with an acme certificate.
+    let claimed = aesp::EnterpriseRuntimeMessage {
+        kind: Some(aesp::enterprise_runtime_message::Kind::Announce(
+            aesp::EnterpriseRuntimeAnnouncement {
                 runtime_id: "x".into(),
+                tenant_id: "globex".into(),
                 ..Default::default()
             },
         )),
     }
     .encode_to_vec();
-    // An AESP-aware runtime that claims tenant globex with an acme certificate.
-    let mut claimed = announce.clone();
-    claimed.truncate(0);
-    claimed.extend(
-        aesp::EnterpriseRuntimeMessage {
-            kind: Some(aesp::enterprise_runtime_message::Kind::Announce(
-                aesp::EnterpriseRuntimeAnnouncement {
-                    runtime_id: "x".into(),
-                    tenant_id: "globex".into(),
-                    ..Default::default()
-                },
-            )),
-        }
-        .encode_to_vec(),
-    );
     let r = raw
         .call(
             "/altar.grid.v1.GridRuntime/Connect",
@@ -268,7 +255,6 @@ async fn a_runtime_that_claims_another_tenant_is_refused() {
 #[tokio::test]
 async fn connect_messages_split_and_coalesced_are_all_intercepted() {
     let stack = Stack::start_with("", false).await;
-    let mut raw = stack.raw("runtime").await;
     let announce = grid::RuntimeMessage {
         kind: Some(grid::runtime_message::Kind::Announce(
             grid::AnnounceRuntime {
@@ -289,28 +275,14 @@ async fn connect_messages_split_and_coalesced_are_all_intercepted() {
     // Two messages in one DATA frame.
     let mut both = frame(&announce);
     both.extend(frame(&fulfill));
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(both))))
-        .await
-        .unwrap();
-    let call = tokio::spawn(async move {
-        raw.call_streaming(
-            "/altar.grid.v1.GridRuntime/Connect",
+    let r = stack
+        .connect_runtime_raw(
+            "runtime",
             &[("x-aesp-correlation-id", "conn-1")],
-            rx,
+            both,
+            Duration::from_millis(200),
         )
-        .await
-    });
-    // Wait until the host has seen the upgraded announcement, then end the stream.
-    for _ in 0..100 {
-        if !stack.host.state.announcements().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(tx);
-    let r = call.await.unwrap();
+        .await;
     let a = stack.host.state.announcements();
     assert_eq!(a.len(), 1);
     assert_eq!(
@@ -1012,27 +984,13 @@ async fn connect_messages_that_do_not_decode_are_refused_even_when_superseded() 
 #[tokio::test]
 async fn an_announcement_split_over_two_records_reaches_the_host_whole() {
     let stack = Stack::start_with("", false).await;
-    let mut rt = stack.raw("runtime").await;
     // announce { runtime_id: "rt-split" } then announce { language: "py" }.
     let mut env = vec![0x0a, 0x0a, 0x0a, 0x08];
     env.extend_from_slice(b"rt-split");
     env.extend_from_slice(&[0x0a, 0x04, 0x12, 0x02, b'p', b'y']);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(frame(&env)))))
-        .await
-        .unwrap();
-    let call = tokio::spawn(async move {
-        rt.call_streaming("/altar.grid.v1.GridRuntime/Connect", &[], rx)
-            .await
-    });
-    for _ in 0..100 {
-        if !stack.host.state.announcements().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(tx);
-    let r = call.await.unwrap();
+    let r = stack
+        .connect_runtime_raw("runtime", &[], frame(&env), Duration::ZERO)
+        .await;
     let a = stack
         .host
         .state

@@ -130,6 +130,37 @@ impl Stack {
         RawH2::connect(self.sidecar.data_addr, self.client_config(Some(stem))).await
     }
 
+    /// Opens `GridRuntime/Connect` as runtime `stem`, sends `data` as one DATA frame, keeps
+    /// the stream open until the host has seen an announcement (or 2 s passed) plus
+    /// `linger`, then ends it and returns everything the runtime received.
+    pub async fn connect_runtime_raw(
+        &self,
+        stem: &str,
+        headers: &[(&'static str, &'static str)],
+        data: Vec<u8>,
+        linger: Duration,
+    ) -> RawResponse {
+        let mut raw = self.raw(stem).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(data))))
+            .await
+            .unwrap();
+        let headers = headers.to_vec();
+        let call = tokio::spawn(async move {
+            raw.call_streaming("/altar.grid.v1.GridRuntime/Connect", &headers, rx)
+                .await
+        });
+        for _ in 0..100 {
+            if !self.host.state.announcements().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(linger).await;
+        drop(tx);
+        call.await.unwrap()
+    }
+
     pub async fn stop(self) {
         if let Some(rt) = self.runtime {
             rt.shutdown().await;
