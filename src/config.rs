@@ -4,6 +4,8 @@
 //! such as `upstream.address`) and what was expected. Relative paths in the file are resolved
 //! against the directory of the file, so a config and its certificates can move together.
 
+use crate::ids::{PeerKind, PrincipalId, TenantId};
+use crate::listener::identity::{SubjectMapping, SubjectMatch};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -80,18 +82,18 @@ pub struct IdentityConfig {
     pub subjects: Vec<SubjectMapping>,
 }
 
-/// Maps a certificate without a SPIFFE ID to an identity by its subject CN or a DNS SAN.
+/// A `identity.subjects` entry as written; validated into a [`SubjectMapping`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SubjectMapping {
+struct RawSubjectMapping {
     #[serde(default)]
-    pub subject_cn: Option<String>,
+    subject_cn: Option<String>,
     #[serde(default)]
-    pub dns_san: Option<String>,
-    pub principal: String,
-    pub tenant: String,
+    dns_san: Option<String>,
+    principal: String,
+    tenant: String,
     #[serde(default = "default_kind")]
-    pub kind: String,
+    kind: String,
 }
 
 fn default_kind() -> String {
@@ -191,7 +193,7 @@ struct RawIdentity {
     #[serde(default)]
     overwrite_identity_fields: bool,
     #[serde(default)]
-    subjects: Vec<SubjectMapping>,
+    subjects: Vec<RawSubjectMapping>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -518,29 +520,33 @@ impl Validator<'_> {
                 format!("expected a SPIFFE trust domain (lowercase letters, digits, '.', '-', '_'), got {trust_domain:?}"),
             ));
         }
-        for (i, m) in raw.subjects.iter().enumerate() {
+        let mut subjects = Vec::with_capacity(raw.subjects.len());
+        for (i, m) in raw.subjects.into_iter().enumerate() {
             let field = format!("identity.subjects[{i}]");
-            if m.subject_cn.is_none() == m.dns_san.is_none() {
-                return Err(self.err(&field, "expected exactly one of subject_cn or dns_san"));
-            }
-            for (name, v) in [
-                ("principal", &m.principal),
-                ("tenant", &m.tenant),
-                ("kind", &m.kind),
-            ] {
-                if !crate::listener::identity::valid_segment(v) {
-                    return Err(self.err(
-                        &format!("{field}.{name}"),
-                        format!("expected letters, digits, '.', '-' or '_', got {v:?}"),
-                    ));
-                }
-            }
+            let by = match (m.subject_cn, m.dns_san) {
+                (Some(cn), None) => SubjectMatch::CommonName(cn),
+                (None, Some(dns)) => SubjectMatch::DnsSan(dns),
+                _ => return Err(self.err(&field, "expected exactly one of subject_cn or dns_san")),
+            };
+            let bad = |name: &str, v: &str| {
+                self.err(
+                    &format!("{field}.{name}"),
+                    format!("expected letters, digits, '.', '-' or '_', got {v:?}"),
+                )
+            };
+            subjects.push(SubjectMapping {
+                by,
+                principal: PrincipalId::new(&m.principal)
+                    .ok_or_else(|| bad("principal", &m.principal))?,
+                tenant: TenantId::new(&m.tenant).ok_or_else(|| bad("tenant", &m.tenant))?,
+                kind: PeerKind::new(&m.kind).ok_or_else(|| bad("kind", &m.kind))?,
+            });
         }
         Ok(IdentityConfig {
             trust_domain,
             organization_id: raw.organization_id.unwrap_or_default(),
             overwrite_identity_fields: raw.overwrite_identity_fields,
-            subjects: raw.subjects,
+            subjects,
         })
     }
 

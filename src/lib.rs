@@ -3,9 +3,14 @@
 //! Read the modules in the order a call travels through them:
 //! [`config`] → [`tls`] and [`listener`] (TLS 1.3, peer identity) → [`proxy`] (HTTP/2,
 //! routing, the frame interceptor) → [`grpc`] (framing, status) → [`grid`] (method table,
-//! upgrades) → [`decision`] (the one decision point) → [`upstream`] (pooled HTTP/2 client to
-//! the host). [`sidecar`] assembles them; [`demo`] holds the reference GRID host, the
-//! reference runtime and dev certificates.
+//! upgrades) → `decision` (the one decision point, crate-private) → [`upstream`] (pooled
+//! HTTP/2 client to the host). [`sidecar`] assembles them.
+//!
+//! Public are what the binary, the tests, the benches and the fuzz targets use: the config,
+//! the assembled sidecar, the wire pieces (framing, upgrades, the interceptor body) and the
+//! client helpers. `demo` (the reference GRID host, the reference runtime and dev
+//! certificates) is public for the binary and the tests but hidden from the documentation:
+//! it is not the library's face.
 
 // A `Denial` (the cold path) is larger than clippy likes in an `Err`; boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
@@ -13,10 +18,12 @@
 pub mod adm;
 pub mod client;
 pub mod config;
-pub mod decision;
+pub(crate) mod decision;
+#[doc(hidden)]
 pub mod demo;
 pub mod grid;
 pub mod grpc;
+pub mod ids;
 pub mod listener;
 pub mod metrics;
 pub mod proto;

@@ -83,17 +83,17 @@ impl Metrics {
         })
     }
 
-    /// Records one decision; `slot` is a [`GridMethod`] index, [`PASSTHROUGH`] or [`OTHER`].
-    pub fn record(&self, slot: usize, denial: Option<ErrorCode>) {
-        let slot = slot.min(OTHER);
-        match denial {
-            None => self.calls[slot][0].inc(),
-            Some(code) => {
-                self.calls[slot][1].inc();
-                if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
-                    self.denials[i].inc();
-                }
-            }
+    /// Records one decision about a call or message of `slot` (a [`GridMethod`] index,
+    /// [`PASSTHROUGH`] or [`OTHER`]), or, with `slot` `None`, a refusal on the way back of a
+    /// call already counted.
+    pub fn record(&self, slot: Option<usize>, denial: Option<ErrorCode>) {
+        if let Some(slot) = slot {
+            self.calls[slot.min(OTHER)][usize::from(denial.is_some())].inc();
+        }
+        if let Some(code) = denial
+            && let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code)
+        {
+            self.denials[i].inc();
         }
     }
 

@@ -2,9 +2,10 @@
 //! pipeline, the data-plane and management listeners and the admin HTTP endpoint.
 
 use crate::config::{Config, ConfigError};
-use crate::decision::Pipeline;
+use crate::decision::{Pipeline, Recorder};
+use crate::listener::accept;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Role, server};
+use crate::proxy::{Proxy, Role};
 use crate::upstream::Upstream;
 use anyhow::Context;
 use bytes::Bytes;
@@ -69,10 +70,11 @@ impl Sidecar {
             role: Role::DataPlane,
             cfg: cfg.clone(),
             pipeline: pipeline.clone(),
+            recorder: Recorder::new(metrics.clone()),
             upstream: upstream.clone(),
             metrics: metrics.clone(),
         });
-        tasks.spawn(server::serve(
+        tasks.spawn(accept::serve(
             data,
             tls.clone(),
             proxy,
@@ -88,10 +90,11 @@ impl Sidecar {
                     role: Role::Management,
                     cfg: cfg.clone(),
                     pipeline: pipeline.clone(),
+                    recorder: Recorder::new(metrics.clone()),
                     upstream: upstream.clone(),
                     metrics: metrics.clone(),
                 });
-                tasks.spawn(server::serve(
+                tasks.spawn(accept::serve(
                     l,
                     tls.clone(),
                     proxy,

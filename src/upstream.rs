@@ -22,9 +22,25 @@ use tokio::net::TcpStream;
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to the GRID host at {addr}: {reason}")]
-    Connect { addr: String, reason: String },
+    Connect {
+        addr: String,
+        reason: ConnectFailure,
+    },
     #[error("the GRID host connection failed: {0}")]
     Http(#[from] hyper::Error),
+}
+
+/// Why a connection to the host could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Tcp(std::io::Error),
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Which connections of the pool a request uses.
@@ -162,14 +178,14 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let err = |reason: String| UpstreamError::Connect {
+        let err = |reason: ConnectFailure| UpstreamError::Connect {
             addr: self.addr.clone(),
             reason,
         };
         let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| err(format!("timed out after {:?}", self.connect_timeout)))?
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|_| err(ConnectFailure::Timeout(self.connect_timeout)))?
+            .map_err(|e| err(ConnectFailure::Tcp(e)))?;
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             None => self.handshake(tcp).await,
@@ -179,8 +195,8 @@ impl Upstream {
                     connector.connect(name.clone(), tcp),
                 )
                 .await
-                .map_err(|_| err("TLS handshake timed out".into()))?
-                .map_err(|e| err(format!("TLS handshake failed: {e}")))?;
+                .map_err(|_| err(ConnectFailure::TlsTimeout))?
+                .map_err(|e| err(ConnectFailure::Tls(e)))?;
                 self.handshake(tls).await
             }
         }

@@ -74,22 +74,38 @@ impl Request {
     }
 }
 
+/// Why a unary request is not a valid message of its method.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{type_name} message: {source}")]
+    Protobuf {
+        type_name: &'static str,
+        source: prost::DecodeError,
+    },
+    /// `Connect` is a stream: its messages go through the Connect hooks, one by one.
+    #[error("GridRuntime/Connect is a stream, not a unary request")]
+    Stream,
+}
+
 /// Decodes a unary request; `Err` means it is not a valid message of its type.
-pub fn decode_request(method: super::GridMethod, payload: &Bytes) -> Result<Request, String> {
+pub fn decode_request(method: super::GridMethod, payload: &Bytes) -> Result<Request, DecodeError> {
     use super::GridMethod as M;
-    let e = |e: prost::DecodeError| e.to_string();
+    fn e(type_name: &'static str) -> impl FnOnce(prost::DecodeError) -> DecodeError {
+        move |source| DecodeError::Protobuf { type_name, source }
+    }
     Ok(match method {
         M::CreateSession => Request::CreateSession(
-            aesp::EnterpriseCreateSession::decode(payload.clone()).map_err(e)?,
+            aesp::EnterpriseCreateSession::decode(payload.clone())
+                .map_err(e("altar.grid.v1.CreateSession"))?,
         ),
-        M::DestroySession => {
-            Request::DestroySession(grid::DestroySession::decode(payload.clone()).map_err(e)?)
-        }
-        M::ExecuteTool | M::ExecuteToolStream => {
-            Request::ToolCall(grid::ToolCall::decode(payload.clone()).map_err(e)?)
-        }
-        // A stream: its messages go through the Connect hooks, one by one.
-        M::Connect => return Err("GridRuntime/Connect is a stream, not a unary request".into()),
+        M::DestroySession => Request::DestroySession(
+            grid::DestroySession::decode(payload.clone())
+                .map_err(e("altar.grid.v1.DestroySession"))?,
+        ),
+        M::ExecuteTool | M::ExecuteToolStream => Request::ToolCall(
+            grid::ToolCall::decode(payload.clone()).map_err(e("altar.grid.v1.ToolCall"))?,
+        ),
+        M::Connect => return Err(DecodeError::Stream),
     })
 }
 
@@ -112,14 +128,14 @@ impl ContextTemplate {
     ) -> ContextTemplate {
         let mut policy_context = HashMap::with_capacity(4);
         policy_context.insert("source".to_string(), source.to_string());
-        policy_context.insert("peer_kind".to_string(), id.kind.clone());
+        policy_context.insert("peer_kind".to_string(), id.kind.to_string());
         policy_context.insert("security_zone".to_string(), security_zone.to_string());
         if let Some(s) = &id.spiffe_id {
             policy_context.insert("spiffe_id".to_string(), s.clone());
         }
         let base = aesp::EnterpriseSecurityContext {
-            principal_id: id.principal_id.clone(),
-            tenant_id: id.tenant_id.clone(),
+            principal_id: id.principal_id.to_string(),
+            tenant_id: id.tenant_id.to_string(),
             claims: HashMap::new(),
             organization_id: organization_id.to_string(),
             roles: Vec::new(),
@@ -261,14 +277,14 @@ mod tests {
     use super::*;
 
     fn alice() -> PeerIdentity {
+        use crate::ids::{PeerKind, PrincipalId, TenantId};
         PeerIdentity::new(
-            "alice",
-            "acme",
-            "client",
+            PrincipalId::new("alice").unwrap(),
+            TenantId::new("acme").unwrap(),
+            PeerKind::Client,
             Some("spiffe://aesp.local/tenant/acme/client/alice".into()),
             "CN=alice".into(),
         )
-        .unwrap()
     }
 
     #[test]

@@ -180,6 +180,14 @@ impl Denial {
         }
     }
 
+    /// `MALFORMED_MESSAGE`: a frame, an encoding or a protobuf the sidecar cannot read.
+    pub fn malformed(e: impl std::fmt::Display) -> Self {
+        Denial::new(
+            ErrorCode::MalformedMessage,
+            format!("malformed gRPC message: {e}"),
+        )
+    }
+
     pub fn detail(mut self, key: &str, value: impl Into<String>) -> Self {
         self.details.insert(key.to_string(), value.into());
         self

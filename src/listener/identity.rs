@@ -3,20 +3,23 @@
 //! Scheme: a SPIFFE ID in a URI SAN, `spiffe://<trust-domain>/tenant/<tenant>/<kind>/<name>`,
 //! gives `tenant_id = <tenant>`, `principal_id = <name>` and the peer kind (`client`,
 //! `runtime`, `admin`, ...). The trust domain must be the configured one. A certificate with
-//! no SPIFFE ID may be mapped by its subject CN or a DNS SAN in `identity.subjects`.
-//! Anything else has no usable identity: its calls are refused with `AUTHENTICATION_REQUIRED`.
+//! no SPIFFE ID may be mapped by its subject CN or a DNS SAN ([`SubjectMapping`]).
+//! Anything else has no usable identity: its calls are refused with `AUTHENTICATION_REQUIRED`
+//! and the [`IdentityError`] says why.
+//!
+//! This module takes plain values (the trust domain, the mappings), never the config: the
+//! config validates its section into these types and hands them over.
 
-use crate::config::IdentityConfig;
+use crate::ids::{PeerKind, PrincipalId, TenantId};
 use http::HeaderValue;
 use x509_parser::prelude::*;
 
 /// Who is on the other end of a connection, as verified by mTLS.
 #[derive(Debug, Clone)]
 pub struct PeerIdentity {
-    pub principal_id: String,
-    pub tenant_id: String,
-    /// `client`, `runtime`, `admin`, or another kind named by the SPIFFE path.
-    pub kind: String,
+    pub principal_id: PrincipalId,
+    pub tenant_id: TenantId,
+    pub kind: PeerKind,
     /// The SPIFFE ID, when the identity came from one.
     pub spiffe_id: Option<String>,
     /// The certificate's subject, for logs.
@@ -26,62 +29,128 @@ pub struct PeerIdentity {
     pub tenant_header: HeaderValue,
 }
 
-/// Letters, digits, `.`, `-`, `_`; 1 to 128 characters.
-pub fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-}
-
 impl PeerIdentity {
     pub fn new(
-        principal_id: &str,
-        tenant_id: &str,
-        kind: &str,
+        principal_id: PrincipalId,
+        tenant_id: TenantId,
+        kind: PeerKind,
         spiffe_id: Option<String>,
         subject: String,
-    ) -> Option<Self> {
-        Some(PeerIdentity {
-            principal_header: HeaderValue::from_str(principal_id).ok()?,
-            tenant_header: HeaderValue::from_str(tenant_id).ok()?,
-            principal_id: principal_id.to_string(),
-            tenant_id: tenant_id.to_string(),
-            kind: kind.to_string(),
+    ) -> PeerIdentity {
+        // Valid ids are visible ASCII, so they are always valid header values.
+        let header = |s: &str| {
+            HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        };
+        PeerIdentity {
+            principal_header: header(principal_id.as_str()),
+            tenant_header: header(tenant_id.as_str()),
+            principal_id,
+            tenant_id,
+            kind,
             spiffe_id,
             subject,
-        })
+        }
     }
 }
 
-/// Parses `spiffe://<td>/tenant/<tenant>/<kind>/<name>` for trust domain `td`.
-pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Result<(String, String, String), String> {
+/// Maps a certificate without a SPIFFE ID to an identity.
+#[derive(Debug, Clone)]
+pub struct SubjectMapping {
+    pub by: SubjectMatch,
+    pub principal: PrincipalId,
+    pub tenant: TenantId,
+    pub kind: PeerKind,
+}
+
+/// What a [`SubjectMapping`] matches on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectMatch {
+    /// The subject's common name, exactly.
+    CommonName(String),
+    /// One of the DNS SANs, exactly.
+    DnsSan(String),
+}
+
+/// The three segments of a SPIFFE ID of this scheme, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpiffePath {
+    pub tenant: TenantId,
+    pub kind: PeerKind,
+    pub name: PrincipalId,
+}
+
+/// Why a SPIFFE ID was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeError {
+    #[error("{uri} is not a SPIFFE ID")]
+    NotSpiffe { uri: String },
+    #[error("SPIFFE ID {uri} has no path")]
+    NoPath { uri: String },
+    #[error("SPIFFE ID {uri} is of trust domain {found:?}, expected {expected:?}")]
+    TrustDomain {
+        uri: String,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "SPIFFE ID {uri} does not follow spiffe://{trust_domain}/tenant/<tenant>/<kind>/<name>"
+    )]
+    Shape { uri: String, trust_domain: String },
+}
+
+/// Why a connection has no usable identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("unparsable client certificate: {0}")]
+    Unparsable(String),
+    #[error("certificate {subject} carries {count} SPIFFE IDs; exactly one is allowed")]
+    SeveralSpiffeIds { subject: String, count: usize },
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    #[error("certificate {subject} has no SPIFFE ID and matches no identity.subjects mapping")]
+    Unmapped { subject: String },
+}
+
+/// Parses `spiffe://<td>/tenant/<tenant>/<kind>/<name>` for trust domain `trust_domain`.
+pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Result<SpiffePath, SpiffeError> {
     let rest = uri
         .strip_prefix("spiffe://")
-        .ok_or_else(|| format!("{uri} is not a SPIFFE ID"))?;
+        .ok_or_else(|| SpiffeError::NotSpiffe { uri: uri.into() })?;
     let (td, path) = rest
         .split_once('/')
-        .ok_or_else(|| format!("SPIFFE ID {uri} has no path"))?;
+        .ok_or_else(|| SpiffeError::NoPath { uri: uri.into() })?;
     if td != trust_domain {
-        return Err(format!(
-            "SPIFFE ID {uri} is of trust domain {td:?}, expected {trust_domain:?}"
-        ));
+        return Err(SpiffeError::TrustDomain {
+            uri: uri.into(),
+            found: td.into(),
+            expected: trust_domain.into(),
+        });
     }
+    let shape = || SpiffeError::Shape {
+        uri: uri.into(),
+        trust_domain: trust_domain.into(),
+    };
     let segs: Vec<&str> = path.split('/').collect();
     match segs.as_slice() {
-        ["tenant", tenant, kind, name] if [tenant, kind, name].iter().all(|s| valid_segment(s)) => {
-            Ok((tenant.to_string(), kind.to_string(), name.to_string()))
-        }
-        _ => Err(format!(
-            "SPIFFE ID {uri} does not follow spiffe://{trust_domain}/tenant/<tenant>/<kind>/<name>"
-        )),
+        ["tenant", tenant, kind, name] => Ok(SpiffePath {
+            tenant: TenantId::new(tenant).ok_or_else(shape)?,
+            kind: PeerKind::new(kind).ok_or_else(shape)?,
+            name: PrincipalId::new(name).ok_or_else(shape)?,
+        }),
+        _ => Err(shape()),
     }
 }
 
 /// Computes the identity of the leaf certificate `der`.
-pub fn identify(der: &[u8], cfg: &IdentityConfig) -> Result<PeerIdentity, String> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| format!("unparsable client certificate: {e}"))?;
+pub fn identify(
+    der: &[u8],
+    trust_domain: &str,
+    subjects: &[SubjectMapping],
+) -> Result<PeerIdentity, IdentityError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
     let subject = cert.subject().to_string();
     let mut spiffe = Vec::new();
     let mut dns = Vec::new();
@@ -95,36 +164,42 @@ pub fn identify(der: &[u8], cfg: &IdentityConfig) -> Result<PeerIdentity, String
         }
     }
     if spiffe.len() > 1 {
-        return Err(format!(
-            "certificate {subject} carries {} SPIFFE IDs; exactly one is allowed",
-            spiffe.len()
-        ));
+        return Err(IdentityError::SeveralSpiffeIds {
+            subject,
+            count: spiffe.len(),
+        });
     }
     if let Some(id) = spiffe.pop() {
-        let (tenant, kind, name) = parse_spiffe(&id, &cfg.trust_domain)?;
-        return PeerIdentity::new(&name, &tenant, &kind, Some(id), subject)
-            .ok_or_else(|| "identity is not a valid header value".to_string());
+        let p = parse_spiffe(&id, trust_domain)?;
+        return Ok(PeerIdentity::new(
+            p.name,
+            p.tenant,
+            p.kind,
+            Some(id),
+            subject,
+        ));
     }
     let cn = cert
         .subject()
         .iter_common_name()
         .next()
-        .and_then(|c| c.as_str().ok())
-        .map(str::to_string);
-    for m in &cfg.subjects {
-        let hit = match (&m.subject_cn, &m.dns_san) {
-            (Some(want), _) => cn.as_deref() == Some(want.as_str()),
-            (_, Some(want)) => dns.iter().any(|d| d == want),
-            _ => false,
+        .and_then(|c| c.as_str().ok());
+    for m in subjects {
+        let hit = match &m.by {
+            SubjectMatch::CommonName(want) => cn == Some(want.as_str()),
+            SubjectMatch::DnsSan(want) => dns.iter().any(|d| d == want),
         };
         if hit {
-            return PeerIdentity::new(&m.principal, &m.tenant, &m.kind, None, subject)
-                .ok_or_else(|| "identity is not a valid header value".to_string());
+            return Ok(PeerIdentity::new(
+                m.principal.clone(),
+                m.tenant.clone(),
+                m.kind.clone(),
+                None,
+                subject,
+            ));
         }
     }
-    Err(format!(
-        "certificate {subject} has no SPIFFE ID and matches no identity.subjects mapping"
-    ))
+    Err(IdentityError::Unmapped { subject })
 }
 
 #[cfg(test)]
@@ -132,15 +207,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spiffe_ids() {
-        assert_eq!(
-            parse_spiffe("spiffe://aesp.local/tenant/acme/client/alice", "aesp.local").unwrap(),
-            ("acme".into(), "client".into(), "alice".into())
-        );
-        assert!(parse_spiffe("spiffe://other/tenant/acme/client/alice", "aesp.local").is_err());
-        assert!(parse_spiffe("spiffe://aesp.local/tenant/acme/client", "aesp.local").is_err());
-        assert!(parse_spiffe("spiffe://aesp.local/tenant/acme/client/a/b", "aesp.local").is_err());
-        assert!(parse_spiffe("spiffe://aesp.local/tenant//client/a", "aesp.local").is_err());
-        assert!(parse_spiffe("spiffe://aesp.local/org/acme/client/alice", "aesp.local").is_err());
+    fn spiffe_ids_of_the_scheme_parse_into_named_segments_and_others_say_why_not() {
+        let p = parse_spiffe("spiffe://aesp.local/tenant/acme/client/alice", "aesp.local").unwrap();
+        assert_eq!(p.tenant.as_str(), "acme");
+        assert_eq!(p.kind, PeerKind::Client);
+        assert_eq!(p.name.as_str(), "alice");
+        for (uri, want) in [
+            (
+                "http://aesp.local/tenant/acme/client/alice",
+                "not a SPIFFE ID",
+            ),
+            ("spiffe://aesp.local", "has no path"),
+            ("spiffe://other/tenant/acme/client/alice", "trust domain"),
+            ("spiffe://aesp.local/tenant/acme/client", "does not follow"),
+            (
+                "spiffe://aesp.local/tenant/acme/client/a/b",
+                "does not follow",
+            ),
+            ("spiffe://aesp.local/tenant//client/a", "does not follow"),
+            (
+                "spiffe://aesp.local/org/acme/client/alice",
+                "does not follow",
+            ),
+            (
+                "spiffe://aesp.local/tenant/ac me/client/alice",
+                "does not follow",
+            ),
+        ] {
+            let e = parse_spiffe(uri, "aesp.local").unwrap_err();
+            assert!(e.to_string().contains(want), "{uri}: {e}");
+        }
     }
 }

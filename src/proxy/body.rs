@@ -50,6 +50,11 @@ pub enum Verdict {
 pub trait MessageHook: Send + Unpin + 'static {
     /// `payload` is the uncompressed protobuf message.
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial>;
+
+    /// This direction was refused with `denial` (by `on_message`, by the framing, or by a
+    /// failing peer): the hook records it. Not called for a refusal handed over from the
+    /// request side, which its own hook recorded.
+    fn refused(&mut self, _denial: &Denial) {}
 }
 
 /// The refusal that ends a call, passed from the request side to the response side.
@@ -126,8 +131,15 @@ where
         }
     }
 
-    /// Ends this direction because of `denial`. Returns the error to yield, if any.
+    /// Ends this direction because of `denial`, which the hook records. Returns the error to
+    /// yield, if any.
     fn refuse(&mut self, denial: Denial) -> Option<BoxError> {
+        self.hook.refused(&denial);
+        self.end(denial)
+    }
+
+    /// Ends this direction because of `denial`, already recorded.
+    fn end(&mut self, denial: Denial) -> Option<BoxError> {
         self.done = true;
         match &mut self.side {
             Side::Request { abort } => {
@@ -161,7 +173,7 @@ where
         }
         self.scratch = msgs;
         self.flush();
-        result.and(pushed.map_err(malformed))
+        result.and(pushed.map_err(Denial::malformed))
     }
 
     /// Queues one outgoing message frame, coalescing small ones.
@@ -197,7 +209,7 @@ where
     }
 
     fn on_message(&mut self, msg: GrpcMessage) -> Result<(), Denial> {
-        let payload = message_payload(&msg, self.encoding, self.max).map_err(malformed)?;
+        let payload = message_payload(&msg, self.encoding, self.max).map_err(Denial::malformed)?;
         match self.hook.on_message(&payload)? {
             // Towards the host, messages travel uncompressed: the sidecar cannot know which
             // encodings the host accepts, and every gRPC peer accepts identity.
@@ -207,7 +219,7 @@ where
             Verdict::Forward => self.emit(msg.frame),
             Verdict::Replace(p) => {
                 if p.len() > self.max {
-                    return Err(malformed(crate::grpc::FrameError::TooLarge {
+                    return Err(Denial::malformed(crate::grpc::FrameError::TooLarge {
                         len: p.len(),
                         max: self.max,
                     }));
@@ -217,13 +229,6 @@ where
         }
         Ok(())
     }
-}
-
-fn malformed(e: impl std::fmt::Display) -> Denial {
-    Denial::new(
-        ErrorCode::MalformedMessage,
-        format!("malformed gRPC message: {e}"),
-    )
 }
 
 /// Describes an upstream failure mid-call.
@@ -281,7 +286,7 @@ where
                 match Pin::new(rx).poll(cx) {
                     Poll::Ready(Ok(denial)) => {
                         *abort = None;
-                        this.refuse(denial);
+                        this.end(denial);
                         continue;
                     }
                     Poll::Ready(Err(_)) => *abort = None,
@@ -292,7 +297,7 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
                     if let Err(e) = this.decoder.finish() {
-                        if let Some(err) = this.refuse(malformed(e)) {
+                        if let Some(err) = this.refuse(Denial::malformed(e)) {
                             return Poll::Ready(Some(Err(err)));
                         }
                         continue;
@@ -325,7 +330,7 @@ where
                     Err(frame) => {
                         if let Ok(t) = frame.into_trailers() {
                             if let Err(e) = this.decoder.finish() {
-                                if let Some(err) = this.refuse(malformed(e)) {
+                                if let Some(err) = this.refuse(Denial::malformed(e)) {
                                     return Poll::Ready(Some(Err(err)));
                                 }
                                 continue;

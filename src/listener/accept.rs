@@ -1,11 +1,11 @@
-//! The listener: TCP accept, the TLS 1.3 handshake with a required client certificate (in
+//! The acceptor: TCP accept, the TLS 1.3 handshake with a required client certificate (in
 //! the task of each connection, under a timeout, so a silent client holds up nobody), the
 //! peer identity (once per connection), then HTTP/2 with the configured limits.
 //! On shutdown: stop accepting, send GOAWAY, let in-flight calls finish up to the grace
 //! period, then close what is left.
 
-use super::{ConnInfo, Proxy};
-use crate::listener::identity;
+use super::identity::{self, IdentityError};
+use crate::proxy::{ConnInfo, Proxy};
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,7 +35,7 @@ fn builder(proxy: &Proxy) -> http2::Builder<TokioExecutor> {
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then drains for `grace`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     proxy: Arc<Proxy>,
@@ -90,9 +90,12 @@ pub async fn serve(
                 }
             };
             let (_, session) = tls.get_ref();
+            let rules = &proxy.cfg.identity;
             let identity = match session.peer_certificates().and_then(|c| c.first()) {
-                Some(leaf) => identity::identify(leaf.as_ref(), &proxy.cfg.identity),
-                None => Err("no client certificate".to_string()),
+                Some(leaf) => {
+                    identity::identify(leaf.as_ref(), &rules.trust_domain, &rules.subjects)
+                }
+                None => Err(IdentityError::NoCertificate),
             };
             match &identity {
                 Ok(id) => {

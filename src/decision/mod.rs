@@ -1,0 +1,301 @@
+//! The one decision point. Every check runs here, in order, and a call is either
+//! [`Allowed`] (carrying the verified identity, and later the roles, the contract and the
+//! budget reservation) or [`Denied`] (carrying the refusal). Both carry the [`Facts`] the
+//! pipeline saw. Whatever is recorded about a call (logs, metrics, and the audit trail of a
+//! later release) is made from a [`Decision`] by the one [`Recorder`], so nothing is decided
+//! that is not recorded.
+//!
+//! The pipeline only decides; the proxy records, at the moment it acts on the outcome: an
+//! allow is recorded just before the call is forwarded, a refusal just before it is
+//! answered. A refusal made after the pipeline (an upgrade that fails, a Connect message out
+//! of order, a frame that does not decode, a host that fails) goes through the same
+//! [`Recorder`] as a [`Denied`].
+//!
+//! Order of the checks: authentication → method known → identity consistency. Tenancy,
+//! RBAC, governance, schema, CEL policy and budget slot in after these, in that order, each
+//! as a file of its own beside these.
+
+mod authn;
+mod claims;
+mod method;
+mod record;
+
+pub(crate) use authn::unauthenticated;
+pub(crate) use record::Recorder;
+
+use crate::grid::Route;
+use crate::grid::upgrade::Claims;
+use crate::grpc::Denial;
+use crate::ids::{PeerKind, PrincipalId, TenantId};
+use crate::listener::PeerIdentity;
+use crate::listener::identity::IdentityError;
+
+/// Everything the pipeline looks at for one call (or one message of a stream).
+#[derive(Debug)]
+pub(crate) struct DecisionInput<'a> {
+    pub method: &'a str,
+    pub route: Route,
+    pub identity: Result<&'a PeerIdentity, &'a IdentityError>,
+    pub claims: Claims,
+    pub tool_name: Option<&'a str>,
+    pub session_id: Option<&'a str>,
+    pub correlation_id: &'a str,
+}
+
+impl<'a> DecisionInput<'a> {
+    /// A call decided on its headers alone, before any message is read.
+    pub fn headers(
+        method: &'a str,
+        route: Route,
+        identity: Result<&'a PeerIdentity, &'a IdentityError>,
+        correlation_id: &'a str,
+    ) -> Self {
+        DecisionInput {
+            method,
+            route,
+            identity,
+            claims: Claims::default(),
+            tool_name: None,
+            session_id: None,
+            correlation_id,
+        }
+    }
+}
+
+/// What a decision is about, for the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// A call, decided before anything of it reached the host.
+    Call,
+    /// One message of an allowed stream (a runtime's `Connect`), decided as it passes.
+    Message,
+    /// A call already allowed, refused on its way back (the host failed, or sent what does
+    /// not decode). Counted as a refusal, not as a second decision about the call.
+    Response,
+}
+
+/// What the pipeline saw: who, which call, what matched. Every record is made of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Facts {
+    pub stage: Stage,
+    pub method: String,
+    pub route: Route,
+    pub principal_id: Option<PrincipalId>,
+    pub tenant_id: Option<TenantId>,
+    pub peer_kind: Option<PeerKind>,
+    pub correlation_id: String,
+    pub tool_name: Option<String>,
+    pub session_id: Option<String>,
+    /// Rules that matched (policy ids, bindings); empty until policies exist.
+    pub matched_policies: Vec<String>,
+    /// A claimed identity field disagreed and was overwritten (config allows it).
+    pub overwrote_identity: bool,
+}
+
+impl Facts {
+    /// The facts of a call about to be decided, or refused before the pipeline could run.
+    pub fn new(
+        stage: Stage,
+        method: &str,
+        route: Route,
+        identity: Option<&PeerIdentity>,
+        correlation_id: &str,
+    ) -> Facts {
+        Facts {
+            stage,
+            method: method.to_string(),
+            route,
+            principal_id: identity.map(|i| i.principal_id.clone()),
+            tenant_id: identity.map(|i| i.tenant_id.clone()),
+            peer_kind: identity.map(|i| i.kind.clone()),
+            correlation_id: correlation_id.to_string(),
+            tool_name: None,
+            session_id: None,
+            matched_policies: Vec::new(),
+            overwrote_identity: false,
+        }
+    }
+}
+
+/// The pipeline let the call through; `identity` is the verified one it was decided for.
+#[derive(Debug)]
+pub(crate) struct Allowed<'a> {
+    pub identity: &'a PeerIdentity,
+    pub facts: Facts,
+}
+
+impl Allowed<'_> {
+    /// A refusal after the pipeline allowed (an upgrade that cannot be written, say): the
+    /// same facts, now denied.
+    pub fn deny(self, denial: Denial) -> Denied {
+        Denied {
+            denial,
+            facts: self.facts,
+        }
+    }
+}
+
+/// The call, or the message, is refused with `denial`.
+#[derive(Debug)]
+pub(crate) struct Denied {
+    pub denial: Denial,
+    pub facts: Facts,
+}
+
+impl Denied {
+    /// A refusal decided outside the pipeline (a frame that does not decode, a message out
+    /// of order, a failed host).
+    pub fn early(
+        stage: Stage,
+        method: &str,
+        route: Route,
+        identity: Option<&PeerIdentity>,
+        correlation_id: &str,
+        denial: Denial,
+    ) -> Denied {
+        Denied {
+            denial,
+            facts: Facts::new(stage, method, route, identity, correlation_id),
+        }
+    }
+}
+
+/// One decision, as the [`Recorder`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Decision<'d> {
+    Allow(&'d Facts),
+    Deny(&'d Facts, &'d Denial),
+}
+
+impl<'a> From<&'a Allowed<'_>> for Decision<'a> {
+    fn from(a: &'a Allowed<'_>) -> Self {
+        Decision::Allow(&a.facts)
+    }
+}
+
+impl<'a> From<&'a Denied> for Decision<'a> {
+    fn from(d: &'a Denied) -> Self {
+        Decision::Deny(&d.facts, &d.denial)
+    }
+}
+
+/// The ordered checks, built once from the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Pipeline {
+    pub overwrite_identity_fields: bool,
+}
+
+impl Pipeline {
+    /// Runs every check in order; the first refusal ends it.
+    pub fn decide<'a>(&self, input: &DecisionInput<'a>) -> Result<Allowed<'a>, Denied> {
+        let mut facts = Facts::new(
+            Stage::Call,
+            input.method,
+            input.route,
+            input.identity.ok(),
+            input.correlation_id,
+        );
+        facts.tool_name = input.tool_name.map(str::to_string);
+        facts.session_id = input
+            .session_id
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        match self.check(input, &mut facts) {
+            Ok(identity) => Ok(Allowed { identity, facts }),
+            Err(denial) => Err(Denied { denial, facts }),
+        }
+    }
+
+    fn check<'a>(
+        &self,
+        input: &DecisionInput<'a>,
+        facts: &mut Facts,
+    ) -> Result<&'a PeerIdentity, Denial> {
+        let id = authn::verified_identity(input.identity)?;
+        method::served(input.method, input.route)?;
+        claims::consistent(&input.claims, id, self.overwrite_identity_fields, facts)?;
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grid::GridMethod;
+    use crate::grpc::ErrorCode;
+
+    fn alice() -> PeerIdentity {
+        PeerIdentity::new(
+            PrincipalId::new("alice").unwrap(),
+            TenantId::new("acme").unwrap(),
+            PeerKind::Client,
+            None,
+            "CN=a".into(),
+        )
+    }
+
+    #[test]
+    fn the_first_failing_check_decides_and_an_allow_carries_the_identity() {
+        let alice = alice();
+        let none = IdentityError::NoCertificate;
+        let grid = Route::Grid(GridMethod::CreateSession);
+        let other = Claims {
+            principal_id: None,
+            tenant_id: Some("globex".into()),
+        };
+        let strict = Pipeline {
+            overwrite_identity_fields: false,
+        };
+        // (identity, route, claims) -> expected code; `None` = allowed.
+        type Case<'a> = (
+            Result<&'a PeerIdentity, &'a IdentityError>,
+            Route,
+            Claims,
+            Option<ErrorCode>,
+        );
+        let cases: [Case; 4] = [
+            (
+                Err(&none),
+                Route::Unknown,
+                other.clone(),
+                Some(ErrorCode::AuthenticationRequired),
+            ),
+            (
+                Ok(&alice),
+                Route::Unknown,
+                other.clone(),
+                Some(ErrorCode::MethodNotAllowed),
+            ),
+            (
+                Ok(&alice),
+                grid,
+                other.clone(),
+                Some(ErrorCode::IdentityMismatch),
+            ),
+            (Ok(&alice), grid, Claims::default(), None),
+        ];
+        for (identity, route, claims, want) in cases {
+            let input = DecisionInput {
+                method: GridMethod::CreateSession.path(),
+                route,
+                identity,
+                claims,
+                tool_name: None,
+                session_id: Some("s1"),
+                correlation_id: "c",
+            };
+            match (strict.decide(&input), want) {
+                (Ok(a), None) => {
+                    assert_eq!(a.identity.principal_id.as_str(), "alice");
+                    assert_eq!(a.facts.session_id.as_deref(), Some("s1"));
+                    assert_eq!(a.facts.tenant_id.as_ref().map(|t| t.as_str()), Some("acme"));
+                }
+                (Err(d), Some(code)) => {
+                    assert_eq!(d.denial.code, code);
+                    assert_eq!(d.facts.correlation_id, "c");
+                }
+                (got, want) => panic!("{route:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `GridRuntime/Connect`: the runtime's bidirectional stream. Decided on its headers, then
+//! both directions are intercepted message by message, never buffered ([`super::hooks`]).
+//! A refused runtime message ends the stream with the error to the runtime and resets the
+//! host's side.
+
+use super::hooks::{HostHook, RuntimeHook};
+use super::{ConnInfo, Proxy, body, denial_response};
+use crate::decision::{DecisionInput, Facts, Stage};
+use crate::grid::upgrade::ErrorPatch;
+use crate::grid::{GridMethod, Route};
+use crate::grpc::frame::Encoding;
+use crate::upstream::Class;
+use body::{InterceptBody, ProxyBody, Side};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+impl Proxy {
+    pub(super) async fn connect(
+        self: Arc<Self>,
+        conn: Arc<ConnInfo>,
+        req: Request<Incoming>,
+        cid: String,
+        encoding: Encoding,
+    ) -> Response<ProxyBody> {
+        let method = GridMethod::Connect;
+        let allowed = match self.pipeline.decide(&DecisionInput::headers(
+            method.path(),
+            Route::Grid(method),
+            conn.identity(),
+            &cid,
+        )) {
+            Ok(a) => a,
+            Err(denied) => return self.refuse(denied),
+        };
+        let esc = conn.security_context(method.path());
+        let (parts, body) = req.into_parts();
+        let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
+        let hook = RuntimeHook {
+            proxy: self.clone(),
+            conn: conn.clone(),
+            correlation_id: cid.clone(),
+            announced: false,
+            refused_announce: None,
+        };
+        let req_body = InterceptBody::new(
+            body,
+            hook,
+            Side::Request {
+                abort: Some(abort_tx),
+            },
+            encoding,
+            self.cfg.limits.max_message_bytes,
+        );
+        let up = self.upstream_request(
+            &parts,
+            allowed.identity,
+            &esc,
+            &cid,
+            req_body.boxed_unsync(),
+            true,
+        );
+        match self.forward(&allowed, up, Class::RuntimeStream).await {
+            Ok(resp) => {
+                let hook = HostHook {
+                    recorder: self.recorder.clone(),
+                    facts: Facts {
+                        stage: Stage::Response,
+                        ..allowed.facts
+                    },
+                    patch: ErrorPatch::new(&cid),
+                };
+                self.intercepted_response(resp, &cid, hook, Some(abort_rx))
+            }
+            Err(e) => match abort_rx.try_recv() {
+                // The runtime's side refused (and its hook recorded) before the host answered.
+                Ok(denial) => denial_response(&denial, &cid),
+                Err(_) => self.upstream_down(allowed, e),
+            },
+        }
+    }
+}
