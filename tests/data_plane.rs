@@ -816,6 +816,7 @@ async fn an_unreachable_host_is_upstream_unavailable() {
         client::enterprise_error(&err).unwrap().code,
         "UPSTREAM_UNAVAILABLE"
     );
+    assert_eq!(common::denials(&sidecar, "UPSTREAM_UNAVAILABLE"), 1);
     // Readiness reports the host down, liveness stays up.
     let admin = sidecar.admin_addr.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);

@@ -86,6 +86,7 @@ async fn subject_mapping_gives_an_identity_and_unmapped_certificates_get_none() 
         assert_eq!(e.code, "AUTHENTICATION_REQUIRED");
         assert!(!e.details["reason"].is_empty());
     }
+    assert_eq!(common::denials(&sidecar, "AUTHENTICATION_REQUIRED"), 3);
     assert_eq!(
         host.state.security_contexts().len(),
         1,

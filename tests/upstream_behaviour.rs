@@ -154,6 +154,19 @@ async fn a_stream_reset_by_the_host_ends_the_call_with_upstream_unavailable() {
     let e = r.enterprise_error().unwrap();
     assert_eq!(e.code, "UPSTREAM_UNAVAILABLE");
     assert!(e.message.contains("reset"), "{}", e.message);
+    // Recorded as a refusal on the way back, not as a second decision about the call.
+    assert_eq!(common::denials(&sidecar, "UPSTREAM_UNAVAILABLE"), 1);
+    let calls = |o| {
+        common::counter(
+            &sidecar,
+            "aesp_calls_total",
+            &[
+                ("method", "/altar.grid.v1.GridHost/ExecuteToolStream"),
+                ("outcome", o),
+            ],
+        )
+    };
+    assert_eq!((calls("allow"), calls("deny")), (1, 0));
     sidecar.shutdown().await;
 }
 

@@ -466,6 +466,60 @@ mod tests {
         assert_eq!(rx.await.unwrap().code, ErrorCode::PolicyDenied);
     }
 
+    /// Counts the refusals it is told of.
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+    impl MessageHook for Counting {
+        fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
+            Picky.on_message(payload)
+        }
+        fn refused(&mut self, _denial: &Denial) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_hook_hears_of_each_refusal_once_but_not_of_one_handed_over() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // (DATA frames, refusals the hook must hear of)
+        let cases = vec![
+            (vec![encode_frame(b"ok")], 0),
+            (vec![encode_frame(b"bad")], 1),
+            (vec![Bytes::from_static(&[0, 0, 0, 0, 9, 1])], 1),
+            (vec![encode_frame(b"bad"), encode_frame(b"bad")], 1),
+        ];
+        for (frames, want) in cases {
+            for side in [Side::Request { abort: None }, response_side()] {
+                let n = Arc::new(AtomicUsize::new(0));
+                let b = InterceptBody::new(
+                    source(frames.iter().cloned().map(Frame::data).collect()),
+                    Counting(n.clone()),
+                    side,
+                    Encoding::Identity,
+                    1024,
+                );
+                let _ = collect(b).await;
+                assert_eq!(n.load(Ordering::SeqCst), want);
+            }
+        }
+        // A refusal handed over from the request side was recorded there.
+        let (tx, rx) = oneshot::channel();
+        tx.send(Denial::new(ErrorCode::PolicyDenied, "x")).unwrap();
+        let n = Arc::new(AtomicUsize::new(0));
+        let b = InterceptBody::new(
+            source(vec![Frame::data(encode_frame(b"ok"))]),
+            Counting(n.clone()),
+            Side::Response {
+                abort: Some(rx),
+                correlation_id: Arc::from("c"),
+            },
+            Encoding::Identity,
+            1024,
+        );
+        let (_, trailers, _) = collect(b).await;
+        assert_eq!(trailers.unwrap()["grpc-status"], "7");
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+    }
+
     #[tokio::test]
     async fn trailers_pass_and_a_truncated_stream_is_refused() {
         let mut t = HeaderMap::new();

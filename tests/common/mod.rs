@@ -299,3 +299,23 @@ impl RawH2 {
 pub fn frame(payload: &[u8]) -> Vec<u8> {
     aesp_sidecar::grpc::frame::encode_frame(payload).to_vec()
 }
+
+/// The value of counter `name` whose labels include every `(label, value)` of `labels`, as
+/// the sidecar's `/metrics` renders it (0 when the series was never touched).
+pub fn counter(sidecar: &Sidecar, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = sidecar.metrics.render();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `aesp_denials_total` for `code`.
+pub fn denials(sidecar: &Sidecar, code: &str) -> u64 {
+    counter(sidecar, "aesp_denials_total", &[("code", code)])
+}
