@@ -5,7 +5,7 @@
 //! against the directory of the file, so a config and its certificates can move together.
 
 use crate::ids::{PeerKind, PrincipalId, TenantId};
-use crate::listener::identity::{SubjectMapping, SubjectMatch};
+use crate::listener::identity::{IdentityRules, SubjectMapping, SubjectMatch};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -49,6 +49,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
     pub client_ca: PathBuf,
     pub handshake_timeout: Duration,
+    /// TLS 1.3 session resumption (tickets). Off by default: every connection then runs a
+    /// full handshake that checks the client certificate. When on, a resumed session whose
+    /// certificate has expired since is refused all the same (its identity is re-checked).
+    pub session_resumption: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +84,20 @@ pub struct IdentityConfig {
     pub overwrite_identity_fields: bool,
     /// Identities for certificates without a SPIFFE ID.
     pub subjects: Vec<SubjectMapping>,
+    /// The peer kinds accepted (default `client`, `runtime`, `admin`); a certificate of any
+    /// other kind has no usable identity.
+    pub peer_kinds: Vec<PeerKind>,
+}
+
+impl IdentityConfig {
+    /// The rules the acceptor identifies certificates by.
+    pub fn rules(&self) -> IdentityRules<'_> {
+        IdentityRules {
+            trust_domain: &self.trust_domain,
+            subjects: &self.subjects,
+            peer_kinds: &self.peer_kinds,
+        }
+    }
 }
 
 /// A `identity.subjects` entry as written; validated into a [`SubjectMapping`].
@@ -119,7 +137,13 @@ pub struct Limits {
     pub max_send_buf_size: usize,
     pub keep_alive_interval: Option<Duration>,
     pub keep_alive_timeout: Duration,
+    /// Established connections; further ones are closed after their handshake.
     pub max_connections: usize,
+    /// Connections still in their TLS handshake; further ones are closed at accept.
+    pub max_handshakes: usize,
+    /// A connection with no call in flight for this long is closed (GOAWAY), whether or not
+    /// it ever sent the HTTP/2 preface.
+    pub idle_timeout: Duration,
     /// How long a unary request may take to arrive whole.
     pub request_read_timeout: Duration,
 }
@@ -138,6 +162,8 @@ impl Default for Limits {
             keep_alive_interval: Some(Duration::from_secs(30)),
             keep_alive_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_handshakes: 1024,
+            idle_timeout: Duration::from_secs(300),
             request_read_timeout: Duration::from_secs(30),
         }
     }
@@ -171,6 +197,8 @@ struct RawTls {
     key: Option<String>,
     client_ca: Option<String>,
     handshake_timeout_ms: Option<u64>,
+    #[serde(default)]
+    session_resumption: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +222,7 @@ struct RawIdentity {
     overwrite_identity_fields: bool,
     #[serde(default)]
     subjects: Vec<RawSubjectMapping>,
+    peer_kinds: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +246,8 @@ struct RawLimits {
     keep_alive_interval_seconds: Option<u64>,
     keep_alive_timeout_seconds: Option<u64>,
     max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
+    idle_timeout_seconds: Option<u64>,
     request_read_timeout_ms: Option<u64>,
 }
 
@@ -334,6 +365,7 @@ impl Validator<'_> {
                 rt.handshake_timeout_ms,
                 10_000,
             )?),
+            session_resumption: rt.session_resumption,
         };
 
         let upstream = self.upstream(raw.upstream)?;
@@ -520,6 +552,29 @@ impl Validator<'_> {
                 format!("expected a SPIFFE trust domain (lowercase letters, digits, '.', '-', '_'), got {trust_domain:?}"),
             ));
         }
+        let segment_rule =
+            "expected 1 to 128 letters, digits, '.', '-' or '_', the first a letter or digit";
+        let peer_kinds = match raw.peer_kinds {
+            None => vec![PeerKind::Client, PeerKind::Runtime, PeerKind::Admin],
+            Some(kinds) if kinds.is_empty() => {
+                return Err(self.err(
+                    "identity.peer_kinds",
+                    "expected at least one peer kind (for example [client, runtime, admin])",
+                ));
+            }
+            Some(kinds) => kinds
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    PeerKind::new(k).ok_or_else(|| {
+                        self.err(
+                            &format!("identity.peer_kinds[{i}]"),
+                            format!("{segment_rule}, got {k:?}"),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let mut subjects = Vec::with_capacity(raw.subjects.len());
         for (i, m) in raw.subjects.into_iter().enumerate() {
             let field = format!("identity.subjects[{i}]");
@@ -531,7 +586,7 @@ impl Validator<'_> {
             let bad = |name: &str, v: &str| {
                 self.err(
                     &format!("{field}.{name}"),
-                    format!("expected letters, digits, '.', '-' or '_', got {v:?}"),
+                    format!("{segment_rule}, got {v:?}"),
                 )
             };
             subjects.push(SubjectMapping {
@@ -541,12 +596,29 @@ impl Validator<'_> {
                 tenant: TenantId::new(&m.tenant).ok_or_else(|| bad("tenant", &m.tenant))?,
                 kind: PeerKind::new(&m.kind).ok_or_else(|| bad("kind", &m.kind))?,
             });
+            if let Some(last) = subjects.last()
+                && !peer_kinds.contains(&last.kind)
+            {
+                return Err(self.err(
+                    &format!("{field}.kind"),
+                    format!(
+                        "{:?} is not one of identity.peer_kinds ({})",
+                        last.kind.as_str(),
+                        peer_kinds
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
         }
         Ok(IdentityConfig {
             trust_domain,
             organization_id: raw.organization_id.unwrap_or_default(),
             overwrite_identity_fields: raw.overwrite_identity_fields,
             subjects,
+            peer_kinds,
         })
     }
 
@@ -613,6 +685,16 @@ impl Validator<'_> {
                 raw.max_connections.map(|n| n as u64),
                 d.max_connections as u64,
             )? as usize,
+            max_handshakes: self.positive(
+                "limits.max_handshakes",
+                raw.max_handshakes.map(|n| n as u64),
+                d.max_handshakes as u64,
+            )? as usize,
+            idle_timeout: Duration::from_secs(self.positive(
+                "limits.idle_timeout_seconds",
+                raw.idle_timeout_seconds,
+                d.idle_timeout.as_secs(),
+            )?),
             request_read_timeout: Duration::from_millis(self.positive(
                 "limits.request_read_timeout_ms",
                 raw.request_read_timeout_ms,

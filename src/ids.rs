@@ -2,16 +2,18 @@
 //! peer. Each is its own type, so a function taking `(PrincipalId, TenantId, PeerKind)`
 //! cannot be handed them in the wrong order, and each is validated once, when it is made.
 //!
-//! The character set of tenant and principal ids is one segment of a SPIFFE path as the
-//! sidecar accepts it: ASCII letters, digits, `.`, `-` and `_`, 1 to 128 characters.
+//! The character set of tenant and principal ids (and peer kinds) is one segment of a SPIFFE
+//! path as the sidecar accepts it: 1 to 128 ASCII letters, digits, `.`, `-` and `_`, the
+//! first a letter or a digit (so `.` and `..`, and hidden-file names, are never ids: a host
+//! that builds paths from them is safe).
 
 use std::fmt;
 use std::sync::Arc;
 
-/// Letters, digits, `.`, `-`, `_`; 1 to 128 characters.
+/// 1 to 128 letters, digits, `.`, `-`, `_`, the first a letter or a digit.
 pub fn valid_segment(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
+    s.len() <= 128
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
@@ -122,6 +124,11 @@ mod tests {
             ("acme", true),
             ("acme-runtime_1.eu", true),
             ("", false),
+            (".", false),
+            ("..", false),
+            (".hidden", false),
+            ("-dash", false),
+            ("a..b", true),
             ("a/b", false),
             ("a b", false),
             ("é", false),

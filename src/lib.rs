@@ -30,4 +30,4 @@ pub mod proto;
 pub mod proxy;
 pub mod sidecar;
 pub mod tls;
-pub mod upstream;
+pub(crate) mod upstream;

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub connections_total: IntCounter,
     pub connections_active: IntGauge,
     pub tls_handshake_failures: IntCounter,
+    pub connections_refused: IntCounter,
     pub upstream_errors: IntCounter,
 }
 
@@ -44,6 +45,10 @@ impl Metrics {
             "aesp_tls_handshake_failures_total",
             "TLS handshakes refused or failed",
         )?;
+        let connections_refused = IntCounter::new(
+            "aesp_connections_refused_total",
+            "Connections closed at once because limits.max_handshakes or limits.max_connections was reached",
+        )?;
         let upstream_errors = IntCounter::new(
             "aesp_upstream_errors_total",
             "Calls the GRID host could not serve",
@@ -54,6 +59,7 @@ impl Metrics {
         registry.register(Box::new(connections_active.clone()))?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -79,6 +85,7 @@ impl Metrics {
             connections_total,
             connections_active,
             tls_handshake_failures,
+            connections_refused,
             upstream_errors,
         })
     }

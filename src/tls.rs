@@ -82,6 +82,11 @@ pub fn server_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, ConfigEr
             )
         })?;
     sc.alpn_protocols = vec![b"h2".to_vec()];
+    if !cfg.tls.session_resumption {
+        // No tickets and no session cache: every connection proves its certificate anew.
+        sc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        sc.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(sc))
 }
 

@@ -30,6 +30,22 @@ pub enum UpstreamError {
     Http(#[from] hyper::Error),
 }
 
+impl UpstreamError {
+    /// What a client may be told: the kind of failure, never the host's address.
+    pub fn public_reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { reason, .. } => match reason {
+                ConnectFailure::Timeout(_) => "connecting to the host timed out",
+                ConnectFailure::Tcp(_) => "the host refused or dropped the connection",
+                ConnectFailure::TlsTimeout | ConnectFailure::Tls(_) => {
+                    "the TLS handshake with the host failed"
+                }
+            },
+            UpstreamError::Http(_) => "the HTTP/2 connection to the host failed",
+        }
+    }
+}
+
 /// Why a connection to the host could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectFailure {

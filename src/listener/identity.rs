@@ -24,9 +24,13 @@ pub struct PeerIdentity {
     pub spiffe_id: Option<String>,
     /// The certificate's subject, for logs.
     pub subject: String,
+    /// The end of the certificate's validity (Unix seconds), when known: a connection (or a
+    /// resumed TLS session) is not served under this identity after it.
+    pub not_after: Option<i64>,
     /// Header values for the upstream request, built once per connection.
     pub principal_header: HeaderValue,
     pub tenant_header: HeaderValue,
+    pub kind_header: HeaderValue,
 }
 
 impl PeerIdentity {
@@ -44,11 +48,13 @@ impl PeerIdentity {
         PeerIdentity {
             principal_header: header(principal_id.as_str()),
             tenant_header: header(tenant_id.as_str()),
+            kind_header: header(kind.as_str()),
             principal_id,
             tenant_id,
             kind,
             spiffe_id,
             subject,
+            not_after: None,
         }
     }
 }
@@ -82,7 +88,7 @@ pub struct SpiffePath {
 /// Why a SPIFFE ID was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeError {
-    #[error("{uri} is not a SPIFFE ID")]
+    #[error("{uri} is not a SPIFFE ID (the scheme must be spiffe://, in lowercase)")]
     NotSpiffe { uri: String },
     #[error("SPIFFE ID {uri} has no path")]
     NoPath { uri: String },
@@ -105,8 +111,14 @@ pub enum IdentityError {
     NoCertificate,
     #[error("unparsable client certificate: {0}")]
     Unparsable(String),
-    #[error("certificate {subject} carries {count} SPIFFE IDs; exactly one is allowed")]
-    SeveralSpiffeIds { subject: String, count: usize },
+    #[error(
+        "certificate {subject} carries a SPIFFE ID among {count} URI SANs; an X.509-SVID has exactly one URI SAN"
+    )]
+    SeveralUris { subject: String, count: usize },
+    #[error("certificate {subject} expired at {not_after} (Unix time)")]
+    Expired { subject: String, not_after: i64 },
+    #[error("peer kind {kind:?} is not one of identity.peer_kinds")]
+    KindNotAllowed { kind: String },
     #[error(transparent)]
     Spiffe(#[from] SpiffeError),
     #[error("certificate {subject} has no SPIFFE ID and matches no identity.subjects mapping")]
@@ -143,63 +155,89 @@ pub fn parse_spiffe(uri: &str, trust_domain: &str) -> Result<SpiffePath, SpiffeE
     }
 }
 
-/// Computes the identity of the leaf certificate `der`.
+/// What makes a certificate an identity: the trust domain of SPIFFE IDs, the mappings of
+/// certificates without one, and the peer kinds accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityRules<'a> {
+    pub trust_domain: &'a str,
+    pub subjects: &'a [SubjectMapping],
+    pub peer_kinds: &'a [PeerKind],
+}
+
+/// Computes the identity of the leaf certificate `der` at time `now` (Unix seconds).
+///
+/// X.509-SVID rules: a certificate with a URI SAN whose scheme is `spiffe` (in any case)
+/// must have exactly one URI SAN, and it must parse as a SPIFFE ID of this scheme; nothing
+/// else about it is looked at (no fallback to the subject mappings).
 pub fn identify(
     der: &[u8],
-    trust_domain: &str,
-    subjects: &[SubjectMapping],
+    rules: IdentityRules<'_>,
+    now: i64,
 ) -> Result<PeerIdentity, IdentityError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| IdentityError::Unparsable(e.to_string()))?;
     let subject = cert.subject().to_string();
-    let mut spiffe = Vec::new();
+    let not_after = cert.validity().not_after.timestamp();
+    if now > not_after {
+        // A full handshake refuses an expired certificate; a resumed session does not.
+        return Err(IdentityError::Expired { subject, not_after });
+    }
+    let mut uris = Vec::new();
     let mut dns = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
-                GeneralName::URI(u) if u.starts_with("spiffe://") => spiffe.push(u.to_string()),
+                GeneralName::URI(u) => uris.push(u.to_string()),
                 GeneralName::DNSName(d) => dns.push(d.to_string()),
                 _ => {}
             }
         }
     }
-    if spiffe.len() > 1 {
-        return Err(IdentityError::SeveralSpiffeIds {
+    let is_spiffe = |u: &String| {
+        u.split_once(':')
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("spiffe"))
+    };
+    let mut id = if uris.iter().any(is_spiffe) {
+        if uris.len() != 1 {
+            return Err(IdentityError::SeveralUris {
+                subject,
+                count: uris.len(),
+            });
+        }
+        let uri = uris.swap_remove(0);
+        let p = parse_spiffe(&uri, rules.trust_domain)?;
+        PeerIdentity::new(p.name, p.tenant, p.kind, Some(uri), subject)
+    } else {
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok());
+        let m = rules
+            .subjects
+            .iter()
+            .find(|m| match &m.by {
+                SubjectMatch::CommonName(want) => cn == Some(want.as_str()),
+                SubjectMatch::DnsSan(want) => dns.iter().any(|d| d == want),
+            })
+            .ok_or_else(|| IdentityError::Unmapped {
+                subject: subject.clone(),
+            })?;
+        PeerIdentity::new(
+            m.principal.clone(),
+            m.tenant.clone(),
+            m.kind.clone(),
+            None,
             subject,
-            count: spiffe.len(),
+        )
+    };
+    if !rules.peer_kinds.contains(&id.kind) {
+        return Err(IdentityError::KindNotAllowed {
+            kind: id.kind.to_string(),
         });
     }
-    if let Some(id) = spiffe.pop() {
-        let p = parse_spiffe(&id, trust_domain)?;
-        return Ok(PeerIdentity::new(
-            p.name,
-            p.tenant,
-            p.kind,
-            Some(id),
-            subject,
-        ));
-    }
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok());
-    for m in subjects {
-        let hit = match &m.by {
-            SubjectMatch::CommonName(want) => cn == Some(want.as_str()),
-            SubjectMatch::DnsSan(want) => dns.iter().any(|d| d == want),
-        };
-        if hit {
-            return Ok(PeerIdentity::new(
-                m.principal.clone(),
-                m.tenant.clone(),
-                m.kind.clone(),
-                None,
-                subject,
-            ));
-        }
-    }
-    Err(IdentityError::Unmapped { subject })
+    id.not_after = Some(not_after);
+    Ok(id)
 }
 
 #[cfg(test)]

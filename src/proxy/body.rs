@@ -231,9 +231,10 @@ where
     }
 }
 
-/// Describes an upstream failure mid-call.
+/// Describes an upstream failure mid-call (the full error goes to the log only).
 pub fn upstream_failure(e: &BoxError) -> Denial {
-    let mut reason = e.to_string();
+    tracing::info!(error = %e, "the GRID host failed a call mid-stream");
+    let mut reason = "the connection to the GRID host failed".to_string();
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
     while let Some(s) = src {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
@@ -328,7 +329,15 @@ where
                         }
                     }
                     Err(frame) => {
-                        if let Ok(t) = frame.into_trailers() {
+                        if let Ok(mut t) = frame.into_trailers() {
+                            match this.side {
+                                Side::Request { .. } => {
+                                    super::headers::filter_request_trailers(&mut t)
+                                }
+                                Side::Response { .. } => {
+                                    super::headers::filter_response_trailers(&mut t)
+                                }
+                            }
                             if let Err(e) = this.decoder.finish() {
                                 if let Some(err) = this.refuse(Denial::malformed(e)) {
                                     return Poll::Ready(Some(Err(err)));
@@ -349,6 +358,56 @@ where
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// A body passed on uninspected (pass-through methods) whose trailers still lose what the
+/// sidecar owns: `filter` is [`super::headers::filter_request_trailers`] or
+/// [`super::headers::filter_response_trailers`].
+pub(crate) struct FilterTrailers<B> {
+    inner: B,
+    filter: fn(&mut HeaderMap),
+}
+
+impl<B> FilterTrailers<B> {
+    pub(crate) fn new(inner: B, filter: fn(&mut HeaderMap)) -> Self {
+        FilterTrailers { inner, filter }
+    }
+}
+
+impl<B> Body for FilterTrailers<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let filter = self.filter;
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_trailers() {
+                Ok(mut t) => {
+                    filter(&mut t);
+                    Frame::trailers(t)
+                }
+                Err(frame) => frame,
+            }))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -122,6 +122,16 @@ fn denial_response(denial: &Denial, correlation_id: &str) -> Response<ProxyBody>
     resp
 }
 
+/// Whether the gRPC codec of `content-type` is protobuf (`application/grpc`,
+/// `application/grpc+proto`, with or without parameters). Only such calls are inspected.
+fn is_protobuf_codec(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim())
+        .is_some_and(|ct| ct == "application/grpc" || ct == "application/grpc+proto")
+}
+
 fn is_grpc(req: &Request<Incoming>) -> bool {
     req.method() == http::Method::POST
         && req
@@ -133,6 +143,17 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
                     || ct.starts_with("application/grpc+")
                     || ct.starts_with("application/grpc;")
             })
+}
+
+fn header_text(h: &http::HeaderMap, name: http::header::HeaderName) -> String {
+    h.get(name)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(128)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn correlation_header(cid: &str) -> HeaderValue {
@@ -172,6 +193,36 @@ impl Proxy {
                 &cid,
                 crate::decision::unauthenticated(why),
             ));
+        }
+
+        // A GRID call must be protobuf, on the bare method path.
+        if let Route::Grid(_) = route {
+            let refusal = if !is_protobuf_codec(&req) {
+                Some(
+                    Denial::malformed("GRID methods are served with the protobuf codec only")
+                        .detail(
+                            "content_type",
+                            header_text(req.headers(), http::header::CONTENT_TYPE),
+                        )
+                        .detail("expected", "application/grpc or application/grpc+proto"),
+                )
+            } else if req.uri().query().is_some() {
+                Some(Denial::malformed(
+                    "a query string is not allowed on a GRID method",
+                ))
+            } else {
+                None
+            };
+            if let Some(denial) = refusal {
+                return self.refuse(Denied::early(
+                    Stage::Call,
+                    &path,
+                    route,
+                    conn.identity().ok(),
+                    &cid,
+                    denial,
+                ));
+            }
         }
 
         // The message encoding of an inspected call must be one the sidecar can read.
@@ -241,6 +292,7 @@ impl Proxy {
             IdentityHeaders {
                 principal: id.principal_header.clone(),
                 tenant: id.tenant_header.clone(),
+                peer_kind: id.kind_header.clone(),
                 security_context_bin: HeaderValue::from_str(&esc_b64)
                     .unwrap_or_else(|_| HeaderValue::from_static("")),
                 correlation_id: correlation_header(cid),
@@ -268,7 +320,8 @@ impl Proxy {
                 ErrorCode::UpstreamUnavailable,
                 "the GRID host cannot be reached",
             )
-            .detail("reason", e.to_string()),
+            // The full error (with the host's address) goes to the log, not to the client.
+            .detail("reason", e.public_reason()),
         );
         denied.facts.stage = Stage::Response;
         self.refuse(denied)

@@ -7,7 +7,7 @@ use super::{ConnInfo, Proxy, correlation_header, headers};
 use crate::decision::DecisionInput;
 use crate::grid::Route;
 use crate::upstream::Class;
-use body::ProxyBody;
+use body::{FilterTrailers, ProxyBody};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -36,7 +36,7 @@ impl Proxy {
             allowed.identity,
             &esc,
             &cid,
-            body.map_err(Into::into).boxed_unsync(),
+            FilterTrailers::new(body, headers::filter_request_trailers).boxed_unsync(),
             false,
         );
         match self.forward(&allowed, up, Class::Call).await {
@@ -49,7 +49,8 @@ impl Proxy {
 /// The host's response as it is, minus what the sidecar owns, plus the correlation id.
 fn passthrough_response(resp: Response<Incoming>, cid: &str) -> Response<ProxyBody> {
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(body.map_err(Into::into).boxed_unsync());
+    let mut out =
+        Response::new(FilterTrailers::new(body, headers::filter_response_trailers).boxed_unsync());
     *out.status_mut() = parts.status;
     *out.headers_mut() =
         headers::downstream_response_headers(&parts.headers, &correlation_header(cid));
