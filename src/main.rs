@@ -64,11 +64,23 @@ enum Cmd {
     /// Generate dev certificates, start host, sidecar and runtime, run a scenario, then serve.
     Demo {
         /// Where the dev certificates and sidecar.yaml go.
-        #[arg(long, default_value = ".aesp-dev")]
+        #[arg(long, value_name = "DIR", default_value = ".aesp-dev")]
         dir: PathBuf,
         /// Exit after the scenario instead of serving until Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// The sidecar's data plane (mTLS gRPC); port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// The sidecar's admin HTTP (/healthz, /readyz, /metrics).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        /// The sidecar's management gRPC.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9443")]
+        management_listen: SocketAddr,
+        /// The reference GRID host (h2c), the sidecar's upstream.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+        host_listen: SocketAddr,
     },
     /// A small GRID client for trying the sidecar.
     Call(CallArgs),
@@ -225,8 +237,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             rt.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { dir, once } => {
-            let steps = demo::run(demo::DemoOptions { dir, once }).await?;
+        Cmd::Demo {
+            dir,
+            once,
+            listen,
+            admin_listen,
+            management_listen,
+            host_listen,
+        } => {
+            let addrs = demo::DemoAddrs {
+                listen,
+                admin_listen,
+                management_listen,
+                host_listen,
+            };
+            let steps = demo::run(demo::DemoOptions { dir, once, addrs }).await?;
             Ok(
                 if steps.iter().any(|s| s.allowed) && steps.iter().any(|s| !s.allowed) {
                     ExitCode::SUCCESS

@@ -1,4 +1,5 @@
-//! The `aesp` binary as users run it: config validation, SIGTERM, and the demo.
+//! The `aesp` binary as users run it: config validation, SIGTERM, and the demo on ports of
+//! its own.
 
 mod common;
 
@@ -137,12 +138,31 @@ fn serve_drains_and_exits_cleanly_on_sigterm() {
     );
 }
 
+/// Holds the demo's default ports while a test runs, where they are free: a demo under test
+/// must not need them (a user's own demo may hold them).
+fn occupy_default_demo_ports() -> Vec<std::net::TcpListener> {
+    [
+        "127.0.0.1:8443",
+        "127.0.0.1:9901",
+        "127.0.0.1:9443",
+        "127.0.0.1:50051",
+    ]
+    .iter()
+    .filter_map(|a| std::net::TcpListener::bind(a).ok())
+    .collect()
+}
+
 #[test]
-fn demo_runs_its_scenario_and_writes_its_files() {
+fn demo_runs_its_scenario_on_the_ports_it_is_given_and_writes_its_files() {
+    let _defaults = occupy_default_demo_ports();
     let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let [data, admin, management, host] = ports.map(|p| format!("127.0.0.1:{p}"));
     let out = aesp()
         .args(["demo", "--once", "--dir"])
         .arg(dir.path())
+        .args(["--listen", &data, "--admin-listen", &admin])
+        .args(["--management-listen", &management, "--host-listen", &host])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -178,13 +198,91 @@ fn demo_runs_its_scenario_and_writes_its_files() {
     ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
-    // The written config is the one it ran, and it validates.
+    // The written config is the one it ran, on the ports it was given, and it validates.
+    let yaml = std::fs::read_to_string(dir.path().join("sidecar.yaml")).unwrap();
+    for want in [
+        format!("listen: {data} "),
+        format!("admin_listen: {admin} "),
+        format!("management_listen: {management} "),
+        format!("address: http://{host} "),
+    ] {
+        assert!(yaml.contains(&want), "{want}:\n{yaml}");
+    }
     let out = aesp()
         .args(["serve", "--check-config", "--config"])
         .arg(dir.path().join("sidecar.yaml"))
         .output()
         .unwrap();
     assert!(out.status.success());
+    // The "try it yourself" lines name the ports it got, and the binary as it can be run.
+    let usage = &stdout[stdout.find("Try it yourself").expect("usage lines")..];
+    assert!(
+        usage.contains(&format!("call --endpoint https://{data} --ca ")),
+        "{usage}"
+    );
+    assert!(
+        usage.contains(&format!("localhost:{}", ports[0])),
+        "{usage}"
+    );
+    assert!(
+        usage.contains(&format!("http://{admin}/metrics")),
+        "{usage}"
+    );
+    for default in [":8443", ":9901", ":9443", ":50051"] {
+        assert!(!usage.contains(default), "{default} in:\n{usage}");
+    }
+    // Each printed `aesp` command starts with a path that, from where the demo ran, is
+    // the binary that printed it (or plain `aesp`, when PATH finds that binary).
+    let program = std::fs::canonicalize(env!("CARGO_BIN_EXE_aesp")).unwrap();
+    let commands: Vec<&str> = usage
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.contains(" call ") || l.contains(" serve ") || l.contains(" grid-runtime "))
+        .collect();
+    assert_eq!(commands.len(), 5, "{usage}");
+    for c in commands {
+        let first = c.split_whitespace().next().unwrap();
+        let resolves = if first == "aesp" {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("aesp"))
+                .find(|p| p.is_file())
+                .and_then(|p| std::fs::canonicalize(p).ok())
+        } else {
+            std::fs::canonicalize(first).ok()
+        };
+        assert_eq!(resolves.as_ref(), Some(&program), "{c}");
+    }
+}
+
+#[test]
+fn demo_names_a_busy_port_and_the_flag_that_moves_it() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = aesp()
+        .args(["demo", "--once", "--dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--management-listen", "127.0.0.1:0"])
+        .args(["--host-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("port {port}")),
+        "names the port: {err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains("--admin-listen 127.0.0.1:PORT"),
+        "names the flag: {err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("Scenario"),
+        "nothing ran"
+    );
 }
 
 async fn run_call(stack: &common::Stack, stem: &str, args: &[&str]) -> (i32, String) {
