@@ -20,10 +20,26 @@ use std::time::Duration;
 )]
 struct Cli {
     /// Log filter (tracing syntax, e.g. `info` or `aesp_sidecar=debug`); RUST_LOG also works.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILTER", help_heading = "Logging")]
     log: Option<String>,
+    /// Log format on stderr: `human` (coloured only on a terminal) or `json` (one object a line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormat::Human,
+        help_heading = "Logging"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -144,18 +160,25 @@ enum CallOp {
     },
 }
 
-fn init_logs(filter: Option<&str>, default: &str) {
+fn init_logs(filter: Option<&str>, default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = filter
         .map(str::to_string)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| default.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        // Colour codes only where a person reads them, not in a redirected file.
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 #[tokio::main]
@@ -165,7 +188,7 @@ async fn main() -> ExitCode {
         Cmd::Demo { .. } | Cmd::Call(_) => "warn",
         _ => "info",
     };
-    init_logs(cli.log.as_deref(), default_log);
+    init_logs(cli.log.as_deref(), default_log, cli.log_format);
     match run(cli.cmd).await {
         Ok(code) => code,
         Err(e) => {

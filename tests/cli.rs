@@ -1,5 +1,5 @@
-//! The `aesp` binary as users run it: config validation, SIGTERM, and the demo on ports of
-//! its own.
+//! The `aesp` binary as users run it: config validation, SIGTERM, the demo on ports of its
+//! own, and logs.
 
 mod common;
 
@@ -369,4 +369,54 @@ async fn aesp_call_prints_results_streams_and_decoded_denials() {
     assert!(out.contains("--args is not valid JSON"), "{out}");
     assert!(!out.contains("session_id"), "nothing was sent: {out}");
     stack.stop().await;
+}
+
+/// Runs the reference host with `flags`, stderr piped, until it logs that it serves; returns
+/// what it logged.
+fn host_log(flags: &[&str]) -> String {
+    use std::io::BufRead;
+    let mut child = aesp()
+        .args(flags)
+        .args(["grid-host", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("serving");
+            log.push_str(&line);
+            log.push('\n');
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(log);
+    });
+    let log = rx.recv_timeout(Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log.expect("the host logged that it serves")
+}
+
+#[test]
+fn logs_off_a_terminal_carry_no_colour_codes_and_json_logs_parse() {
+    let human = host_log(&[]);
+    assert!(human.contains("INFO"), "{human}");
+    assert!(!human.contains('\u{1b}'), "no ANSI escapes: {human:?}");
+
+    let json = host_log(&["--log-format", "json"]);
+    let lines: Vec<&str> = json.lines().collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["level"], "INFO", "{line}");
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(json.contains("\"listen\":\"127.0.0.1:"), "{json}");
 }
