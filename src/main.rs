@@ -192,7 +192,7 @@ async fn main() -> ExitCode {
     match run(cli.cmd).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", client::error_chain(e.chain()));
             ExitCode::from(2)
         }
     }
@@ -304,18 +304,38 @@ fn request<T>(msg: T, cid: &Option<String>) -> anyhow::Result<tonic::Request<T>>
     Ok(r)
 }
 
+/// Prints why a call failed: its status, the decoded `EnterpriseError` or, for a failure of
+/// the connection, its cause and a hint. Exits 1.
+async fn failed(a: &CallArgs, tls: Option<&ClientTls>, s: tonic::Status) -> ExitCode {
+    println!("{}", client::describe_status(&s));
+    if let Some(why) = client::explain_transport_failure(&s, &a.endpoint, tls, &a.cert).await {
+        println!("{why}");
+    }
+    ExitCode::from(1)
+}
+
 async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     // Bad arguments are reported before anything is sent.
     if let CallOp::Execute { tool, args, .. } | CallOp::Stream { tool, args, .. } = &a.op {
         tool_call("", tool, args)?;
     }
-    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
-    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
-    let c = AespGridClient::new(ch);
-    let fail = |s: tonic::Status| {
-        println!("{}", client::describe_status(&s));
-        Ok(ExitCode::from(1))
+    // http:// is h2c: a host called directly, without certificates.
+    let tls = if a.endpoint.starts_with("http://") {
+        None
+    } else {
+        Some(ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?)
     };
+    let ch = match client::channel(&a.endpoint, tls.as_ref()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            let chain = client::error_chain(e.chain());
+            return Err(match client::connect_hint(&chain, &a.endpoint) {
+                Some(hint) => anyhow::anyhow!("{chain}\n{hint}"),
+                None => e,
+            });
+        }
+    };
+    let c = AespGridClient::new(ch);
     let session = match &a.op {
         CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
             .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)
@@ -326,11 +346,11 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                 println!("session_id: {id}");
                 id
             }
-            Err(s) => return fail(s),
+            Err(s) => return Ok(failed(&a, tls.as_ref(), s).await),
         },
         _ => String::new(),
     };
-    match a.op {
+    let result = match &a.op {
         CallOp::CreateSession {
             ttl,
             session_id,
@@ -338,12 +358,12 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             tenant,
         } => {
             let sc = (principal.is_some() || tenant.is_some()).then(|| grid::SecurityContext {
-                principal_id: principal.unwrap_or_default(),
-                tenant_id: tenant.unwrap_or_default(),
+                principal_id: principal.clone().unwrap_or_default(),
+                tenant_id: tenant.clone().unwrap_or_default(),
             });
             let msg = grid::CreateSession {
-                suggested_session_id: session_id.unwrap_or_default(),
-                ttl_seconds: ttl,
+                suggested_session_id: session_id.clone().unwrap_or_default(),
+                ttl_seconds: *ttl,
                 security_context: sc,
             };
             match c.create_session(request(msg, &a.correlation_id)?).await {
@@ -356,14 +376,15 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                         "session_id: {}\nexpires_at_unix_seconds: {}",
                         view.session_id, view.expires_at_unix_seconds
                     );
+                    Ok(())
                 }
-                Err(s) => return fail(s),
+                Err(s) => Err(s),
             }
         }
         CallOp::DestroySession { session } => match c
             .destroy_session(request(
                 grid::DestroySession {
-                    session_id: session,
+                    session_id: session.clone(),
                 },
                 &a.correlation_id,
             )?)
@@ -375,17 +396,18 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
                 println!("destroyed: {}", view.destroyed);
+                Ok(())
             }
-            Err(s) => return fail(s),
+            Err(s) => Err(s),
         },
         CallOp::Execute {
             session: s,
             tool,
             args,
         } => {
-            let s = s.unwrap_or(session);
+            let s = s.as_deref().unwrap_or(&session);
             match c
-                .execute_tool(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .execute_tool(request(tool_call(s, tool, args)?, &a.correlation_id)?)
                 .await
             {
                 Ok(view) => {
@@ -394,8 +416,9 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                     if code.is_some() {
                         return Ok(ExitCode::from(1));
                     }
+                    Ok(())
                 }
-                Err(st) => return fail(st),
+                Err(st) => Err(st),
             }
         }
         CallOp::Stream {
@@ -403,32 +426,45 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             tool,
             args,
         } => {
-            let s = s.unwrap_or(session);
+            let s = s.as_deref().unwrap_or(&session);
             match c
-                .execute_tool_stream(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .execute_tool_stream(request(tool_call(s, tool, args)?, &a.correlation_id)?)
                 .await
             {
-                Ok(mut stream) => loop {
-                    match stream.message().await {
-                        Ok(Some(view)) => {
-                            if let Some(e) = &view.error_details {
-                                println!("chunk {}: {}", view.chunk_id, client::describe(e));
-                            } else {
-                                println!(
-                                    "chunk {}: {}{}",
-                                    view.chunk_id,
-                                    String::from_utf8_lossy(&view.payload),
-                                    if view.is_final { " (final)" } else { "" }
-                                );
+                Ok(mut stream) => {
+                    // A chunk carrying an error (a tool error, NO_RUNTIME, ...) makes the
+                    // call a failure, as for `execute`; the rest of the stream still prints.
+                    let mut chunk_error = false;
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(view)) => {
+                                if let Some(e) = &view.error_details {
+                                    chunk_error = true;
+                                    println!("chunk {}: {}", view.chunk_id, client::describe(e));
+                                } else {
+                                    println!(
+                                        "chunk {}: {}{}",
+                                        view.chunk_id,
+                                        String::from_utf8_lossy(&view.payload),
+                                        if view.is_final { " (final)" } else { "" }
+                                    );
+                                }
                             }
+                            Ok(None) => break,
+                            Err(st) => return Ok(failed(&a, tls.as_ref(), st).await),
                         }
-                        Ok(None) => break,
-                        Err(st) => return fail(st),
                     }
-                },
-                Err(st) => return fail(st),
+                    if chunk_error {
+                        return Ok(ExitCode::from(1));
+                    }
+                    Ok(())
+                }
+                Err(st) => Err(st),
             }
         }
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(st) => Ok(failed(&a, tls.as_ref(), st).await),
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,5 @@
 //! The `aesp` binary as users run it: config validation, SIGTERM, the demo on ports of its
-//! own, and logs.
+//! own, `aesp call` (exit codes, transport errors explained), and logs.
 
 mod common;
 
@@ -368,6 +368,70 @@ async fn aesp_call_prints_results_streams_and_decoded_denials() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--args is not valid JSON"), "{out}");
     assert!(!out.contains("session_id"), "nothing was sent: {out}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_stream_exits_1_when_a_chunk_carries_an_error() {
+    let stack = common::Stack::start().await;
+    let (code, out) = run_call(&stack, "acme", &["stream", "--tool", "fail"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("chunk ") && out.contains("EnterpriseError TOOL_ERROR"),
+        "{out}"
+    );
+    stack.stop().await;
+
+    // No runtime connected: the host answers NO_RUNTIME.
+    let stack = common::Stack::start_with("", false).await;
+    let (code, out) = run_call(
+        &stack,
+        "acme",
+        &["stream", "--tool", "count", "--args", r#"{"n":2}"#],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NO_RUNTIME"), "{out}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_with_a_ca_certificate_as_client_certificate_prints_the_cause_and_a_hint() {
+    let stack = common::Stack::start().await;
+    let (code, out) = run_call(&stack, "ca", &["execute", "--tool", "echo"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cause: ") && out.contains("received fatal alert: CertificateUnknown"),
+        "the server's refusal: {out}"
+    );
+    assert!(
+        out.contains("hint: the server refused the client certificate")
+            && out.contains("ca.crt is a CA certificate (CaUsedAsEndEntity)")
+            && out.contains("use a leaf certificate"),
+        "{out}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_with_http_against_the_tls_port_says_to_use_https() {
+    let stack = common::Stack::start().await;
+    let plain = stack.endpoint.replacen("https://", "http://", 1);
+    let mut cmd = aesp();
+    cmd.args(["call", "--endpoint", &plain, "execute", "--tool", "echo"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cause: transport error: "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "hint: the endpoint speaks TLS: use https:// ({})",
+            stack.endpoint
+        )),
+        "{text}"
+    );
     stack.stop().await;
 }
 
