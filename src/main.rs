@@ -47,7 +47,7 @@ enum Cmd {
     /// Run the sidecar in front of a GRID host.
     Serve {
         /// The YAML configuration file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Validate the configuration and every file it names, then exit.
         #[arg(long)]
@@ -55,26 +55,32 @@ enum Cmd {
     },
     /// Run the reference GRID host (h2c, loopback).
     GridHost {
-        #[arg(long, default_value = "127.0.0.1:50051")]
+        /// Where to listen (h2c, no TLS).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
         /// A manifest of trusted contracts (YAML or JSON); the built-in example by default.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
     },
     /// Run the reference runtime, connected through the sidecar.
     GridRuntime {
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        /// The sidecar (`https://`, mTLS) or a host directly (`http://`, h2c).
+        #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:8443")]
         endpoint: String,
-        #[arg(long, default_value = ".aesp-dev/ca.crt")]
+        /// The CA the sidecar's certificate chains to.
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/ca.crt")]
         ca: PathBuf,
-        #[arg(long, default_value = ".aesp-dev/runtime.crt")]
+        /// The runtime's certificate (a leaf with a runtime SPIFFE ID).
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/runtime.crt")]
         cert: PathBuf,
-        #[arg(long, default_value = ".aesp-dev/runtime.key")]
+        /// The private key of --cert.
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/runtime.key")]
         key: PathBuf,
         /// The name the sidecar's certificate must carry.
         #[arg(long, default_value = "localhost")]
         domain: String,
-        #[arg(long, default_value = "acme-runtime-1")]
+        /// The runtime id it announces.
+        #[arg(long, value_name = "ID", default_value = "acme-runtime-1")]
         runtime_id: String,
     },
     /// Generate dev certificates, start host, sidecar and runtime, run a scenario, then serve.
@@ -98,24 +104,59 @@ enum Cmd {
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
         host_listen: SocketAddr,
     },
-    /// A small GRID client for trying the sidecar.
+    /// A small GRID client for trying the sidecar. Exits 1 on a denial or a tool error.
     Call(CallArgs),
 }
 
+/// The connection flags of `aesp call`; they go before or after the operation.
 #[derive(clap::Args)]
 struct CallArgs {
-    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    /// The sidecar (`https://`, mTLS) or a host directly (`http://`, h2c, no certificates).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "URL",
+        default_value = "https://127.0.0.1:8443"
+    )]
     endpoint: String,
-    #[arg(long, default_value = ".aesp-dev/ca.crt")]
+    /// The CA the server's certificate chains to.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/ca.crt"
+    )]
     ca: PathBuf,
-    #[arg(long, default_value = ".aesp-dev/acme.crt")]
+    /// The client certificate (a leaf; its SPIFFE ID is the caller's identity).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/acme.crt"
+    )]
     cert: PathBuf,
-    #[arg(long, default_value = ".aesp-dev/acme.key")]
+    /// The private key of --cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/acme.key"
+    )]
     key: PathBuf,
-    #[arg(long, default_value = "localhost")]
+    /// The name the server's certificate must carry.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        default_value = "localhost"
+    )]
     domain: String,
     /// Sent as x-aesp-correlation-id.
-    #[arg(long)]
+    #[arg(long, global = true, help_heading = "Connection", value_name = "ID")]
     correlation_id: Option<String>,
     #[command(subcommand)]
     op: CallOp,
@@ -125,37 +166,47 @@ struct CallArgs {
 enum CallOp {
     /// CreateSession; --principal/--tenant put claims in its SecurityContext.
     CreateSession {
-        #[arg(long, default_value_t = 0)]
+        /// Requested lifetime in seconds; 0 takes the host's default.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         ttl: u64,
-        #[arg(long)]
+        /// A suggested session id; the host picks one by default.
+        #[arg(long, value_name = "ID")]
         session_id: Option<String>,
-        #[arg(long)]
+        /// A principal_id claim (the sidecar refuses one that is not the certificate's).
+        #[arg(long, value_name = "ID")]
         principal: Option<String>,
-        #[arg(long)]
+        /// A tenant_id claim (the sidecar refuses one that is not the certificate's).
+        #[arg(long, value_name = "ID")]
         tenant: Option<String>,
     },
     /// DestroySession.
     DestroySession {
-        #[arg(long)]
+        /// The id of the session to destroy.
+        #[arg(long, value_name = "ID")]
         session: String,
     },
     /// ExecuteTool (creates a session first unless --session is given).
     Execute {
-        #[arg(long)]
+        /// The session to call in; a new one by default.
+        #[arg(long, value_name = "ID")]
         session: Option<String>,
-        #[arg(long)]
+        /// The tool's name (the reference runtime's: echo, add, count, fail, get_weather).
+        #[arg(long, value_name = "NAME")]
         tool: String,
         /// The arguments as a JSON object.
-        #[arg(long, default_value = "{}")]
+        #[arg(long, value_name = "JSON", default_value = "{}")]
         args: String,
     },
     /// ExecuteToolStream (creates a session first unless --session is given).
     Stream {
-        #[arg(long)]
+        /// The session to call in; a new one by default.
+        #[arg(long, value_name = "ID")]
         session: Option<String>,
-        #[arg(long)]
+        /// The streaming tool's name (the reference runtime's: count).
+        #[arg(long, value_name = "NAME")]
         tool: String,
-        #[arg(long, default_value = "{}")]
+        /// The arguments as a JSON object.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
         args: String,
     },
 }

@@ -1,5 +1,5 @@
 //! The `aesp` binary as users run it: config validation, SIGTERM, the demo on ports of its
-//! own, `aesp call` (exit codes, transport errors explained), and logs.
+//! own, `aesp call` (exit codes, transport errors explained, flags and help), and logs.
 
 mod common;
 
@@ -433,6 +433,81 @@ async fn call_with_http_against_the_tls_port_says_to_use_https() {
         "{text}"
     );
     stack.stop().await;
+}
+
+#[tokio::test]
+async fn connection_flags_are_accepted_after_the_operation_too() {
+    let stack = common::Stack::start().await;
+    let f = |n: &str| stack.files.path(n).display().to_string();
+    let mut cmd = aesp();
+    cmd.args([
+        "call",
+        "execute",
+        "--tool",
+        "echo",
+        "--args",
+        r#"{"text":"after"}"#,
+    ])
+    .args(["--endpoint", &stack.endpoint, "--ca", &f("ca.crt")])
+    .args(["--cert", &f("acme.crt"), "--key", &f("acme.key")])
+    .args(["--correlation-id", "cli-after"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(r#"{"text":"after"}"#) && text.contains("cli-after"),
+        "{text}"
+    );
+    stack.stop().await;
+}
+
+#[test]
+fn every_flag_of_every_command_has_help_text() {
+    for cmd in [
+        &["serve"][..],
+        &["grid-host"],
+        &["grid-runtime"],
+        &["demo"],
+        &["call"],
+        &["call", "create-session"],
+        &["call", "destroy-session"],
+        &["call", "execute"],
+        &["call", "stream"],
+    ] {
+        let out = aesp().args(cmd).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd:?}: {help}");
+        let flags: Vec<&str> = help
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("--") || l.starts_with("-h"))
+            .collect();
+        assert!(flags.len() >= 2, "{cmd:?}:\n{help}");
+        for line in flags {
+            // "--flag <VALUE>  Text": the text after the flag and its value name.
+            let text = line
+                .split_once("  ")
+                .map(|(_, t)| t.trim())
+                .unwrap_or_default();
+            assert!(!text.is_empty(), "{cmd:?}: no help for {line:?}\n{help}");
+        }
+    }
+    let out = aesp().args(["call", "execute", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--tool <NAME>",
+        "--session <ID>",
+        "--args <JSON>",
+        "--cert <FILE>",
+    ] {
+        assert!(help.contains(flag), "{flag}:\n{help}");
+    }
 }
 
 /// Runs the reference host with `flags`, stderr piped, until it logs that it serves; returns
