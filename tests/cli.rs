@@ -86,6 +86,34 @@ fn check_config_names_the_file_the_field_and_the_expectation() {
 }
 
 #[test]
+fn the_readme_shows_the_config_error_the_binary_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sample = readme
+        .lines()
+        .find(|l| l.starts_with("error: ") && l.contains("upstream.address"))
+        .expect("a sample error in the README");
+    let (_, after_path) = sample.split_once("sidecar.yaml: ").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    let cfg = dir.path().join("sidecar.yaml");
+    let text = aesp_sidecar::demo::DEMO_CONFIG.replace("http://127.0.0.1:50051", "localhost");
+    std::fs::write(&cfg, text).unwrap();
+    let out = aesp()
+        .args(["serve", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("error: {}: {after_path}", cfg.display()),
+        "README: {sample}"
+    );
+}
+
+#[test]
 fn serve_drains_and_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
