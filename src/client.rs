@@ -114,6 +114,178 @@ pub fn describe_status(status: &tonic::Status) -> String {
     }
 }
 
+/// `parts` joined by ": " without the consecutive repeats nested transport errors make
+/// ("invalid peer certificate: UnknownIssuer: invalid peer certificate: UnknownIssuer").
+fn join_causes(parts: impl IntoIterator<Item = String>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for p in parts {
+        if out.last().is_some_and(|last| last.ends_with(&p)) {
+            continue;
+        }
+        out.push(p);
+    }
+    out.join(": ")
+}
+
+/// An error and its `source()` chain on one line, outermost first, without repeats.
+pub fn error_chain<'a>(
+    chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    join_causes(chain.into_iter().map(|e| e.to_string()))
+}
+
+/// The transport error under a status, if the status did not come from the server but
+/// from the connection (tonic keeps the hyper / rustls / io error as its source).
+pub fn transport_cause(status: &tonic::Status) -> Option<String> {
+    let first = std::error::Error::source(status)?;
+    Some(error_chain(std::iter::successors(Some(first), |e| {
+        e.source()
+    })))
+}
+
+/// Whether the first certificate in `pem` is a CA certificate (basic constraints CA:TRUE),
+/// which no server accepts as a client certificate (rustls: `CaUsedAsEndEntity`).
+pub fn is_ca_certificate(pem: &[u8]) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let Some(Ok(der)) = rustls_pki_types::CertificateDer::pem_slice_iter(pem).next() else {
+        return false;
+    };
+    x509_parser::parse_x509_certificate(&der)
+        .ok()
+        .and_then(|(_, c)| c.basic_constraints().ok().flatten().map(|b| b.value.ca))
+        .unwrap_or(false)
+}
+
+/// `host:port` of an `http(s)://` endpoint.
+fn authority(endpoint: &str) -> Option<(String, u16)> {
+    let uri: http::Uri = endpoint.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    Some((host.to_string(), port))
+}
+
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the server at `endpoint` answers an HTTP/2 preface with a TLS record (an alert):
+/// a plaintext client talking to a TLS port.
+async fn speaks_tls(endpoint: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some((host, port)) = authority(endpoint) else {
+        return false;
+    };
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        let mut first = [0u8; 1];
+        tcp.read_exact(&mut first).await?;
+        // TLS record content types: 21 = alert, 22 = handshake.
+        Ok::<bool, std::io::Error>(matches!(first[0], 21 | 22))
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Repeats the TLS handshake with `tls` outside tonic and waits briefly for the server's
+/// verdict on the client certificate (in TLS 1.3 it comes after the client's handshake is
+/// done, as the first thing read): the server's refusal, e.g. "received fatal alert:
+/// CertificateUnknown", or `None` when the server accepted.
+async fn tls_refusal(endpoint: &str, tls: &ClientTls) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let (host, port) = authority(endpoint)?;
+    let cc = crate::tls::client_config_from_pem(&tls.ca_pem, Some((&tls.cert_pem, &tls.key_pem)))
+        .ok()?;
+    let name = rustls_pki_types::ServerName::try_from(tls.domain.clone()).ok()?;
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cc))
+            .connect(name, tcp)
+            .await?;
+        let mut first = [0u8; 1];
+        s.read(&mut first).await.map(|_| ())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Err(e)) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
+/// What to do about an error connecting to `endpoint`, given its cause chain as text.
+pub fn connect_hint(chain: &str, endpoint: &str) -> Option<String> {
+    let hint = if chain.contains("Connection refused") {
+        format!(
+            "nothing listens at {endpoint}: is the sidecar running (`aesp demo`, `aesp serve`)? --endpoint picks another address"
+        )
+    } else if chain.contains("UnknownIssuer") {
+        "--ca must be the CA that issued the server's certificate (the demo's: ca.crt)".into()
+    } else if chain.contains("not valid for name") {
+        "--domain must be a name the server's certificate carries (the demo's: localhost)".into()
+    } else if chain.contains("KeyMismatch") || chain.contains("keys may not be consistent") {
+        "--key is not the private key of --cert".into()
+    } else if chain.contains("HttpsUriWithoutTlsSupport") || chain.contains("InvalidContentType") {
+        "the endpoint does not speak TLS: use http:// for a plaintext (h2c) server".into()
+    } else {
+        return None;
+    };
+    Some(format!("hint: {hint}"))
+}
+
+/// For a call that failed in the transport (not a denial or a tool error): the underlying
+/// cause and a hint, one `  cause: ...` / `  hint: ...` line each. `cert_file` names the
+/// client certificate in the hint. Probes the endpoint again to find out what tonic's error
+/// does not say (its cause is often only "connection closed").
+pub async fn explain_transport_failure(
+    status: &tonic::Status,
+    endpoint: &str,
+    tls: Option<&ClientTls>,
+    cert_file: &std::path::Path,
+) -> Option<String> {
+    let cause = transport_cause(status)?;
+    let mut lines = vec![format!("  cause: {cause}")];
+    if endpoint.starts_with("http://") {
+        if speaks_tls(endpoint).await {
+            lines.push(format!(
+                "  hint: the endpoint speaks TLS: use https:// ({})",
+                endpoint.replacen("http://", "https://", 1)
+            ));
+        }
+        return Some(lines.join("\n"));
+    }
+    let Some(t) = tls else {
+        return Some(lines.join("\n"));
+    };
+    let Some(refusal) = tls_refusal(endpoint, t).await else {
+        return Some(lines.join("\n"));
+    };
+    if !cause.contains(&refusal) {
+        lines.push(format!(
+            "  cause: the server ended the TLS connection: {refusal}"
+        ));
+    }
+    if is_ca_certificate(&t.cert_pem) {
+        lines.push(format!(
+            "  hint: the server refused the client certificate: {} is a CA certificate \
+             (CaUsedAsEndEntity); use a leaf certificate issued by that CA (the demo's: \
+             acme.crt, globex.crt, runtime.crt, admin.crt)",
+            cert_file.display()
+        ));
+    } else if refusal.contains("alert") {
+        lines.push(format!(
+            "  hint: the server refused the client certificate {}: it must be a leaf \
+             certificate issued by a CA the sidecar trusts (tls.client_ca)",
+            cert_file.display()
+        ));
+    }
+    Some(lines.join("\n"))
+}
+
 /// Calls `path` with an empty message: what a client of a method the sidecar does not know
 /// looks like.
 pub async fn call_raw(channel: Channel, path: &str) -> Result<(), tonic::Status> {
@@ -205,5 +377,65 @@ impl AespGridClient {
         )
         .await
         .map(tonic::Response::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_drop_the_repeats_that_nested_transport_errors_make() {
+        let parts = [
+            "cannot connect to https://127.0.0.1:8443",
+            "transport error",
+            "invalid peer certificate: UnknownIssuer",
+            "invalid peer certificate: UnknownIssuer",
+            "UnknownIssuer",
+        ];
+        assert_eq!(
+            join_causes(parts.map(String::from)),
+            "cannot connect to https://127.0.0.1:8443: transport error: invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    #[test]
+    fn a_ca_certificate_is_told_from_a_leaf() {
+        let ca = crate::demo::certs::Ca::new("test CA").unwrap();
+        let leaf = ca.issue("leaf", None, &["localhost"], &[]).unwrap();
+        assert!(is_ca_certificate(ca.cert_pem().as_bytes()));
+        assert!(!is_ca_certificate(leaf.cert_pem.as_bytes()));
+        assert!(!is_ca_certificate(b"not a certificate"));
+    }
+
+    #[test]
+    fn connect_errors_get_a_hint_naming_the_flag_to_fix() {
+        let e = "https://127.0.0.1:1";
+        for (chain, flag) in [
+            (
+                "tcp connect error: Connection refused (os error 111)",
+                "--endpoint",
+            ),
+            ("invalid peer certificate: UnknownIssuer", "--ca"),
+            ("certificate not valid for name \"x\"", "--domain"),
+            ("keys may not be consistent: KeyMismatch", "--key"),
+        ] {
+            let hint = connect_hint(chain, e).unwrap();
+            assert!(hint.starts_with("hint: ") && hint.contains(flag), "{hint}");
+        }
+        assert_eq!(connect_hint("something else", e), None);
+    }
+
+    #[test]
+    fn endpoints_give_host_and_port() {
+        assert_eq!(
+            authority("https://127.0.0.1:8443"),
+            Some(("127.0.0.1".into(), 8443))
+        );
+        assert_eq!(authority("http://[::1]:50051"), Some(("::1".into(), 50051)));
+        assert_eq!(
+            authority("https://localhost"),
+            Some(("localhost".into(), 443))
+        );
     }
 }

@@ -20,10 +20,26 @@ use std::time::Duration;
 )]
 struct Cli {
     /// Log filter (tracing syntax, e.g. `info` or `aesp_sidecar=debug`); RUST_LOG also works.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_name = "FILTER", help_heading = "Logging")]
     log: Option<String>,
+    /// Log format on stderr: `human` (coloured only on a terminal) or `json` (one object a line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = LogFormat::Human,
+        help_heading = "Logging"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -31,7 +47,7 @@ enum Cmd {
     /// Run the sidecar in front of a GRID host.
     Serve {
         /// The YAML configuration file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Validate the configuration and every file it names, then exit.
         #[arg(long)]
@@ -39,55 +55,108 @@ enum Cmd {
     },
     /// Run the reference GRID host (h2c, loopback).
     GridHost {
-        #[arg(long, default_value = "127.0.0.1:50051")]
+        /// Where to listen (h2c, no TLS).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
         /// A manifest of trusted contracts (YAML or JSON); the built-in example by default.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
     },
     /// Run the reference runtime, connected through the sidecar.
     GridRuntime {
-        #[arg(long, default_value = "https://127.0.0.1:8443")]
+        /// The sidecar (`https://`, mTLS) or a host directly (`http://`, h2c).
+        #[arg(long, value_name = "URL", default_value = "https://127.0.0.1:8443")]
         endpoint: String,
-        #[arg(long, default_value = ".aesp-dev/ca.crt")]
+        /// The CA the sidecar's certificate chains to.
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/ca.crt")]
         ca: PathBuf,
-        #[arg(long, default_value = ".aesp-dev/runtime.crt")]
+        /// The runtime's certificate (a leaf with a runtime SPIFFE ID).
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/runtime.crt")]
         cert: PathBuf,
-        #[arg(long, default_value = ".aesp-dev/runtime.key")]
+        /// The private key of --cert.
+        #[arg(long, value_name = "FILE", default_value = ".aesp-dev/runtime.key")]
         key: PathBuf,
         /// The name the sidecar's certificate must carry.
         #[arg(long, default_value = "localhost")]
         domain: String,
-        #[arg(long, default_value = "acme-runtime-1")]
+        /// The runtime id it announces.
+        #[arg(long, value_name = "ID", default_value = "acme-runtime-1")]
         runtime_id: String,
     },
     /// Generate dev certificates, start host, sidecar and runtime, run a scenario, then serve.
     Demo {
         /// Where the dev certificates and sidecar.yaml go.
-        #[arg(long, default_value = ".aesp-dev")]
+        #[arg(long, value_name = "DIR", default_value = ".aesp-dev")]
         dir: PathBuf,
         /// Exit after the scenario instead of serving until Ctrl-C.
         #[arg(long)]
         once: bool,
+        /// The sidecar's data plane (mTLS gRPC); port 0 picks a free port.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// The sidecar's admin HTTP (/healthz, /readyz, /metrics).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        /// The sidecar's management gRPC.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9443")]
+        management_listen: SocketAddr,
+        /// The reference GRID host (h2c), the sidecar's upstream.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50051")]
+        host_listen: SocketAddr,
     },
-    /// A small GRID client for trying the sidecar.
+    /// A small GRID client for trying the sidecar. Exits 1 on a denial or a tool error.
     Call(CallArgs),
 }
 
+/// The connection flags of `aesp call`; they go before or after the operation.
 #[derive(clap::Args)]
 struct CallArgs {
-    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    /// The sidecar (`https://`, mTLS) or a host directly (`http://`, h2c, no certificates).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "URL",
+        default_value = "https://127.0.0.1:8443"
+    )]
     endpoint: String,
-    #[arg(long, default_value = ".aesp-dev/ca.crt")]
+    /// The CA the server's certificate chains to.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/ca.crt"
+    )]
     ca: PathBuf,
-    #[arg(long, default_value = ".aesp-dev/acme.crt")]
+    /// The client certificate (a leaf; its SPIFFE ID is the caller's identity).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/acme.crt"
+    )]
     cert: PathBuf,
-    #[arg(long, default_value = ".aesp-dev/acme.key")]
+    /// The private key of --cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/acme.key"
+    )]
     key: PathBuf,
-    #[arg(long, default_value = "localhost")]
+    /// The name the server's certificate must carry.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        default_value = "localhost"
+    )]
     domain: String,
     /// Sent as x-aesp-correlation-id.
-    #[arg(long)]
+    #[arg(long, global = true, help_heading = "Connection", value_name = "ID")]
     correlation_id: Option<String>,
     #[command(subcommand)]
     op: CallOp,
@@ -97,53 +166,70 @@ struct CallArgs {
 enum CallOp {
     /// CreateSession; --principal/--tenant put claims in its SecurityContext.
     CreateSession {
-        #[arg(long, default_value_t = 0)]
+        /// Requested lifetime in seconds; 0 takes the host's default.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
         ttl: u64,
-        #[arg(long)]
+        /// A suggested session id; the host picks one by default.
+        #[arg(long, value_name = "ID")]
         session_id: Option<String>,
-        #[arg(long)]
+        /// A principal_id claim (the sidecar refuses one that is not the certificate's).
+        #[arg(long, value_name = "ID")]
         principal: Option<String>,
-        #[arg(long)]
+        /// A tenant_id claim (the sidecar refuses one that is not the certificate's).
+        #[arg(long, value_name = "ID")]
         tenant: Option<String>,
     },
     /// DestroySession.
     DestroySession {
-        #[arg(long)]
+        /// The id of the session to destroy.
+        #[arg(long, value_name = "ID")]
         session: String,
     },
     /// ExecuteTool (creates a session first unless --session is given).
     Execute {
-        #[arg(long)]
+        /// The session to call in; a new one by default.
+        #[arg(long, value_name = "ID")]
         session: Option<String>,
-        #[arg(long)]
+        /// The tool's name (the reference runtime's: echo, add, count, fail, get_weather).
+        #[arg(long, value_name = "NAME")]
         tool: String,
         /// The arguments as a JSON object.
-        #[arg(long, default_value = "{}")]
+        #[arg(long, value_name = "JSON", default_value = "{}")]
         args: String,
     },
     /// ExecuteToolStream (creates a session first unless --session is given).
     Stream {
-        #[arg(long)]
+        /// The session to call in; a new one by default.
+        #[arg(long, value_name = "ID")]
         session: Option<String>,
-        #[arg(long)]
+        /// The streaming tool's name (the reference runtime's: count).
+        #[arg(long, value_name = "NAME")]
         tool: String,
-        #[arg(long, default_value = "{}")]
+        /// The arguments as a JSON object.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
         args: String,
     },
 }
 
-fn init_logs(filter: Option<&str>, default: &str) {
+fn init_logs(filter: Option<&str>, default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = filter
         .map(str::to_string)
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| default.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        // Colour codes only where a person reads them, not in a redirected file.
+        LogFormat::Human => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 #[tokio::main]
@@ -153,11 +239,11 @@ async fn main() -> ExitCode {
         Cmd::Demo { .. } | Cmd::Call(_) => "warn",
         _ => "info",
     };
-    init_logs(cli.log.as_deref(), default_log);
+    init_logs(cli.log.as_deref(), default_log, cli.log_format);
     match run(cli.cmd).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", client::error_chain(e.chain()));
             ExitCode::from(2)
         }
     }
@@ -225,8 +311,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             rt.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Demo { dir, once } => {
-            let steps = demo::run(demo::DemoOptions { dir, once }).await?;
+        Cmd::Demo {
+            dir,
+            once,
+            listen,
+            admin_listen,
+            management_listen,
+            host_listen,
+        } => {
+            let addrs = demo::DemoAddrs {
+                listen,
+                admin_listen,
+                management_listen,
+                host_listen,
+            };
+            let steps = demo::run(demo::DemoOptions { dir, once, addrs }).await?;
             Ok(
                 if steps.iter().any(|s| s.allowed) && steps.iter().any(|s| !s.allowed) {
                     ExitCode::SUCCESS
@@ -256,18 +355,38 @@ fn request<T>(msg: T, cid: &Option<String>) -> anyhow::Result<tonic::Request<T>>
     Ok(r)
 }
 
+/// Prints why a call failed: its status, the decoded `EnterpriseError` or, for a failure of
+/// the connection, its cause and a hint. Exits 1.
+async fn failed(a: &CallArgs, tls: Option<&ClientTls>, s: tonic::Status) -> ExitCode {
+    println!("{}", client::describe_status(&s));
+    if let Some(why) = client::explain_transport_failure(&s, &a.endpoint, tls, &a.cert).await {
+        println!("{why}");
+    }
+    ExitCode::from(1)
+}
+
 async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     // Bad arguments are reported before anything is sent.
     if let CallOp::Execute { tool, args, .. } | CallOp::Stream { tool, args, .. } = &a.op {
         tool_call("", tool, args)?;
     }
-    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
-    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
-    let c = AespGridClient::new(ch);
-    let fail = |s: tonic::Status| {
-        println!("{}", client::describe_status(&s));
-        Ok(ExitCode::from(1))
+    // http:// is h2c: a host called directly, without certificates.
+    let tls = if a.endpoint.starts_with("http://") {
+        None
+    } else {
+        Some(ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?)
     };
+    let ch = match client::channel(&a.endpoint, tls.as_ref()).await {
+        Ok(ch) => ch,
+        Err(e) => {
+            let chain = client::error_chain(e.chain());
+            return Err(match client::connect_hint(&chain, &a.endpoint) {
+                Some(hint) => anyhow::anyhow!("{chain}\n{hint}"),
+                None => e,
+            });
+        }
+    };
+    let c = AespGridClient::new(ch);
     let session = match &a.op {
         CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
             .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)
@@ -278,11 +397,11 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                 println!("session_id: {id}");
                 id
             }
-            Err(s) => return fail(s),
+            Err(s) => return Ok(failed(&a, tls.as_ref(), s).await),
         },
         _ => String::new(),
     };
-    match a.op {
+    let result = match &a.op {
         CallOp::CreateSession {
             ttl,
             session_id,
@@ -290,12 +409,12 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             tenant,
         } => {
             let sc = (principal.is_some() || tenant.is_some()).then(|| grid::SecurityContext {
-                principal_id: principal.unwrap_or_default(),
-                tenant_id: tenant.unwrap_or_default(),
+                principal_id: principal.clone().unwrap_or_default(),
+                tenant_id: tenant.clone().unwrap_or_default(),
             });
             let msg = grid::CreateSession {
-                suggested_session_id: session_id.unwrap_or_default(),
-                ttl_seconds: ttl,
+                suggested_session_id: session_id.clone().unwrap_or_default(),
+                ttl_seconds: *ttl,
                 security_context: sc,
             };
             match c.create_session(request(msg, &a.correlation_id)?).await {
@@ -308,14 +427,15 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                         "session_id: {}\nexpires_at_unix_seconds: {}",
                         view.session_id, view.expires_at_unix_seconds
                     );
+                    Ok(())
                 }
-                Err(s) => return fail(s),
+                Err(s) => Err(s),
             }
         }
         CallOp::DestroySession { session } => match c
             .destroy_session(request(
                 grid::DestroySession {
-                    session_id: session,
+                    session_id: session.clone(),
                 },
                 &a.correlation_id,
             )?)
@@ -327,17 +447,18 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
                 println!("destroyed: {}", view.destroyed);
+                Ok(())
             }
-            Err(s) => return fail(s),
+            Err(s) => Err(s),
         },
         CallOp::Execute {
             session: s,
             tool,
             args,
         } => {
-            let s = s.unwrap_or(session);
+            let s = s.as_deref().unwrap_or(&session);
             match c
-                .execute_tool(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .execute_tool(request(tool_call(s, tool, args)?, &a.correlation_id)?)
                 .await
             {
                 Ok(view) => {
@@ -346,8 +467,9 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
                     if code.is_some() {
                         return Ok(ExitCode::from(1));
                     }
+                    Ok(())
                 }
-                Err(st) => return fail(st),
+                Err(st) => Err(st),
             }
         }
         CallOp::Stream {
@@ -355,32 +477,45 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             tool,
             args,
         } => {
-            let s = s.unwrap_or(session);
+            let s = s.as_deref().unwrap_or(&session);
             match c
-                .execute_tool_stream(request(tool_call(&s, &tool, &args)?, &a.correlation_id)?)
+                .execute_tool_stream(request(tool_call(s, tool, args)?, &a.correlation_id)?)
                 .await
             {
-                Ok(mut stream) => loop {
-                    match stream.message().await {
-                        Ok(Some(view)) => {
-                            if let Some(e) = &view.error_details {
-                                println!("chunk {}: {}", view.chunk_id, client::describe(e));
-                            } else {
-                                println!(
-                                    "chunk {}: {}{}",
-                                    view.chunk_id,
-                                    String::from_utf8_lossy(&view.payload),
-                                    if view.is_final { " (final)" } else { "" }
-                                );
+                Ok(mut stream) => {
+                    // A chunk carrying an error (a tool error, NO_RUNTIME, ...) makes the
+                    // call a failure, as for `execute`; the rest of the stream still prints.
+                    let mut chunk_error = false;
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(view)) => {
+                                if let Some(e) = &view.error_details {
+                                    chunk_error = true;
+                                    println!("chunk {}: {}", view.chunk_id, client::describe(e));
+                                } else {
+                                    println!(
+                                        "chunk {}: {}{}",
+                                        view.chunk_id,
+                                        String::from_utf8_lossy(&view.payload),
+                                        if view.is_final { " (final)" } else { "" }
+                                    );
+                                }
                             }
+                            Ok(None) => break,
+                            Err(st) => return Ok(failed(&a, tls.as_ref(), st).await),
                         }
-                        Ok(None) => break,
-                        Err(st) => return fail(st),
                     }
-                },
-                Err(st) => return fail(st),
+                    if chunk_error {
+                        return Ok(ExitCode::from(1));
+                    }
+                    Ok(())
+                }
+                Err(st) => Err(st),
             }
         }
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(st) => Ok(failed(&a, tls.as_ref(), st).await),
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,5 @@
-//! The `aesp` binary as users run it: config validation, SIGTERM, and the demo.
+//! The `aesp` binary as users run it: config validation, SIGTERM, the demo on ports of its
+//! own, `aesp call` (exit codes, transport errors explained, flags and help), and logs.
 
 mod common;
 
@@ -85,6 +86,34 @@ fn check_config_names_the_file_the_field_and_the_expectation() {
 }
 
 #[test]
+fn the_readme_shows_the_config_error_the_binary_prints() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sample = readme
+        .lines()
+        .find(|l| l.starts_with("error: ") && l.contains("upstream.address"))
+        .expect("a sample error in the README");
+    let (_, after_path) = sample.split_once("sidecar.yaml: ").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    let cfg = dir.path().join("sidecar.yaml");
+    let text = aesp_sidecar::demo::DEMO_CONFIG.replace("http://127.0.0.1:50051", "localhost");
+    std::fs::write(&cfg, text).unwrap();
+    let out = aesp()
+        .args(["serve", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("error: {}: {after_path}", cfg.display()),
+        "README: {sample}"
+    );
+}
+
+#[test]
 fn serve_drains_and_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
@@ -137,12 +166,31 @@ fn serve_drains_and_exits_cleanly_on_sigterm() {
     );
 }
 
+/// Holds the demo's default ports while a test runs, where they are free: a demo under test
+/// must not need them (a user's own demo may hold them).
+fn occupy_default_demo_ports() -> Vec<std::net::TcpListener> {
+    [
+        "127.0.0.1:8443",
+        "127.0.0.1:9901",
+        "127.0.0.1:9443",
+        "127.0.0.1:50051",
+    ]
+    .iter()
+    .filter_map(|a| std::net::TcpListener::bind(a).ok())
+    .collect()
+}
+
 #[test]
-fn demo_runs_its_scenario_and_writes_its_files() {
+fn demo_runs_its_scenario_on_the_ports_it_is_given_and_writes_its_files() {
+    let _defaults = occupy_default_demo_ports();
     let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let [data, admin, management, host] = ports.map(|p| format!("127.0.0.1:{p}"));
     let out = aesp()
         .args(["demo", "--once", "--dir"])
         .arg(dir.path())
+        .args(["--listen", &data, "--admin-listen", &admin])
+        .args(["--management-listen", &management, "--host-listen", &host])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -178,13 +226,91 @@ fn demo_runs_its_scenario_and_writes_its_files() {
     ] {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
-    // The written config is the one it ran, and it validates.
+    // The written config is the one it ran, on the ports it was given, and it validates.
+    let yaml = std::fs::read_to_string(dir.path().join("sidecar.yaml")).unwrap();
+    for want in [
+        format!("listen: {data} "),
+        format!("admin_listen: {admin} "),
+        format!("management_listen: {management} "),
+        format!("address: http://{host} "),
+    ] {
+        assert!(yaml.contains(&want), "{want}:\n{yaml}");
+    }
     let out = aesp()
         .args(["serve", "--check-config", "--config"])
         .arg(dir.path().join("sidecar.yaml"))
         .output()
         .unwrap();
     assert!(out.status.success());
+    // The "try it yourself" lines name the ports it got, and the binary as it can be run.
+    let usage = &stdout[stdout.find("Try it yourself").expect("usage lines")..];
+    assert!(
+        usage.contains(&format!("call --endpoint https://{data} --ca ")),
+        "{usage}"
+    );
+    assert!(
+        usage.contains(&format!("localhost:{}", ports[0])),
+        "{usage}"
+    );
+    assert!(
+        usage.contains(&format!("http://{admin}/metrics")),
+        "{usage}"
+    );
+    for default in [":8443", ":9901", ":9443", ":50051"] {
+        assert!(!usage.contains(default), "{default} in:\n{usage}");
+    }
+    // Each printed `aesp` command starts with a path that, from where the demo ran, is
+    // the binary that printed it (or plain `aesp`, when PATH finds that binary).
+    let program = std::fs::canonicalize(env!("CARGO_BIN_EXE_aesp")).unwrap();
+    let commands: Vec<&str> = usage
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.contains(" call ") || l.contains(" serve ") || l.contains(" grid-runtime "))
+        .collect();
+    assert_eq!(commands.len(), 5, "{usage}");
+    for c in commands {
+        let first = c.split_whitespace().next().unwrap();
+        let resolves = if first == "aesp" {
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .map(|d| d.join("aesp"))
+                .find(|p| p.is_file())
+                .and_then(|p| std::fs::canonicalize(p).ok())
+        } else {
+            std::fs::canonicalize(first).ok()
+        };
+        assert_eq!(resolves.as_ref(), Some(&program), "{c}");
+    }
+}
+
+#[test]
+fn demo_names_a_busy_port_and_the_flag_that_moves_it() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = aesp()
+        .args(["demo", "--once", "--dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--admin-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--management-listen", "127.0.0.1:0"])
+        .args(["--host-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("port {port}")),
+        "names the port: {err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+    assert!(
+        err.contains("--admin-listen 127.0.0.1:PORT"),
+        "names the flag: {err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("Scenario"),
+        "nothing ran"
+    );
 }
 
 async fn run_call(stack: &common::Stack, stem: &str, args: &[&str]) -> (i32, String) {
@@ -271,4 +397,193 @@ async fn aesp_call_prints_results_streams_and_decoded_denials() {
     assert!(out.contains("--args is not valid JSON"), "{out}");
     assert!(!out.contains("session_id"), "nothing was sent: {out}");
     stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_stream_exits_1_when_a_chunk_carries_an_error() {
+    let stack = common::Stack::start().await;
+    let (code, out) = run_call(&stack, "acme", &["stream", "--tool", "fail"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("chunk ") && out.contains("EnterpriseError TOOL_ERROR"),
+        "{out}"
+    );
+    stack.stop().await;
+
+    // No runtime connected: the host answers NO_RUNTIME.
+    let stack = common::Stack::start_with("", false).await;
+    let (code, out) = run_call(
+        &stack,
+        "acme",
+        &["stream", "--tool", "count", "--args", r#"{"n":2}"#],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("NO_RUNTIME"), "{out}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_with_a_ca_certificate_as_client_certificate_prints_the_cause_and_a_hint() {
+    let stack = common::Stack::start().await;
+    let (code, out) = run_call(&stack, "ca", &["execute", "--tool", "echo"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("cause: ") && out.contains("received fatal alert: CertificateUnknown"),
+        "the server's refusal: {out}"
+    );
+    assert!(
+        out.contains("hint: the server refused the client certificate")
+            && out.contains("ca.crt is a CA certificate (CaUsedAsEndEntity)")
+            && out.contains("use a leaf certificate"),
+        "{out}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn call_with_http_against_the_tls_port_says_to_use_https() {
+    let stack = common::Stack::start().await;
+    let plain = stack.endpoint.replacen("https://", "http://", 1);
+    let mut cmd = aesp();
+    cmd.args(["call", "--endpoint", &plain, "execute", "--tool", "echo"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cause: transport error: "), "{text}");
+    assert!(
+        text.contains(&format!(
+            "hint: the endpoint speaks TLS: use https:// ({})",
+            stack.endpoint
+        )),
+        "{text}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn connection_flags_are_accepted_after_the_operation_too() {
+    let stack = common::Stack::start().await;
+    let f = |n: &str| stack.files.path(n).display().to_string();
+    let mut cmd = aesp();
+    cmd.args([
+        "call",
+        "execute",
+        "--tool",
+        "echo",
+        "--args",
+        r#"{"text":"after"}"#,
+    ])
+    .args(["--endpoint", &stack.endpoint, "--ca", &f("ca.crt")])
+    .args(["--cert", &f("acme.crt"), "--key", &f("acme.key")])
+    .args(["--correlation-id", "cli-after"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(r#"{"text":"after"}"#) && text.contains("cli-after"),
+        "{text}"
+    );
+    stack.stop().await;
+}
+
+#[test]
+fn every_flag_of_every_command_has_help_text() {
+    for cmd in [
+        &["serve"][..],
+        &["grid-host"],
+        &["grid-runtime"],
+        &["demo"],
+        &["call"],
+        &["call", "create-session"],
+        &["call", "destroy-session"],
+        &["call", "execute"],
+        &["call", "stream"],
+    ] {
+        let out = aesp().args(cmd).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd:?}: {help}");
+        let flags: Vec<&str> = help
+            .lines()
+            .map(str::trim_start)
+            .filter(|l| l.starts_with("--") || l.starts_with("-h"))
+            .collect();
+        assert!(flags.len() >= 2, "{cmd:?}:\n{help}");
+        for line in flags {
+            // "--flag <VALUE>  Text": the text after the flag and its value name.
+            let text = line
+                .split_once("  ")
+                .map(|(_, t)| t.trim())
+                .unwrap_or_default();
+            assert!(!text.is_empty(), "{cmd:?}: no help for {line:?}\n{help}");
+        }
+    }
+    let out = aesp().args(["call", "execute", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--tool <NAME>",
+        "--session <ID>",
+        "--args <JSON>",
+        "--cert <FILE>",
+    ] {
+        assert!(help.contains(flag), "{flag}:\n{help}");
+    }
+}
+
+/// Runs the reference host with `flags`, stderr piped, until it logs that it serves; returns
+/// what it logged.
+fn host_log(flags: &[&str]) -> String {
+    use std::io::BufRead;
+    let mut child = aesp()
+        .args(flags)
+        .args(["grid-host", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let done = line.contains("serving");
+            log.push_str(&line);
+            log.push('\n');
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(log);
+    });
+    let log = rx.recv_timeout(Duration::from_secs(20));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log.expect("the host logged that it serves")
+}
+
+#[test]
+fn logs_off_a_terminal_carry_no_colour_codes_and_json_logs_parse() {
+    let human = host_log(&[]);
+    assert!(human.contains("INFO"), "{human}");
+    assert!(!human.contains('\u{1b}'), "no ANSI escapes: {human:?}");
+
+    let json = host_log(&["--log-format", "json"]);
+    let lines: Vec<&str> = json.lines().collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["level"], "INFO", "{line}");
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(json.contains("\"listen\":\"127.0.0.1:"), "{json}");
 }
