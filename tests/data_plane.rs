@@ -817,6 +817,10 @@ async fn an_unreachable_host_is_upstream_unavailable() {
         "UPSTREAM_UNAVAILABLE"
     );
     assert_eq!(common::denials(&sidecar, "UPSTREAM_UNAVAILABLE"), 1);
+    // The host's address stays in the sidecar's log, not in what the client is told.
+    let e = client::enterprise_error(&err).unwrap();
+    let told = format!("{} {:?} {}", e.message, e.details, err.message());
+    assert!(!told.contains(&port.to_string()), "{told}");
     // Readiness reports the host down, liveness stays up.
     let admin = sidecar.admin_addr.unwrap();
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
@@ -883,6 +887,22 @@ async fn shutdown_lets_in_flight_streams_finish_and_stops_accepting() {
     assert_eq!(first.chunk_id, 0);
     let token = stack.sidecar.shutdown_token();
     token.cancel();
+    // The port is free at once, while the stream still drains: a replacement can start.
+    let mut rebound = None;
+    for _ in 0..50 {
+        match std::net::TcpListener::bind(stack.sidecar.data_addr) {
+            Ok(l) => {
+                rebound = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        rebound.is_some(),
+        "the listening port stayed bound after shutdown"
+    );
+    drop(rebound);
     let mut n = 1;
     let mut last_final = false;
     while let Some(ch) = stream.message().await.unwrap() {

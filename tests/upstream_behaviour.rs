@@ -14,7 +14,15 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 enum Seen {
     Headers(String, http::HeaderMap),
+    Trailers(String, http::HeaderMap),
     Reset(String),
+}
+
+/// Metadata a host might send that belongs to the sidecar.
+fn forged(h: &mut http::HeaderMap) {
+    h.insert("x-aesp-principal", "host-forged".parse().unwrap());
+    h.insert("x_aesp_tenant", "host-forged".parse().unwrap());
+    h.insert("aesp-security-context-bin", "AAAA".parse().unwrap());
 }
 
 /// A host that resets `ExecuteToolStream` after one chunk, echoes `/test.Echo/Trailers` with
@@ -54,17 +62,30 @@ async fn odd_host() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                                 send.send_reset(h2::Reason::INTERNAL_ERROR);
                             }
-                            "/test.Echo/Trailers" => {
+                            "/test.Echo/Trailers" | "/altar.grid.v1.GridHost/CreateSession" => {
                                 let mut data = Vec::new();
                                 while let Some(Ok(d)) = body.data().await {
                                     let _ = body.flow_control().release_capacity(d.len());
                                     data.extend_from_slice(&d);
+                                }
+                                if let Ok(Some(t)) = body.trailers().await {
+                                    let _ = tx.send(Seen::Trailers(path.clone(), t));
+                                }
+                                let mut ok = ok;
+                                forged(ok.headers_mut());
+                                if path.ends_with("CreateSession") {
+                                    let ack = grid::CreateSessionAck {
+                                        session_id: "s-odd".into(),
+                                        ..Default::default()
+                                    };
+                                    data = frame(&ack.encode_to_vec());
                                 }
                                 let mut send = respond.send_response(ok, false).unwrap();
                                 send.send_data(Bytes::from(data), false).unwrap();
                                 let mut t = http::HeaderMap::new();
                                 t.insert("grpc-status", "0".parse().unwrap());
                                 t.insert("x-test-trailer", "yes".parse().unwrap());
+                                forged(&mut t);
                                 send.send_trailers(t).unwrap();
                             }
                             _ => {
@@ -82,6 +103,9 @@ async fn odd_host() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
                                             break;
                                         }
                                         None => {
+                                            if let Ok(Some(t)) = body.trailers().await {
+                                                let _ = tx.send(Seen::Trailers(path.clone(), t));
+                                            }
                                             // Request side ended; wait for the response side to be reset.
                                             let r = std::future::poll_fn(|cx| send.poll_reset(cx))
                                                 .await;
@@ -256,5 +280,128 @@ async fn a_client_that_cancels_a_stream_cancels_it_at_the_host() {
         ),
         other => panic!("expected a reset, got {other:?}"),
     }
+    sidecar.shutdown().await;
+}
+
+/// The names of `h` the sidecar owns (any spelling), and the credentials it consumes.
+fn sidecar_owned(h: &http::HeaderMap) -> Vec<String> {
+    h.keys()
+        .map(|k| k.as_str().to_string())
+        .filter(|k| {
+            let k = k.replace('_', "-");
+            (k.starts_with("x-aesp-") && k != "x-aesp-correlation-id")
+                || k.starts_with("aesp-")
+                || k == "authorization"
+                || k == "x-forwarded-client-cert"
+        })
+        .collect()
+}
+
+/// Request trailers as an attacker sends them.
+fn hostile_trailers() -> http::HeaderMap {
+    let mut t = http::HeaderMap::new();
+    t.insert("x-aesp-tenant", "globex".parse().unwrap());
+    t.insert("x_aesp_principal", "mallory".parse().unwrap());
+    t.insert("aesp-security-context-bin", "AAAA".parse().unwrap());
+    t.insert("authorization", "Bearer stolen".parse().unwrap());
+    t.insert("x-forwarded-client-cert", "Hash=forged".parse().unwrap());
+    t.insert("x-app-trailer", "kept".parse().unwrap());
+    t
+}
+
+/// Sends `messages` then `trailers` on `path` and returns the response.
+async fn call_with_trailers(
+    raw: &mut common::RawH2,
+    path: &str,
+    messages: Vec<Vec<u8>>,
+    trailers: http::HeaderMap,
+) -> common::RawResponse {
+    let (tx, rx) = mpsc::channel(messages.len() + 1);
+    for m in messages {
+        tx.send(Ok(http_body::Frame::data(Bytes::from(m))))
+            .await
+            .unwrap();
+    }
+    tx.send(Ok(http_body::Frame::trailers(trailers)))
+        .await
+        .unwrap();
+    drop(tx);
+    raw.call_streaming(path, &[], rx).await
+}
+
+async fn trailers_seen(seen: &mut mpsc::UnboundedReceiver<Seen>, path: &str) -> http::HeaderMap {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), seen.recv()).await {
+            Ok(Some(Seen::Trailers(p, t))) if p == path => return t,
+            Ok(Some(_)) => continue,
+            other => panic!("the host saw no trailers on {path}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn reserved_metadata_and_credentials_never_cross_the_sidecar_in_trailers_or_headers() {
+    let (addr, mut seen) = odd_host().await;
+    let (dir, sidecar) = sidecar_for(addr, "passthrough: [\"/test.Echo/Trailers\"]\n").await;
+    let mut raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
+
+    // Pass-through: request trailers lose what the sidecar owns; the host's reserved
+    // response headers and trailers never reach the client.
+    let r = call_with_trailers(
+        &mut raw,
+        "/test.Echo/Trailers",
+        vec![frame(b"x")],
+        hostile_trailers(),
+    )
+    .await;
+    let t = trailers_seen(&mut seen, "/test.Echo/Trailers").await;
+    assert_eq!(sidecar_owned(&t), Vec::<String>::new(), "{t:?}");
+    assert_eq!(t["x-app-trailer"], "kept");
+    assert_eq!(sidecar_owned(&r.headers), Vec::<String>::new(), "{r:?}");
+    let rt = r.trailers.as_ref().unwrap();
+    assert_eq!(sidecar_owned(rt), Vec::<String>::new(), "{rt:?}");
+    assert_eq!(rt["x-test-trailer"], "yes");
+
+    // An inspected call: the same on the way back.
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[],
+            vec![frame(&grid::CreateSession::default().encode_to_vec())],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    assert_eq!(sidecar_owned(&r.headers), Vec::<String>::new(), "{r:?}");
+    assert_eq!(
+        sidecar_owned(r.trailers.as_ref().unwrap()),
+        Vec::<String>::new()
+    );
+
+    // Connect: a runtime's trailers lose them too.
+    let mut rt_raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "runtime")).await;
+    let announce = grid::RuntimeMessage {
+        kind: Some(grid::runtime_message::Kind::Announce(
+            grid::AnnounceRuntime {
+                runtime_id: "rt-trailers".into(),
+                ..Default::default()
+            },
+        )),
+    };
+    let connect = "/altar.grid.v1.GridRuntime/Connect";
+    let call = tokio::spawn(async move {
+        call_with_trailers(
+            &mut rt_raw,
+            connect,
+            vec![frame(&announce.encode_to_vec())],
+            hostile_trailers(),
+        )
+        .await
+    });
+    let t = trailers_seen(&mut seen, connect).await;
+    assert_eq!(sidecar_owned(&t), Vec::<String>::new(), "{t:?}");
+    assert_eq!(t["x-app-trailer"], "kept");
+    call.abort();
     sidecar.shutdown().await;
 }

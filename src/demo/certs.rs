@@ -87,6 +87,16 @@ impl Ca {
         })
     }
 
+    /// Signs a leaf made from `params` (for tests that need unusual certificates).
+    pub fn sign(&self, params: CertificateParams) -> anyhow::Result<Leaf> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// A client leaf with the SPIFFE ID `spiffe://aesp.local/tenant/<tenant>/<kind>/<name>`.
     pub fn workload(&self, tenant: &str, kind: &str, name: &str) -> anyhow::Result<Leaf> {
         let id = spiffe_id(tenant, kind, name);

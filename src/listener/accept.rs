@@ -127,6 +127,9 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
     }
 }
 
+/// How long a connection closed for idleness or an expired certificate may take to go.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// How long from now until `not_after` (Unix seconds); far away when unknown.
 fn until(not_after: Option<i64>) -> Duration {
     match not_after {
@@ -245,6 +248,10 @@ pub(crate) async fn serve(
             let served = builder.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(served);
             let mut closing = false;
+            // After an idle or expiry GOAWAY, a peer that does not close (one that never sent
+            // the preface, say) is cut off after this long.
+            let cut_off = tokio::time::sleep(Duration::MAX);
+            tokio::pin!(cut_off);
             loop {
                 let why = tokio::select! {
                     r = served.as_mut() => {
@@ -254,6 +261,10 @@ pub(crate) async fn serve(
                         break;
                     }
                     _ = hard_stop.cancelled() => break,
+                    _ = &mut cut_off, if closing => {
+                        tracing::debug!(%remote, "peer did not close after GOAWAY; closing");
+                        break;
+                    }
                     _ = shutdown.cancelled(), if !closing => "shutdown",
                     _ = activity.idle_for(idle_timeout), if !closing => "idle",
                     _ = tokio::time::sleep(expires), if !closing => "certificate expired",
@@ -261,6 +272,12 @@ pub(crate) async fn serve(
                 tracing::debug!(%remote, reason = why, "closing connection (GOAWAY)");
                 served.as_mut().graceful_shutdown();
                 closing = true;
+                if why != "shutdown" {
+                    // Shutdown has its own grace period; these have a short one.
+                    cut_off
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
             }
             proxy.metrics.connections_active.dec();
         });

@@ -25,6 +25,9 @@ pub struct Stack {
 }
 
 /// The demo's configuration with every port picked by the OS and `upstream` at `upstream`.
+/// `extra` is appended; a leading `limits:` block in it is merged into the demo's `limits:`
+/// section (for example `"limits:\n  idle_timeout_seconds: 1\n"`), and likewise a leading
+/// `tls:` block into the demo's `tls:` section.
 pub fn config_text(upstream: &str, extra: &str) -> String {
     let mut t = demo::DEMO_CONFIG
         .replace("127.0.0.1:8443", "127.0.0.1:0")
@@ -32,6 +35,19 @@ pub fn config_text(upstream: &str, extra: &str) -> String {
         .replace("127.0.0.1:9443", "127.0.0.1:0")
         .replace("http://127.0.0.1:50051", upstream)
         .replace("shutdown_grace_seconds: 5", "shutdown_grace_seconds: 10");
+    let mut extra = extra;
+    for (section, anchor) in [("limits:\n", "limits:\n"), ("tls:\n", "tls:\n")] {
+        if let Some(rest) = extra.strip_prefix(section) {
+            let end = rest
+                .lines()
+                .take_while(|l| l.starts_with("  "))
+                .map(|l| l.len() + 1)
+                .sum::<usize>()
+                .min(rest.len());
+            t = t.replacen(anchor, &format!("{anchor}{}", &rest[..end]), 1);
+            extra = &rest[end..];
+        }
+    }
     t.push_str(extra);
     t
 }
@@ -224,6 +240,11 @@ impl RawH2 {
             .connect("localhost".try_into().unwrap(), tcp)
             .await
             .unwrap();
+        RawH2::over(tls).await
+    }
+
+    /// HTTP/2 over an established TLS connection.
+    pub async fn over(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> RawH2 {
         let (sender, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .handshake(hyper_util::rt::TokioIo::new(tls))
@@ -259,8 +280,13 @@ impl RawH2 {
         let mut req = Request::builder()
             .method("POST")
             .uri(format!("https://localhost{path}"))
-            .header("content-type", "application/grpc")
             .header("te", "trailers");
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req = req.header("content-type", "application/grpc");
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -305,7 +331,7 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 pub fn counter(sidecar: &Sidecar, name: &str, labels: &[(&str, &str)]) -> u64 {
     let text = sidecar.metrics.render();
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .filter(|l| {
             labels
                 .iter()

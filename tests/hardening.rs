@@ -1,0 +1,373 @@
+//! What a peer holding a certificate of the CA cannot do (issue: hardening): pass as someone
+//! else with a crafted certificate, keep being served after its certificate expired, hold
+//! connection slots without a call, smuggle another codec or a query string into a GRID
+//! method. Each case is mounted from outside against the real listener.
+
+mod common;
+
+use aesp_sidecar::client::{self, AespGridClient, ClientTls};
+use aesp_sidecar::demo::{certs, host};
+use aesp_sidecar::proto::grid;
+use aesp_sidecar::proto::grid::grid_host_client::GridHostClient;
+use common::{RawH2, Stack, frame};
+use prost::Message;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn write(dir: &std::path::Path, name: &str, pem: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, pem).unwrap();
+    p
+}
+
+/// A sidecar of its own CA (so the test can mint any certificate) before the reference host.
+struct CaStack {
+    dir: tempfile::TempDir,
+    ca: certs::Ca,
+    host: host::HostHandle,
+    sidecar: aesp_sidecar::sidecar::Sidecar,
+}
+
+impl CaStack {
+    async fn start(extra: &str) -> CaStack {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = certs::Ca::new("hardening CA").unwrap();
+        write(dir.path(), "ca.crt", &ca.cert_pem());
+        let server = ca.issue("localhost", None, &["localhost"], &[]).unwrap();
+        write(dir.path(), "server.crt", &server.cert_pem);
+        write(dir.path(), "server.key", &server.key_pem);
+        let host = host::spawn(host::HostOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cfg = common::config_text(&format!("http://{}", host.local_addr), extra);
+        let p = write(dir.path(), "sidecar.yaml", &cfg);
+        let sidecar =
+            aesp_sidecar::sidecar::Sidecar::start(aesp_sidecar::config::Config::load(&p).unwrap())
+                .await
+                .unwrap();
+        CaStack {
+            dir,
+            ca,
+            host,
+            sidecar,
+        }
+    }
+
+    fn tls(&self, leaf: &certs::Leaf) -> ClientTls {
+        ClientTls {
+            ca_pem: self.ca.cert_pem().into_bytes(),
+            cert_pem: leaf.cert_pem.clone().into_bytes(),
+            key_pem: leaf.key_pem.clone().into_bytes(),
+            domain: "localhost".into(),
+        }
+    }
+
+    fn rustls(&self, leaf: &certs::Leaf) -> rustls::ClientConfig {
+        aesp_sidecar::tls::client_config_from_pem(
+            self.ca.cert_pem().as_bytes(),
+            Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())),
+        )
+        .unwrap()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.sidecar.data_addr.port())
+    }
+
+    /// CreateSession with `leaf`: the EnterpriseError code of the refusal, or `None`.
+    async fn create_session(&self, leaf: &certs::Leaf) -> Option<String> {
+        let ch = client::channel(&self.endpoint(), Some(&self.tls(leaf)))
+            .await
+            .ok()?;
+        match AespGridClient::new(ch)
+            .create_session(grid::CreateSession::default())
+            .await
+        {
+            Ok(_) => None,
+            Err(s) => Some(
+                client::enterprise_error(&s)
+                    .map(|e| e.code)
+                    .unwrap_or_else(|| format!("status {:?}", s.code())),
+            ),
+        }
+    }
+
+    async fn stop(self) {
+        self.sidecar.shutdown().await;
+        self.host.shutdown().await;
+        drop(self.dir);
+    }
+}
+
+fn leaf_params(uris: &[&str]) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "crafted");
+    for u in uris {
+        p.subject_alt_names
+            .push(SanType::URI((*u).try_into().unwrap()));
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p
+}
+
+#[tokio::test]
+async fn crafted_certificates_get_no_identity_and_the_peer_kind_reaches_the_host() {
+    let s = CaStack::start("").await;
+    let alice =
+        s.ca.sign(leaf_params(&[
+            "spiffe://aesp.local/tenant/acme/client/alice",
+        ]))
+        .unwrap();
+    assert_eq!(s.create_session(&alice).await, None, "a plain SVID works");
+    let md = s.host.state.request_metadata();
+    let (_, headers) = md.last().unwrap();
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-aesp-peer-kind" && v == "client"),
+        "{headers:?}"
+    );
+
+    for (what, uris) in [
+        (
+            "an upper-case SPIFFE URI beside the real one",
+            vec![
+                "SPIFFE://aesp.local/tenant/globex/client/bob",
+                "spiffe://aesp.local/tenant/acme/client/alice",
+            ],
+        ),
+        (
+            "a SPIFFE ID beside another URI SAN",
+            vec![
+                "spiffe://aesp.local/tenant/acme/client/alice",
+                "https://example.com/alice",
+            ],
+        ),
+        (
+            "an upper-case scheme alone",
+            vec!["SPIFFE://aesp.local/tenant/acme/client/alice"],
+        ),
+        (
+            "a dot-dot tenant",
+            vec!["spiffe://aesp.local/tenant/../client/alice"],
+        ),
+        (
+            "a dot principal",
+            vec!["spiffe://aesp.local/tenant/acme/client/."],
+        ),
+        (
+            "a peer kind that is not configured",
+            vec!["spiffe://aesp.local/tenant/acme/robot/r2"],
+        ),
+    ] {
+        let leaf = s.ca.sign(leaf_params(&uris)).unwrap();
+        assert_eq!(
+            s.create_session(&leaf).await.as_deref(),
+            Some("AUTHENTICATION_REQUIRED"),
+            "{what}"
+        );
+    }
+    assert_eq!(
+        s.host.state.security_contexts().len(),
+        1,
+        "only the plain SVID reached the host"
+    );
+    s.stop().await;
+}
+
+#[test]
+fn configured_peer_kinds_are_the_ones_accepted_and_mappings_must_use_them() {
+    let with = |kinds: &str, mapping_kind: &str| {
+        aesp_sidecar::config::Config::parse(
+            &common::config_text("http://127.0.0.1:1", "").replace(
+                "  organization_id: example-org\n",
+                &format!(
+                    "  organization_id: example-org\n  peer_kinds: {kinds}\n  subjects:\n    - {{subject_cn: x, principal: p, tenant: t, kind: {mapping_kind}}}\n"
+                ),
+            ),
+            std::path::Path::new("/etc/aesp/sidecar.yaml"),
+        )
+    };
+    let c = with("[client, robot]", "robot").unwrap();
+    let kinds: Vec<_> = c.identity.peer_kinds.iter().map(|k| k.as_str()).collect();
+    assert_eq!(kinds, ["client", "robot"]);
+    let e = with("[client, robot]", "runtime").unwrap_err();
+    assert_eq!(e.field, "identity.subjects[0].kind");
+    assert!(e.problem.contains("peer_kinds"), "{e}");
+    let e = with("[client, ..]", "client").unwrap_err();
+    assert_eq!(e.field, "identity.peer_kinds[1]");
+    let e = with("[]", "client").unwrap_err();
+    assert_eq!(e.field, "identity.peer_kinds");
+}
+
+/// A client certificate valid for a few seconds, used again after it expired: a new
+/// connection is refused, and with TLS resumption on, a resumed session too.
+#[tokio::test]
+async fn an_expired_certificate_is_not_served_even_through_a_resumed_session() {
+    let mut resumed_and_refused = false;
+    for resumption in [false, true] {
+        let extra = format!("tls:\n  session_resumption: {resumption}\n");
+        let s = CaStack::start(&extra).await;
+        let mut p = leaf_params(&["spiffe://aesp.local/tenant/acme/client/brief"]);
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::seconds(3);
+        let leaf = s.ca.sign(p).unwrap();
+        // One config, one session cache: the second connection resumes if it can.
+        let cc = Arc::new(s.rustls(&leaf));
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(s.sidecar.data_addr)
+                .await
+                .unwrap();
+            tokio_rustls::TlsConnector::from(cc.clone())
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+        };
+        let first = connect().await.unwrap();
+        let mut raw = RawH2::over(first).await;
+        let r = raw
+            .call(
+                "/altar.grid.v1.GridHost/CreateSession",
+                &[],
+                vec![frame(&grid::CreateSession::default().encode_to_vec())],
+            )
+            .await;
+        assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+        drop(raw);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match connect().await {
+            // TLS 1.3: the client may finish before the server has judged its certificate.
+            Ok(mut tls)
+                if tls.get_ref().1.handshake_kind() != Some(rustls::HandshakeKind::Resumed) =>
+            {
+                assert!(
+                    closed_within(&mut tls, Duration::from_secs(5)).await,
+                    "a full handshake with an expired certificate was not refused"
+                );
+            }
+            Err(_) => {}
+            Ok(tls) => {
+                assert!(resumption, "resumed although resumption is off");
+                let mut raw = RawH2::over(tls).await;
+                let r = raw
+                    .call(
+                        "/altar.grid.v1.GridHost/CreateSession",
+                        &[],
+                        vec![frame(&grid::CreateSession::default().encode_to_vec())],
+                    )
+                    .await;
+                let e = r.enterprise_error().unwrap();
+                assert_eq!(e.code, "AUTHENTICATION_REQUIRED");
+                assert!(e.details["reason"].contains("expired"), "{e:?}");
+                resumed_and_refused = true;
+            }
+        }
+        assert_eq!(s.host.state.security_contexts().len(), 1);
+        s.stop().await;
+    }
+    assert!(
+        resumed_and_refused,
+        "with resumption on, the second connection should have resumed (and been refused)"
+    );
+}
+
+#[tokio::test]
+async fn grid_methods_refuse_other_codecs_and_query_strings() {
+    let stack = Stack::start_with("", false).await;
+    let body = || vec![frame(&grid::CreateSession::default().encode_to_vec())];
+    let mut raw = stack.raw("acme").await;
+    for (path, headers) in [
+        (
+            "/altar.grid.v1.GridHost/CreateSession",
+            vec![("content-type", "application/grpc+json")],
+        ),
+        ("/altar.grid.v1.GridHost/CreateSession?debug=1", vec![]),
+    ] {
+        let r = raw.call(path, &headers, body()).await;
+        let e = r
+            .enterprise_error()
+            .unwrap_or_else(|| panic!("{path}: {r:?}"));
+        assert_eq!(e.code, "MALFORMED_MESSAGE", "{path} {headers:?}");
+    }
+    // The protobuf codec, spelled out, is fine.
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("content-type", "application/grpc+proto")],
+            body(),
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    assert_eq!(stack.host.state.security_contexts().len(), 1);
+    stack.stop().await;
+}
+
+/// Reads until the peer closes; `true` if it did within `within`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_silent_ones_take_no_connection_slot() {
+    let stack = Stack::start_with(
+        "limits:\n  idle_timeout_seconds: 1\n  max_connections: 2\n",
+        false,
+    )
+    .await;
+    let cc = Arc::new(stack.client_config(Some("acme")));
+    // Ten TCP connections that never start TLS: they wait in the handshake, not in the
+    // two slots of established connections.
+    let mut silent = Vec::new();
+    for _ in 0..10 {
+        silent.push(
+            tokio::net::TcpStream::connect(stack.sidecar.data_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    // An authenticated connection that never sends the HTTP/2 preface is closed when idle.
+    let tcp = tokio::net::TcpStream::connect(stack.sidecar.data_addr)
+        .await
+        .unwrap();
+    let mut mute = tokio_rustls::TlsConnector::from(cc.clone())
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    // Meanwhile a real client is served.
+    let mut c = GridHostClient::new(stack.channel("acme").await);
+    c.create_session(grid::CreateSession::default())
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut mute, Duration::from_secs(10)).await,
+        "a connection without the preface stayed open past the idle timeout"
+    );
+    // A connection whose calls are done is closed too (GOAWAY, then close); the client
+    // reconnects transparently on its next call.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.create_session(grid::CreateSession::default())
+        .await
+        .unwrap();
+    assert!(
+        common::counter(&stack.sidecar, "aesp_connections_total", &[]) >= 3,
+        "the idle client connection was replaced"
+    );
+    drop(silent);
+    stack.stop().await;
+}
