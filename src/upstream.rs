@@ -1,7 +1,8 @@
 //! The pooled HTTP/2 client to the GRID host: h2c on loopback by default, or TLS 1.3.
 //!
 //! A few long-lived HTTP/2 connections carry every call as streams; calls are spread over
-//! them round-robin. A connection that closed is replaced on next use. Taking a connection
+//! them round-robin. A connection that closed is replaced on next use. Each runtime's
+//! `Connect` stream gets a connection of its own ([`Class::RuntimeStream`]). Taking a connection
 //! is a short std mutex section that clones a handle; connecting happens outside it, under a
 //! per-slot async lock so a burst of calls opens one connection, not one each.
 
@@ -59,12 +60,14 @@ pub enum ConnectFailure {
     Tls(std::io::Error),
 }
 
-/// Which connections of the pool a request uses.
+/// Which connection a request uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// Calls: spread over `upstream.connections` connections.
+    /// Calls: spread over the `upstream.connections` pooled connections.
     Call,
-    /// The runtimes' `Connect` streams: one connection of their own.
+    /// A runtime's `Connect` stream: a connection of its own, opened for it and closed with
+    /// it. What one runtime does not read then holds up only its own connection's flow
+    /// control window, never a window that other runtimes or calls share.
     RuntimeStream,
 }
 
@@ -124,10 +127,7 @@ impl Upstream {
             authority: u.authority.clone(),
             addr: u.authority.as_str().to_string(),
             tls,
-            // One more slot than configured: the runtimes' long-lived Connect streams get a
-            // connection of their own, so a problem on the calls' connections (a GOAWAY, a
-            // flow-control stall) does not take the runtimes down, and the other way round.
-            slots: (0..u.connections + 1)
+            slots: (0..u.connections)
                 .map(|_| Slot {
                     sender: std::sync::Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
@@ -163,12 +163,8 @@ impl Upstream {
             })
     }
 
-    async fn sender(&self, class: Class) -> Result<Lease, UpstreamError> {
-        let calls = self.slots.len() - 1;
-        let i = match class {
-            Class::Call => self.next.fetch_add(1, Ordering::Relaxed) % calls,
-            Class::RuntimeStream => calls,
-        };
+    async fn sender(&self) -> Result<Lease, UpstreamError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         self.lease(i, None).await
     }
 
@@ -241,7 +237,13 @@ impl Upstream {
         req: Request<ProxyBody>,
         class: Class,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut lease = self.sender(class).await?;
+        if class == Class::RuntimeStream {
+            // Dropped once the request is sent: the connection lives as long as the stream.
+            let mut sender = self.connect().await?;
+            sender.ready().await?;
+            return Ok(sender.send_request(req).await?);
+        }
+        let mut lease = self.sender().await?;
         let req = match lease.sender.ready().await {
             Ok(()) => match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
@@ -260,7 +262,7 @@ impl Upstream {
 
     /// Whether a connection to the host can be had (readiness).
     pub async fn probe(&self) -> Result<(), UpstreamError> {
-        let mut l = self.sender(Class::Call).await?;
+        let mut l = self.sender().await?;
         l.sender.ready().await?;
         Ok(())
     }

@@ -371,3 +371,85 @@ async fn idle_connections_are_closed_and_silent_ones_take_no_connection_slot() {
     drop(silent);
     stack.stop().await;
 }
+
+/// The probe's attack: a runtime that never reads (HTTP/2 stream window 0) opens several
+/// `Connect` streams and sends `fulfill` messages whose acknowledgements are large. What it
+/// leaves unread must hold up only its own streams: other runtimes and every tenant's calls
+/// go on.
+#[tokio::test]
+async fn a_runtime_that_never_reads_stalls_nobody_else() {
+    let stack = Stack::start().await;
+    let mut c = GridHostClient::new(stack.channel("acme").await);
+    let session = c
+        .create_session(grid::CreateSession::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+
+    let tcp = tokio::net::TcpStream::connect(stack.sidecar.data_addr)
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(stack.client_config(Some("runtime"))))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut h2c, conn) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let big = "s".repeat(200 * 1024);
+    let mut held = Vec::new();
+    for i in 0..6 {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri("https://localhost/altar.grid.v1.GridRuntime/Connect")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        h2c = h2c.ready().await.unwrap();
+        let (resp, mut send) = h2c.send_request(req, false).unwrap();
+        let announce = grid::RuntimeMessage {
+            kind: Some(grid::runtime_message::Kind::Announce(
+                grid::AnnounceRuntime {
+                    runtime_id: format!("stalled-{i}"),
+                    ..Default::default()
+                },
+            )),
+        };
+        let mut out = frame(&announce.encode_to_vec());
+        for _ in 0..5 {
+            let f = grid::RuntimeMessage {
+                kind: Some(grid::runtime_message::Kind::Fulfill(grid::FulfillTools {
+                    session_id: big.clone(),
+                    tool_contract_names: vec!["echo".into()],
+                })),
+            };
+            out.extend_from_slice(&frame(&f.encode_to_vec()));
+        }
+        send.reserve_capacity(out.len());
+        send.send_data(bytes::Bytes::from(out), false).unwrap();
+        held.push((resp, send));
+    }
+    // Let the host answer (and the acknowledgements pile up unread).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..5 {
+        let tc = aesp_sidecar::client::tool_call(
+            &session,
+            "echo",
+            &serde_json::json!({"text": format!("still served {i}")}),
+        )
+        .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), c.execute_tool(tc))
+            .await
+            .expect("a call while a runtime stalls its streams")
+            .unwrap()
+            .into_inner();
+        assert!(r.error_details.is_none(), "{r:?}");
+    }
+    drop(held);
+    stack.stop().await;
+}
