@@ -146,6 +146,13 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How long a unary request may take to arrive whole.
     pub request_read_timeout: Duration,
+    /// Bytes of messages being assembled for inspection, per connection (both directions).
+    pub max_buffered_bytes_per_connection: usize,
+    /// The same, over all connections.
+    pub max_buffered_bytes: usize,
+    /// How long a message of a stream may take from its first byte to its last (waiting for
+    /// buffer budget included).
+    pub message_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -165,6 +172,9 @@ impl Default for Limits {
             max_handshakes: 1024,
             idle_timeout: Duration::from_secs(300),
             request_read_timeout: Duration::from_secs(30),
+            max_buffered_bytes_per_connection: 16 * 1024 * 1024,
+            max_buffered_bytes: 256 * 1024 * 1024,
+            message_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -249,6 +259,9 @@ struct RawLimits {
     max_handshakes: Option<usize>,
     idle_timeout_seconds: Option<u64>,
     request_read_timeout_ms: Option<u64>,
+    max_buffered_bytes_per_connection: Option<usize>,
+    max_buffered_bytes: Option<usize>,
+    message_timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -634,6 +647,31 @@ impl Validator<'_> {
                 ));
             }
         };
+        let per_connection = raw.max_buffered_bytes_per_connection.unwrap_or(
+            d.max_buffered_bytes_per_connection
+                .max(max_message_bytes + 5),
+        );
+        if per_connection < max_message_bytes + 5 || per_connection > u32::MAX as usize {
+            return Err(self.err(
+                "limits.max_buffered_bytes_per_connection",
+                format!(
+                    "expected at least limits.max_message_bytes + 5 ({}) and at most {}, got {per_connection}",
+                    max_message_bytes + 5,
+                    u32::MAX
+                ),
+            ));
+        }
+        let total = raw
+            .max_buffered_bytes
+            .unwrap_or(d.max_buffered_bytes.max(per_connection));
+        if total < per_connection {
+            return Err(self.err(
+                "limits.max_buffered_bytes",
+                format!(
+                    "expected at least limits.max_buffered_bytes_per_connection ({per_connection}), got {total}"
+                ),
+            ));
+        }
         let window = |f: &str, v: Option<u32>, dflt: u32| -> Result<u32, ConfigError> {
             match v {
                 None => Ok(dflt),
@@ -699,6 +737,13 @@ impl Validator<'_> {
                 "limits.request_read_timeout_ms",
                 raw.request_read_timeout_ms,
                 d.request_read_timeout.as_millis() as u64,
+            )?),
+            max_buffered_bytes_per_connection: per_connection,
+            max_buffered_bytes: total,
+            message_timeout: Duration::from_millis(self.positive(
+                "limits.message_timeout_ms",
+                raw.message_timeout_ms,
+                d.message_timeout.as_millis() as u64,
             )?),
         })
     }

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub connections_active: IntGauge,
     pub tls_handshake_failures: IntCounter,
     pub connections_refused: IntCounter,
+    pub buffered_bytes: IntGauge,
     pub upstream_errors: IntCounter,
 }
 
@@ -60,6 +61,11 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let buffered_bytes = IntGauge::new(
+            "aesp_buffered_bytes",
+            "Bytes reserved for messages being assembled for inspection (bounded by limits.max_buffered_bytes)",
+        )?;
+        registry.register(Box::new(buffered_bytes.clone()))?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -86,6 +92,7 @@ impl Metrics {
             connections_active,
             tls_handshake_failures,
             connections_refused,
+            buffered_bytes,
             upstream_errors,
         })
     }

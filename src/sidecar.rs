@@ -61,6 +61,10 @@ impl Sidecar {
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
         };
+        let buffered_total = crate::proxy::budget::Total {
+            semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
+            gauge: metrics.buffered_bytes.clone(),
+        };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -73,6 +77,7 @@ impl Sidecar {
             recorder: Recorder::new(metrics.clone()),
             upstream: upstream.clone(),
             metrics: metrics.clone(),
+            buffered_total: buffered_total.clone(),
         });
         tasks.spawn(accept::serve(
             data,
@@ -93,6 +98,7 @@ impl Sidecar {
                     recorder: Recorder::new(metrics.clone()),
                     upstream: upstream.clone(),
                     metrics: metrics.clone(),
+                    buffered_total: buffered_total.clone(),
                 });
                 tasks.spawn(accept::serve(
                     l,

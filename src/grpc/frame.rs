@@ -115,6 +115,16 @@ impl FrameDecoder {
         Ok(())
     }
 
+    /// The size (prefix included) of the message being assembled, once its prefix is in;
+    /// the prefix's size while only part of it is; 0 between messages.
+    pub fn pending_len(&self) -> usize {
+        match self.buf.len() {
+            0 => 0,
+            n if n < PREFIX_LEN => PREFIX_LEN,
+            _ => PREFIX_LEN + (&self.buf[1..PREFIX_LEN]).get_u32() as usize,
+        }
+    }
+
     /// Called at the end of the stream: fails if a message was left incomplete.
     pub fn finish(&self) -> Result<(), FrameError> {
         if self.buf.is_empty() {

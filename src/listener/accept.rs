@@ -226,7 +226,12 @@ pub(crate) async fn serve(
                 }
             }
             let expires = until(identity.as_ref().ok().and_then(|i| i.not_after));
-            let conn = Arc::new(ConnInfo::new(identity, remote, &proxy.cfg));
+            let conn = Arc::new(ConnInfo::new(
+                identity,
+                remote,
+                &proxy.cfg,
+                &proxy.buffered_total,
+            ));
             proxy.metrics.connections_total.inc();
             proxy.metrics.connections_active.inc();
             let activity = Activity::new();

@@ -97,6 +97,15 @@ pub struct InterceptBody<B, H> {
     trailers: Option<HeaderMap>,
     done: bool,
     scratch: Vec<GrpcMessage>,
+    limits: Option<Box<Limits>>,
+}
+
+/// The bounds on what one direction of a call may hold while a message is assembled.
+struct Limits {
+    reserver: super::budget::Reserver,
+    timeout: std::time::Duration,
+    /// Armed while a message is incomplete.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Outgoing messages below this size are coalesced into one DATA frame.
@@ -128,7 +137,48 @@ where
             trailers: None,
             done: false,
             scratch: Vec::new(),
+            limits: None,
         }
+    }
+
+    /// Bounds this direction: a message spanning frames reserves its size from `budget`
+    /// before its bytes are read, and must be whole within `message_timeout`.
+    pub(crate) fn with_limits(
+        mut self,
+        budget: &super::budget::Budget,
+        message_timeout: std::time::Duration,
+    ) -> Self {
+        self.limits = Some(Box::new(Limits {
+            reserver: super::budget::Reserver::new(budget),
+            timeout: message_timeout,
+            stall: None,
+        }));
+        self
+    }
+
+    /// Ready when the next frame may be read: the incomplete message (if any) has its bytes
+    /// reserved. `Err` when it has waited (for bytes or budget) past its timeout.
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Denial>> {
+        let Some(l) = self.limits.as_deref_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let need = self.decoder.pending_len();
+        if need == 0 {
+            l.stall = None;
+        } else {
+            let timeout = l.timeout;
+            let stall = l
+                .stall
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+            if stall.as_mut().poll(cx).is_ready() {
+                l.stall = None;
+                return Poll::Ready(Err(Denial::malformed(format!(
+                    "a message did not arrive whole within {} ms",
+                    timeout.as_millis()
+                ))));
+            }
+        }
+        l.reserver.poll_hold(cx, need).map(Ok)
     }
 
     /// Ends this direction because of `denial`, which the hook records. Returns the error to
@@ -293,6 +343,16 @@ where
                     Poll::Ready(Err(_)) => *abort = None,
                     Poll::Pending => {}
                 }
+            }
+            match this.poll_limits(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(denial)) => {
+                    if let Some(err) = this.refuse(denial) {
+                        return Poll::Ready(Some(Err(err)));
+                    }
+                    continue;
+                }
+                Poll::Ready(Ok(())) => {}
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,

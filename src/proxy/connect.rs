@@ -52,7 +52,8 @@ impl Proxy {
             },
             encoding,
             self.cfg.limits.max_message_bytes,
-        );
+        )
+        .with_limits(&conn.budget, self.cfg.limits.message_timeout);
         let up = self.upstream_request(
             &parts,
             allowed.identity,
@@ -71,7 +72,7 @@ impl Proxy {
                     },
                     patch: ErrorPatch::new(&cid),
                 };
-                self.intercepted_response(resp, &cid, hook, Some(abort_rx))
+                self.intercepted_response(&conn, resp, &cid, hook, Some(abort_rx))
             }
             Err(e) => match abort_rx.try_recv() {
                 // The runtime's side refused (and its hook recorded) before the host answered.

@@ -25,6 +25,7 @@
 //!    never read.
 
 pub mod body;
+pub(crate) mod budget;
 mod connect;
 pub(crate) mod headers;
 mod hooks;
@@ -65,6 +66,8 @@ pub(crate) struct ConnInfo {
     pub identity: Result<PeerIdentity, IdentityError>,
     /// `Some` exactly when `identity` is `Ok`.
     pub context: Option<upgrade::ContextTemplate>,
+    /// What the connection's calls may hold while assembling messages.
+    pub budget: budget::Budget,
 }
 
 impl ConnInfo {
@@ -72,6 +75,7 @@ impl ConnInfo {
         identity: Result<PeerIdentity, IdentityError>,
         remote: SocketAddr,
         cfg: &Config,
+        buffered_total: &budget::Total,
     ) -> ConnInfo {
         let context = identity.as_ref().ok().map(|id| {
             upgrade::ContextTemplate::new(
@@ -81,7 +85,14 @@ impl ConnInfo {
                 &cfg.runtime.security_zone,
             )
         });
-        ConnInfo { identity, context }
+        ConnInfo {
+            identity,
+            context,
+            budget: budget::Budget::for_connection(
+                cfg.limits.max_buffered_bytes_per_connection,
+                buffered_total,
+            ),
+        }
     }
 
     fn identity(&self) -> Result<&PeerIdentity, &IdentityError> {
@@ -105,6 +116,8 @@ pub(crate) struct Proxy {
     pub recorder: Recorder,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
+    /// `limits.max_buffered_bytes`, shared by every connection of every listener.
+    pub buffered_total: budget::Total,
 }
 
 /// A trailers-only gRPC response carrying `denial`.
@@ -330,6 +343,7 @@ impl Proxy {
     /// The host's response, its messages handed to `hook` on the way back.
     fn intercepted_response<H: MessageHook>(
         &self,
+        conn: &ConnInfo,
         resp: Response<Incoming>,
         cid: &str,
         hook: H,
@@ -352,7 +366,8 @@ impl Proxy {
             side,
             encoding,
             self.cfg.limits.max_message_bytes,
-        );
+        )
+        .with_limits(&conn.budget, self.cfg.limits.message_timeout);
         let mut out = Response::new(http_body_util::BodyExt::boxed_unsync(b));
         *out.status_mut() = parts.status;
         *out.headers_mut() =

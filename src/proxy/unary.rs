@@ -3,6 +3,7 @@
 //! decoded, decided and upgraded before anything reaches the host; the response is
 //! intercepted message by message on its way back.
 
+use super::budget::Reservation;
 use super::hooks::ErrorHook;
 use super::{ConnInfo, Proxy, body, headers};
 use crate::decision::{DecisionInput, Denied, Facts, Stage};
@@ -19,9 +20,11 @@ use hyper::body::Incoming;
 use std::sync::Arc;
 
 impl Proxy {
-    /// Reads the one message of a unary request, bounded by size and time.
+    /// Reads the one message of a unary request, bounded by size and time, and by the
+    /// connection's buffer budget (see [`super::budget`]).
     async fn read_unary(
         &self,
+        conn: &ConnInfo,
         mut body: Incoming,
         encoding: Encoding,
     ) -> Result<(GrpcMessage, Bytes), Denial> {
@@ -29,7 +32,19 @@ impl Proxy {
         let read = async {
             let mut decoder = FrameDecoder::new(max);
             let mut msgs = Vec::with_capacity(1);
-            while let Some(frame) = body.frame().await {
+            let mut held = None;
+            loop {
+                // A message spanning frames: its bytes are reserved before they are read.
+                let need = decoder.pending_len();
+                if held.as_ref().map_or(0, |r: &Reservation| r.bytes) != need {
+                    drop(held.take());
+                    if need > 0 {
+                        held = Some(conn.budget.reserve(need).await);
+                    }
+                }
+                let Some(frame) = body.frame().await else {
+                    break;
+                };
                 let frame =
                     frame.map_err(|e| Denial::malformed(format!("request stream failed: {e}")))?;
                 if let Ok(data) = frame.into_data() {
@@ -64,7 +79,7 @@ impl Proxy {
         let route = Route::Grid(method);
         let (parts, body) = req.into_parts();
 
-        let decoded = match self.read_unary(body, encoding).await {
+        let decoded = match self.read_unary(&conn, body, encoding).await {
             Ok((msg, payload)) => upgrade::decode_request(method, &payload)
                 .map(|r| (msg, payload, r))
                 .map_err(|e| Denial::malformed(format!("not a valid {e}"))),
@@ -143,7 +158,7 @@ impl Proxy {
                     patch: ErrorPatch::new(&cid),
                     field: method.response_error_field(),
                 };
-                self.intercepted_response(resp, &cid, hook, None)
+                self.intercepted_response(&conn, resp, &cid, hook, None)
             }
             Err(e) => self.upstream_down(allowed, e),
         }
