@@ -23,6 +23,7 @@ pub(crate) mod decision;
 pub mod demo;
 pub mod grid;
 pub mod grpc;
+pub mod identity;
 pub mod ids;
 pub mod listener;
 pub mod metrics;
