@@ -74,6 +74,40 @@ pub async fn channel(endpoint: &str, tls: Option<&ClientTls>) -> anyhow::Result<
         .with_context(|| format!("cannot connect to {endpoint}"))
 }
 
+/// Adds `authorization: Bearer <token>` to every request, when there is a token.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose requests carry a bearer token (or none).
+pub type GridChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// `channel` with `token` (the JWT itself, surrounding whitespace ignored) on every request.
+pub fn with_token(channel: Channel, token: Option<&str>) -> anyhow::Result<GridChannel> {
+    let bearer = match token.map(str::trim) {
+        None | Some("") => Bearer(None),
+        Some(t) => {
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("the token is not a valid header value"))?;
+            v.set_sensitive(true);
+            Bearer(Some(v))
+        }
+    };
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel, bearer,
+    ))
+}
+
 /// The `EnterpriseError` in a status's `grpc-status-details-bin`, if any.
 pub fn enterprise_error(status: &tonic::Status) -> Option<EnterpriseError> {
     let s = rpc::Status::decode(status.details()).ok()?;
@@ -288,13 +322,19 @@ pub async fn explain_transport_failure(
 
 /// Calls `path` with an empty message: what a client of a method the sidecar does not know
 /// looks like.
-pub async fn call_raw(channel: Channel, path: &str) -> Result<(), tonic::Status> {
+pub async fn call_raw<C>(channel: C, path: &str) -> Result<(), tonic::Status>
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <C::ResponseBody as http_body::Body>::Error: Into<tonic::codegen::StdError>,
+{
     let path = http::uri::PathAndQuery::try_from(path)
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     let mut g = tonic::client::Grpc::new(channel);
     g.ready()
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(|e| tonic::Status::unavailable(e.into().to_string()))?;
     let codec = tonic_prost::ProstCodec::<(), ()>::default();
     g.unary(tonic::Request::new(()), path, codec)
         .await
@@ -305,10 +345,10 @@ pub async fn call_raw(channel: Channel, path: &str) -> Result<(), tonic::Status>
 /// `Error`), as an AESP-aware client does. Requests are the base GRID messages.
 #[derive(Clone)]
 pub struct AespGridClient {
-    channel: Channel,
+    channel: GridChannel,
 }
 
-async fn ready(channel: &Channel) -> Result<tonic::client::Grpc<Channel>, tonic::Status> {
+async fn ready(channel: &GridChannel) -> Result<tonic::client::Grpc<GridChannel>, tonic::Status> {
     let mut g = tonic::client::Grpc::new(channel.clone());
     g.ready()
         .await
@@ -317,7 +357,18 @@ async fn ready(channel: &Channel) -> Result<tonic::client::Grpc<Channel>, tonic:
 }
 
 impl AespGridClient {
+    /// A client without a token.
     pub fn new(channel: Channel) -> Self {
+        AespGridClient {
+            channel: tonic::service::interceptor::InterceptedService::new(
+                channel,
+                Bearer::default(),
+            ),
+        }
+    }
+
+    /// A client whose calls carry a bearer token.
+    pub fn with_token(channel: GridChannel) -> Self {
         AespGridClient { channel }
     }
 

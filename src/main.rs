@@ -158,8 +158,31 @@ struct CallArgs {
     /// Sent as x-aesp-correlation-id.
     #[arg(long, global = true, help_heading = "Connection", value_name = "ID")]
     correlation_id: Option<String>,
+    /// A file holding the bearer token (JWT) to present. By default the `.jwt` beside
+    /// --cert (`.aesp-dev/acme.jwt` for `.aesp-dev/acme.crt`), when there is one.
+    #[arg(long, global = true, help_heading = "Connection", value_name = "FILE")]
+    token: Option<PathBuf>,
+    /// Present no token, even if a default one exists.
+    #[arg(long, global = true, help_heading = "Connection")]
+    no_token: bool,
     #[command(subcommand)]
     op: CallOp,
+}
+
+/// The token `aesp call` presents: --token, else the `.jwt` beside --cert, else none.
+fn call_token(a: &CallArgs) -> anyhow::Result<Option<String>> {
+    if a.no_token {
+        return Ok(None);
+    }
+    let (path, explicit) = match &a.token {
+        Some(p) => (p.clone(), true),
+        None => (a.cert.with_extension("jwt"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(Some(t.trim().to_string())),
+        Err(e) if explicit => Err(anyhow::anyhow!("--token {}: {e}", path.display())),
+        Err(_) => Ok(None),
+    }
 }
 
 #[derive(Subcommand)]
@@ -386,7 +409,8 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
             });
         }
     };
-    let c = AespGridClient::new(ch);
+    let token = if tls.is_some() { call_token(&a)? } else { None };
+    let c = AespGridClient::with_token(client::with_token(ch, token.as_deref())?);
     let session = match &a.op {
         CallOp::Execute { session: None, .. } | CallOp::Stream { session: None, .. } => match c
             .create_session(request(grid::CreateSession::default(), &a.correlation_id)?)

@@ -2,7 +2,7 @@
 //! pipeline, the data-plane and management listeners and the admin HTTP endpoint.
 
 use crate::config::{Config, ConfigError};
-use crate::decision::{Pipeline, Recorder};
+use crate::decision::{Pipeline, Recorder, TokenRules};
 use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Role};
@@ -23,9 +23,27 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// Validates everything `serve` would need (config and every TLS file) without serving.
+/// The token check's rules, with every issuer's keys loaded.
+fn token_rules(cfg: &Config) -> Result<TokenRules, ConfigError> {
+    let verifier = if cfg.auth.issuers.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            cfg.auth.verifier(&cfg.source.display().to_string())?,
+        ))
+    };
+    Ok(TokenRules {
+        verifier,
+        required: cfg.auth.tokens_required.clone(),
+        front_proxies: cfg.auth.trusted_front_proxies.clone(),
+    })
+}
+
+/// Validates everything `serve` would need (config and every TLS and key file) without
+/// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::tls::server_config(cfg)?;
+    token_rules(cfg)?;
     let up = crate::tls::upstream_client_config(cfg)?;
     Upstream::new(cfg, up)?;
     Ok(())
@@ -60,6 +78,7 @@ impl Sidecar {
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
+            tokens: token_rules(&cfg)?,
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),

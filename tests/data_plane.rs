@@ -28,7 +28,7 @@ fn content(r: &grid::ToolResult) -> serde_json::Value {
 }
 
 async fn stream_payloads(
-    c: &mut GridHostClient<tonic::transport::Channel>,
+    c: &mut GridHostClient<aesp_sidecar::client::GridChannel>,
     tc: grid::ToolCall,
 ) -> Vec<(u64, Vec<u8>, bool)> {
     let mut s = c.execute_tool_stream(tc).await.unwrap().into_inner();
@@ -123,7 +123,7 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     assert_eq!(a.error_details.as_ref().unwrap().code, "TOOL_ERROR");
 
     // ... and an AESP-aware client reads the EnterpriseError with its correlation id.
-    let aware = AespGridClient::new(stack.channel("acme").await);
+    let aware = AespGridClient::with_token(stack.channel("acme").await);
     let mut req = tonic::Request::new(call(&s_via.session_id, "fail", serde_json::json!({})));
     req.metadata_mut()
         .insert("x-aesp-correlation-id", "trace-42".parse().unwrap());
@@ -606,7 +606,7 @@ async fn inbound_identity_headers_never_reach_the_host() {
 #[tokio::test]
 async fn create_session_claiming_another_identity_is_identity_mismatch() {
     let stack = Stack::start().await;
-    let c = AespGridClient::new(stack.channel("acme").await);
+    let c = AespGridClient::with_token(stack.channel("acme").await);
     for (p, t, field) in [
         ("mallory", "", "principal_id"),
         ("", "globex", "tenant_id"),
@@ -807,6 +807,8 @@ async fn an_unreachable_host_is_upstream_unavailable() {
     )
     .await
     .unwrap();
+    let token = std::fs::read_to_string(dir.path().join("acme.jwt")).unwrap();
+    let ch = client::with_token(ch, Some(&token)).unwrap();
     let err = GridHostClient::new(ch)
         .create_session(grid::CreateSession::default())
         .await
@@ -847,7 +849,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn metrics_and_health_are_served() {
     let stack = Stack::start().await;
-    let c = AespGridClient::new(stack.channel("acme").await);
+    let c = AespGridClient::with_token(stack.channel("acme").await);
     c.create_session(grid::CreateSession::default())
         .await
         .unwrap();
@@ -933,7 +935,7 @@ async fn shutdown_lets_in_flight_streams_finish_and_stops_accepting() {
 #[tokio::test]
 async fn the_sidecar_reconnects_when_the_host_comes_back() {
     let mut stack = Stack::start_with("", false).await;
-    let c = AespGridClient::new(stack.channel("acme").await);
+    let c = AespGridClient::with_token(stack.channel("acme").await);
     c.create_session(grid::CreateSession::default())
         .await
         .unwrap();

@@ -43,7 +43,11 @@ impl CaStack {
         })
         .await
         .unwrap();
-        let cfg = common::config_text(&format!("http://{}", host.local_addr), extra);
+        // Certificates alone: this CA's peers have no demo tokens.
+        let cfg = common::certificates_only(&common::config_text(
+            &format!("http://{}", host.local_addr),
+            extra,
+        ));
         let p = write(dir.path(), "sidecar.yaml", &cfg);
         let sidecar =
             aesp_sidecar::sidecar::Sidecar::start(aesp_sidecar::config::Config::load(&p).unwrap())

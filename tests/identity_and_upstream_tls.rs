@@ -27,7 +27,11 @@ async fn subject_mapping_gives_an_identity_and_unmapped_certificates_get_none() 
     .await
     .unwrap();
     let extra = "  subjects:\n    - subject_cn: legacy-billing\n      principal: billing\n      tenant: acme\n";
-    let cfg = common::config_text(&format!("http://{}", host.local_addr), "").replace(
+    let cfg = common::certificates_only(&common::config_text(
+        &format!("http://{}", host.local_addr),
+        "",
+    ))
+    .replace(
         "  organization_id: example-org\n",
         &format!("  organization_id: example-org\n{extra}"),
     );
@@ -118,7 +122,7 @@ async fn the_host_can_be_reached_over_tls() {
         "https://127.0.0.1:{}\n  ca: ca.crt\n  server_name: localhost",
         host.local_addr.port()
     );
-    let cfg = common::config_text(&upstream, "");
+    let cfg = common::certificates_only(&common::config_text(&upstream, ""));
     let p = dir.path().join("sidecar.yaml");
     std::fs::write(&p, cfg).unwrap();
     let sidecar =

@@ -133,7 +133,9 @@ async fn sidecar_for(
     let p = dir.path().join("sidecar.yaml");
     std::fs::write(
         &p,
-        common::config_text(&format!("http://{addr}"), extra).replace("passthrough: []\n", ""),
+        // Certificates alone: these tests are about HTTP/2, not tokens.
+        common::certificates_only(&common::config_text(&format!("http://{addr}"), extra))
+            .replace("passthrough: []\n", ""),
     )
     .unwrap();
     let s = aesp_sidecar::sidecar::Sidecar::start(aesp_sidecar::config::Config::load(&p).unwrap())

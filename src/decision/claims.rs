@@ -5,21 +5,26 @@
 use super::Facts;
 use crate::grid::upgrade::Claims;
 use crate::grpc::{Denial, ErrorCode};
-use crate::listener::PeerIdentity;
 
+/// `facts` carries the verified (effective) identity, and records an overwrite.
 pub(super) fn consistent(
     claims: &Claims,
-    id: &PeerIdentity,
-    overwrite: bool,
     facts: &mut Facts,
+    overwrite: bool,
 ) -> Result<(), Denial> {
+    let principal = facts
+        .principal_id
+        .as_ref()
+        .map_or("", |p| p.as_str())
+        .to_string();
+    let tenant = facts
+        .tenant_id
+        .as_ref()
+        .map_or("", |t| t.as_str())
+        .to_string();
     for (field, claimed, verified) in [
-        (
-            "principal_id",
-            &claims.principal_id,
-            id.principal_id.as_str(),
-        ),
-        ("tenant_id", &claims.tenant_id, id.tenant_id.as_str()),
+        ("principal_id", &claims.principal_id, principal.as_str()),
+        ("tenant_id", &claims.tenant_id, tenant.as_str()),
     ] {
         let Some(c) = claimed else { continue };
         if c == verified {
@@ -46,6 +51,7 @@ mod tests {
     use crate::decision::Stage;
     use crate::grid::Route;
     use crate::ids::{PeerKind, PrincipalId, TenantId};
+    use crate::listener::PeerIdentity;
 
     #[test]
     fn claims_must_match_the_verified_identity_unless_overwriting_is_configured() {
@@ -70,7 +76,7 @@ mod tests {
         ];
         for (claims, overwrite, want) in cases {
             let mut facts = Facts::new(Stage::Call, "/m", Route::Unknown, Some(&alice), "c");
-            let got = consistent(&claims, &alice, overwrite, &mut facts);
+            let got = consistent(&claims, &mut facts, overwrite);
             match (got, want) {
                 (Ok(()), Ok(over)) => assert_eq!(facts.overwrote_identity, over),
                 (Err(d), Err(field)) => {

@@ -11,7 +11,8 @@
 //! of order, a frame that does not decode, a host that fails) goes through the same
 //! [`Recorder`] as a [`Denied`].
 //!
-//! Order of the checks: authentication → method known → identity consistency. Tenancy,
+//! Order of the checks: authentication (certificate) → caller (bearer token) → method known
+//! → identity consistency. Tenancy,
 //! RBAC, governance, schema, CEL policy and budget slot in after these, in that order, each
 //! as a file of its own beside these.
 
@@ -19,16 +20,20 @@ mod authn;
 mod claims;
 mod method;
 mod record;
+mod token;
 
 pub(crate) use authn::unauthenticated;
 pub(crate) use record::Recorder;
+pub(crate) use token::TokenRules;
 
 use crate::grid::Route;
 use crate::grid::upgrade::Claims;
 use crate::grpc::Denial;
+use crate::identity::Caller;
 use crate::ids::{PeerKind, PrincipalId, TenantId};
 use crate::listener::PeerIdentity;
 use crate::listener::identity::IdentityError;
+use std::sync::Arc;
 
 /// Everything the pipeline looks at for one call (or one message of a stream).
 #[derive(Debug)]
@@ -36,6 +41,8 @@ pub(crate) struct DecisionInput<'a> {
     pub method: &'a str,
     pub route: Route,
     pub identity: Result<&'a PeerIdentity, &'a IdentityError>,
+    /// The `authorization` header's value, if any.
+    pub authorization: Option<&'a [u8]>,
     pub claims: Claims,
     pub tool_name: Option<&'a str>,
     pub session_id: Option<&'a str>,
@@ -48,12 +55,14 @@ impl<'a> DecisionInput<'a> {
         method: &'a str,
         route: Route,
         identity: Result<&'a PeerIdentity, &'a IdentityError>,
+        authorization: Option<&'a [u8]>,
         correlation_id: &'a str,
     ) -> Self {
         DecisionInput {
             method,
             route,
             identity,
+            authorization,
             claims: Claims::default(),
             tool_name: None,
             session_id: None,
@@ -80,9 +89,13 @@ pub(crate) struct Facts {
     pub stage: Stage,
     pub method: String,
     pub route: Route,
+    /// The effective principal and tenant: the token's caller where there is one, else the
+    /// certificate's.
     pub principal_id: Option<PrincipalId>,
     pub tenant_id: Option<TenantId>,
     pub peer_kind: Option<PeerKind>,
+    /// The certificate's principal, when a token's caller acts through it.
+    pub workload: Option<PrincipalId>,
     pub correlation_id: String,
     pub tool_name: Option<String>,
     pub session_id: Option<String>,
@@ -92,7 +105,23 @@ pub(crate) struct Facts {
     pub overwrote_identity: bool,
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Facts {
+    /// The effective identity is the token's caller, acting through the certificate.
+    fn caller(&mut self, id: &PeerIdentity, caller: Option<&Caller>) {
+        let Some(c) = caller else { return };
+        self.workload = Some(id.principal_id.clone());
+        self.principal_id = Some(c.principal.clone());
+        if let Some(t) = &c.tenant {
+            self.tenant_id = Some(t.clone());
+        }
+    }
+
     /// The facts of a call about to be decided, or refused before the pipeline could run.
     pub fn new(
         stage: Stage,
@@ -108,6 +137,7 @@ impl Facts {
             principal_id: identity.map(|i| i.principal_id.clone()),
             tenant_id: identity.map(|i| i.tenant_id.clone()),
             peer_kind: identity.map(|i| i.kind.clone()),
+            workload: None,
             correlation_id: correlation_id.to_string(),
             tool_name: None,
             session_id: None,
@@ -117,10 +147,12 @@ impl Facts {
     }
 }
 
-/// The pipeline let the call through; `identity` is the verified one it was decided for.
+/// The pipeline let the call through; `identity` is the verified certificate it was decided
+/// for, `caller` the verified token's caller where the call carried one.
 #[derive(Debug)]
 pub(crate) struct Allowed<'a> {
     pub identity: &'a PeerIdentity,
+    pub caller: Option<Arc<Caller>>,
     pub facts: Facts,
 }
 
@@ -183,6 +215,7 @@ impl<'a> From<&'a Denied> for Decision<'a> {
 #[derive(Debug, Clone)]
 pub(crate) struct Pipeline {
     pub overwrite_identity_fields: bool,
+    pub tokens: TokenRules,
 }
 
 impl Pipeline {
@@ -201,20 +234,27 @@ impl Pipeline {
             .filter(|s| !s.is_empty())
             .map(str::to_string);
         match self.check(input, &mut facts) {
-            Ok(identity) => Ok(Allowed { identity, facts }),
+            Ok((identity, caller)) => Ok(Allowed {
+                identity,
+                caller,
+                facts,
+            }),
             Err(denial) => Err(Denied { denial, facts }),
         }
     }
 
+    /// The checks, in order; the first refusal ends the call.
     fn check<'a>(
         &self,
         input: &DecisionInput<'a>,
         facts: &mut Facts,
-    ) -> Result<&'a PeerIdentity, Denial> {
+    ) -> Result<(&'a PeerIdentity, Option<Arc<Caller>>), Denial> {
         let id = authn::verified_identity(input.identity)?;
+        let caller = token::caller(&self.tokens, input.authorization, id, unix_now())?;
+        facts.caller(id, caller.as_deref());
         method::served(input.method, input.route)?;
-        claims::consistent(&input.claims, id, self.overwrite_identity_fields, facts)?;
-        Ok(id)
+        claims::consistent(&input.claims, facts, self.overwrite_identity_fields)?;
+        Ok((id, caller))
     }
 }
 
@@ -245,6 +285,7 @@ mod tests {
         };
         let strict = Pipeline {
             overwrite_identity_fields: false,
+            tokens: TokenRules::default(),
         };
         // (identity, route, claims) -> expected code; `None` = allowed.
         type Case<'a> = (
@@ -279,6 +320,7 @@ mod tests {
                 method: GridMethod::CreateSession.path(),
                 route,
                 identity,
+                authorization: None,
                 claims,
                 tool_name: None,
                 session_id: Some("s1"),

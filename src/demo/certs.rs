@@ -9,6 +9,9 @@
 //! | `globex.crt` / `globex.key` | client `spiffe://aesp.local/tenant/globex/client/bob` |
 //! | `runtime.crt` / `runtime.key` | runtime `spiffe://aesp.local/tenant/acme/runtime/acme-runtime-1` |
 //! | `admin.crt` / `admin.key` | platform administrator `spiffe://aesp.local/tenant/platform/admin/root` |
+//!
+//! Beside them, the demo's token issuer and a token per client certificate
+//! ([`super::tokens`]).
 
 use anyhow::Context;
 use rcgen::{
@@ -147,6 +150,11 @@ const ALL_FILES: [&str; 12] = [
     "admin.key",
 ];
 
+/// Writes a file only its owner may read (keys, tokens).
+pub(crate) fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    write(path, contents, true)
+}
+
 fn write(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
     std::fs::write(path, contents).with_context(|| format!("cannot write {}", path.display()))?;
     #[cfg(unix)]
@@ -168,6 +176,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<(DevFiles, bool)> {
         dir: dir.to_path_buf(),
     };
     if ALL_FILES.iter().all(|f| files.path(f).is_file()) {
+        super::tokens::ensure(dir)?;
         return Ok((files, false));
     }
     let ca = Ca::new("aesp-sidecar dev CA")?;
@@ -186,5 +195,6 @@ pub fn ensure(dir: &Path) -> anyhow::Result<(DevFiles, bool)> {
         write(&files.path(&format!("{stem}.crt")), &leaf.cert_pem, false)?;
         write(&files.path(&format!("{stem}.key")), &leaf.key_pem, true)?;
     }
+    super::tokens::ensure(dir)?;
     Ok((files, true))
 }

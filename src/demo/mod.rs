@@ -5,6 +5,7 @@ pub mod certs;
 pub mod host;
 pub mod runtime;
 pub mod scenario;
+pub mod tokens;
 
 use crate::client::ClientTls;
 use crate::config::Config;
@@ -33,6 +34,12 @@ upstream:
 identity:
   trust_domain: aesp.local        # spiffe://aesp.local/tenant/<tenant>/<kind>/<name>
   organization_id: example-org
+auth:
+  tokens_required: [client]       # clients present `authorization: Bearer <JWT>`; runtimes: certificate alone
+  issuers:
+    - issuer: https://aesp-demo.local  # the demo's own issuer (issuer.key); tokens: acme.jwt, globex.jwt, admin.jwt
+      audiences: [aesp]
+      jwks_file: issuer.jwks.json
 runtime:
   security_zone: demo-zone
   deployment_environment: DEV
@@ -270,10 +277,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Vec<scenario::Step>> {
     }
 
     println!("\nScenario (client certificates acme.crt = alice@acme, globex.crt = bob@globex):");
+    let token = |stem: &str| -> anyhow::Result<String> {
+        Ok(String::from_utf8(files.read(&format!("{stem}.jwt"))?)
+            .context("a token file is not text")?
+            .trim()
+            .to_string())
+    };
+    let (acme_tls, globex_tls) = (client_tls(&files, "acme")?, client_tls(&files, "globex")?);
+    let (acme_token, globex_token) = (token("acme")?, token("globex")?);
     let steps = scenario::run(
         &endpoint,
-        &client_tls(&files, "acme")?,
-        &client_tls(&files, "globex")?,
+        scenario::Party {
+            tls: &acme_tls,
+            token: &acme_token,
+        },
+        scenario::Party {
+            tls: &globex_tls,
+            token: &globex_token,
+        },
     )
     .await?;
     if let Some(sc) = host.state.security_contexts().first() {

@@ -70,15 +70,47 @@ async fn execute(c: &AespGridClient, title: String, tc: grid::ToolCall) -> Step 
     }
 }
 
-/// Runs the scenario against the sidecar at `endpoint` with the dev certificates.
-pub async fn run(
-    endpoint: &str,
-    acme: &ClientTls,
-    globex: &ClientTls,
-) -> anyhow::Result<Vec<Step>> {
+/// A client of the scenario: its certificate and its token.
+pub struct Party<'a> {
+    pub tls: &'a ClientTls,
+    pub token: &'a str,
+}
+
+/// Runs the scenario against the sidecar at `endpoint` with the dev certificates and tokens.
+pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::Result<Vec<Step>> {
     let mut steps = Vec::new();
-    let ch = client::channel(endpoint, Some(acme)).await?;
-    let alice = AespGridClient::new(ch.clone());
+    let plain = client::channel(endpoint, Some(acme.tls)).await?;
+    let ch = client::with_token(plain.clone(), Some(acme.token))?;
+    let alice = AespGridClient::with_token(ch.clone());
+
+    // 0. Clients present a token: without one, or with a forged one, nothing passes.
+    let title = "CreateSession as alice without a token".to_string();
+    match AespGridClient::new(plain.clone())
+        .create_session(grid::CreateSession::default())
+        .await
+    {
+        Ok(_) => steps.push(Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: "unexpectedly allowed".into(),
+        }),
+        Err(s) => steps.push(denied(title, &s)),
+    }
+    let title = "CreateSession as alice with a forged token".to_string();
+    let forged_token = forge(acme.token);
+    match AespGridClient::with_token(client::with_token(plain, Some(&forged_token))?)
+        .create_session(grid::CreateSession::default())
+        .await
+    {
+        Ok(_) => steps.push(Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: "unexpectedly allowed".into(),
+        }),
+        Err(s) => steps.push(denied(title, &s)),
+    }
 
     // 1. A session for alice@acme; the sidecar fills in the EnterpriseSecurityContext.
     let session = match alice
@@ -207,8 +239,8 @@ pub async fn run(
     }
 
     // bob@globex gets a session of his own: the identity comes from his certificate.
-    let ch_bob = client::channel(endpoint, Some(globex)).await?;
-    let bob = AespGridClient::new(ch_bob);
+    let ch_bob = client::channel(endpoint, Some(globex.tls)).await?;
+    let bob = AespGridClient::with_token(client::with_token(ch_bob, Some(globex.token))?);
     let title = "CreateSession as bob (tenant globex)".to_string();
     match bob.create_session(grid::CreateSession::default()).await {
         Ok(ack) => steps.push(Step {
@@ -242,4 +274,27 @@ pub async fn run(
         print_step(i + 1, s);
     }
     Ok(steps)
+}
+
+/// `token` with its payload changed (tenant globex) and its signature kept: what a caller
+/// who edits their token sends.
+fn forge(token: &str) -> String {
+    use base64::Engine;
+    let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = token.trim().splitn(3, '.');
+    let (h, p, s) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let forged = e
+        .decode(p)
+        .ok()
+        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+        .map(|mut c| {
+            c["tenant"] = serde_json::json!("globex");
+            e.encode(c.to_string())
+        })
+        .unwrap_or_default();
+    format!("{h}.{forged}.{s}")
 }

@@ -110,10 +110,13 @@ pub fn decode_request(method: super::GridMethod, payload: &Bytes) -> Result<Requ
 }
 
 /// The `EnterpriseSecurityContext` of a connection, encoded once when the connection is
-/// accepted: identity fields from verification only, and the connection's policy context
-/// (source address, peer kind, SPIFFE ID, security zone). Each call appends its own
-/// `policy_context` entries (`method`, `request_time_unix`): protobuf map entries are plain
-/// repeated records, so a call's context is the connection's bytes plus two records.
+/// accepted: the organization and the connection's policy context (source address, peer
+/// kind, SPIFFE ID, workload principal, security zone), then the identity verified from the
+/// certificate. A call with a bearer token appends its caller's part (principal, tenant,
+/// claims, roles, clearance, organization: encoded once per token, see
+/// [`caller_context`]), which overrides the certificate's identity field by field (protobuf
+/// merge: a later scalar wins, map entries and repeated fields add up). Each call then
+/// appends its own `policy_context` entries (`method`, `request_time_unix`).
 #[derive(Debug, Clone)]
 pub struct ContextTemplate {
     base: Vec<u8>,
@@ -126,10 +129,14 @@ impl ContextTemplate {
         source: &str,
         security_zone: &str,
     ) -> ContextTemplate {
-        let mut policy_context = HashMap::with_capacity(4);
+        let mut policy_context = HashMap::with_capacity(5);
         policy_context.insert("source".to_string(), source.to_string());
         policy_context.insert("peer_kind".to_string(), id.kind.to_string());
         policy_context.insert("security_zone".to_string(), security_zone.to_string());
+        policy_context.insert(
+            "workload_principal".to_string(),
+            id.principal_id.to_string(),
+        );
         if let Some(s) = &id.spiffe_id {
             policy_context.insert("spiffe_id".to_string(), s.clone());
         }
@@ -146,14 +153,19 @@ impl ContextTemplate {
         ContextTemplate { base }
     }
 
-    /// The encoded `EnterpriseSecurityContext` of one call of `method`.
-    pub fn for_call(&self, method: &str) -> Bytes {
+    /// The encoded `EnterpriseSecurityContext` of one call of `method`, with the caller's
+    /// part (from [`caller_context`]) when the call carries a token.
+    pub fn for_call(&self, method: &str, caller: Option<&[u8]>) -> Bytes {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut out = BytesMut::with_capacity(self.base.len() + method.len() + 48);
+        let extra = caller.map_or(0, <[u8]>::len);
+        let mut out = BytesMut::with_capacity(self.base.len() + extra + method.len() + 48);
         out.extend_from_slice(&self.base);
+        if let Some(c) = caller {
+            out.extend_from_slice(c);
+        }
         for (k, v) in [("method", method), ("request_time_unix", &now.to_string())] {
             let mut entry = BytesMut::with_capacity(k.len() + v.len() + 4);
             wire::put_len_field(&mut entry, 1, k.as_bytes());
@@ -162,6 +174,24 @@ impl ContextTemplate {
         }
         out.freeze()
     }
+}
+
+/// The caller's part of an `EnterpriseSecurityContext`, encoded once per verified token.
+pub fn caller_context(c: &crate::identity::Caller) -> Vec<u8> {
+    aesp::EnterpriseSecurityContext {
+        principal_id: c.principal.to_string(),
+        tenant_id: c.tenant.as_ref().map(|t| t.to_string()).unwrap_or_default(),
+        claims: c
+            .claims
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        organization_id: c.organization.clone().unwrap_or_default(),
+        roles: c.roles.clone(),
+        security_clearance: c.clearance.clone().unwrap_or_default(),
+        policy_context: HashMap::from([("token_issuer".to_string(), c.issuer.clone())]),
+    }
+    .encode_to_vec()
 }
 
 /// `CreateSession` with its `security_context` (field 3) replaced by `esc` (encoded).
@@ -295,7 +325,8 @@ mod tests {
             security_context: None,
         }
         .encode_to_vec();
-        let esc = ContextTemplate::new(&alice(), "org-1", "127.0.0.1:1", "zone-a").for_call("/m");
+        let esc =
+            ContextTemplate::new(&alice(), "org-1", "127.0.0.1:1", "zone-a").for_call("/m", None);
         let out = upgrade_create_session(&raw, &esc).unwrap();
         let cs = aesp::EnterpriseCreateSession::decode(out.clone()).unwrap();
         let sc = cs.security_context.unwrap();

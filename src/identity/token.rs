@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 /// A verified caller, as its token and the issuer's claim mapping say.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub issuer: String,
     pub principal: PrincipalId,
@@ -42,6 +42,11 @@ pub struct Caller {
     pub claims: BTreeMap<String, String>,
     /// `exp`, Unix seconds.
     pub expires_at: u64,
+    /// Header values for the upstream request, built once per token.
+    pub principal_header: http::HeaderValue,
+    pub tenant_header: Option<http::HeaderValue>,
+    /// The caller's part of the `EnterpriseSecurityContext`, encoded on first use.
+    pub context: std::sync::OnceLock<Vec<u8>>,
 }
 
 /// Why a token was not accepted. Shown to the caller in `details.reason`.
@@ -544,8 +549,14 @@ fn map_claims(
         .filter(|(k, _)| !m.sensitive.iter().any(|s| s == *k))
         .map(|(k, v)| (k.clone(), claim_text(v)))
         .collect();
+    let header = |s: &str| {
+        http::HeaderValue::from_str(s).unwrap_or_else(|_| http::HeaderValue::from_static("invalid"))
+    };
     Ok(Caller {
         issuer: issuer.issuer.clone(),
+        principal_header: header(principal.as_str()),
+        tenant_header: tenant.as_ref().map(|t| header(t.as_str())),
+        context: std::sync::OnceLock::new(),
         principal,
         tenant,
         organization: m

@@ -25,22 +25,24 @@ impl Proxy {
         encoding: Encoding,
     ) -> Response<ProxyBody> {
         let method = GridMethod::Connect;
+        let (parts, body) = req.into_parts();
         let allowed = match self.pipeline.decide(&DecisionInput::headers(
             method.path(),
             Route::Grid(method),
             conn.identity(),
+            super::authorization(&parts.headers),
             &cid,
         )) {
             Ok(a) => a,
             Err(denied) => return self.refuse(denied),
         };
-        let esc = conn.security_context(method.path());
-        let (parts, body) = req.into_parts();
+        let esc = conn.security_context(method.path(), &allowed);
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
         let hook = RuntimeHook {
             proxy: self.clone(),
             conn: conn.clone(),
             correlation_id: cid.clone(),
+            authorization: parts.headers.get(http::header::AUTHORIZATION).cloned(),
             announced: false,
             refused_announce: None,
         };
@@ -54,14 +56,7 @@ impl Proxy {
             self.cfg.limits.max_message_bytes,
         )
         .with_limits(&conn.budget, self.cfg.limits.message_timeout);
-        let up = self.upstream_request(
-            &parts,
-            allowed.identity,
-            &esc,
-            &cid,
-            req_body.boxed_unsync(),
-            true,
-        );
+        let up = self.upstream_request(&parts, &allowed, &esc, &cid, req_body.boxed_unsync(), true);
         match self.forward(&allowed, up, Class::RuntimeStream).await {
             Ok(resp) => {
                 let hook = HostHook {

@@ -90,6 +90,8 @@ pub(super) struct RuntimeHook {
     pub proxy: Arc<Proxy>,
     pub conn: Arc<ConnInfo>,
     pub correlation_id: String,
+    /// The `authorization` header of the `Connect` request, if any.
+    pub authorization: Option<http::HeaderValue>,
     pub announced: bool,
     /// The pipeline's facts of a refused announcement, for the record.
     pub refused_announce: Option<Facts>,
@@ -113,6 +115,7 @@ impl RuntimeHook {
             method: GridMethod::Connect.path(),
             route: Route::Grid(GridMethod::Connect),
             identity: self.conn.identity(),
+            authorization: self.authorization.as_ref().map(|v| v.as_bytes()),
             claims: Claims {
                 principal_id: None,
                 tenant_id: (!a.tenant_id.is_empty()).then(|| a.tenant_id.clone()),

@@ -99,11 +99,16 @@ impl ConnInfo {
         self.identity.as_ref()
     }
 
-    /// The encoded `EnterpriseSecurityContext` of one call.
-    fn security_context(&self, method: &str) -> Bytes {
+    /// The encoded `EnterpriseSecurityContext` of one allowed call.
+    fn security_context(&self, method: &str, allowed: &Allowed<'_>) -> Bytes {
+        let caller = allowed.caller.as_ref().map(|c| {
+            c.context
+                .get_or_init(|| upgrade::caller_context(c))
+                .as_slice()
+        });
         self.context
             .as_ref()
-            .map(|c| c.for_call(method))
+            .map(|c| c.for_call(method, caller))
             .unwrap_or_default()
     }
 }
@@ -118,6 +123,12 @@ pub(crate) struct Proxy {
     pub metrics: Arc<Metrics>,
     /// `limits.max_buffered_bytes`, shared by every connection of every listener.
     pub buffered_total: budget::Total,
+}
+
+/// The `authorization` header of a request, for the token check.
+fn authorization(h: &http::HeaderMap) -> Option<&[u8]> {
+    h.get(http::header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes)
 }
 
 /// A trailers-only gRPC response carrying `denial`.
@@ -293,7 +304,7 @@ impl Proxy {
     fn upstream_request(
         &self,
         parts: &http::request::Parts,
-        id: &PeerIdentity,
+        allowed: &Allowed<'_>,
         esc: &[u8],
         cid: &str,
         body: ProxyBody,
@@ -303,9 +314,16 @@ impl Proxy {
         let h = headers::upstream_request_headers(
             &parts.headers,
             IdentityHeaders {
-                principal: id.principal_header.clone(),
-                tenant: id.tenant_header.clone(),
-                peer_kind: id.kind_header.clone(),
+                principal: allowed.caller.as_ref().map_or_else(
+                    || allowed.identity.principal_header.clone(),
+                    |c| c.principal_header.clone(),
+                ),
+                tenant: allowed
+                    .caller
+                    .as_ref()
+                    .and_then(|c| c.tenant_header.clone())
+                    .unwrap_or_else(|| allowed.identity.tenant_header.clone()),
+                peer_kind: allowed.identity.kind_header.clone(),
                 security_context_bin: HeaderValue::from_str(&esc_b64)
                     .unwrap_or_else(|_| HeaderValue::from_static("")),
                 correlation_id: correlation_header(cid),

@@ -24,16 +24,22 @@ impl Proxy {
         path: String,
         cid: String,
     ) -> Response<ProxyBody> {
-        let input = DecisionInput::headers(&path, route, conn.identity(), &cid);
+        let (parts, body) = req.into_parts();
+        let input = DecisionInput::headers(
+            &path,
+            route,
+            conn.identity(),
+            super::authorization(&parts.headers),
+            &cid,
+        );
         let allowed = match self.pipeline.decide(&input) {
             Ok(a) => a,
             Err(denied) => return self.refuse(denied),
         };
-        let esc = conn.security_context(&path);
-        let (parts, body) = req.into_parts();
+        let esc = conn.security_context(&path, &allowed);
         let up = self.upstream_request(
             &parts,
-            allowed.identity,
+            &allowed,
             &esc,
             &cid,
             FilterTrailers::new(body, headers::filter_request_trailers).boxed_unsync(),

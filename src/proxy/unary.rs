@@ -112,6 +112,7 @@ impl Proxy {
             method: path,
             route,
             identity: conn.identity(),
+            authorization: super::authorization(&parts.headers),
             claims: request.claims(),
             tool_name: request.tool_name(),
             session_id: request.session_id(),
@@ -121,7 +122,7 @@ impl Proxy {
             Err(denied) => return self.refuse(denied),
         };
 
-        let esc = conn.security_context(path);
+        let esc = conn.security_context(path, &allowed);
         let upgraded = match &request {
             upgrade::Request::CreateSession(_) => {
                 Some(upgrade::upgrade_create_session(&payload, &esc).map_err(Denial::malformed))
@@ -139,14 +140,7 @@ impl Proxy {
             Some(Err(denial)) => return self.refuse(allowed.deny(denial)),
         };
 
-        let up = self.upstream_request(
-            &parts,
-            allowed.identity,
-            &esc,
-            &cid,
-            body::full(frame),
-            true,
-        );
+        let up = self.upstream_request(&parts, &allowed, &esc, &cid, body::full(frame), true);
         match self.forward(&allowed, up, Class::Call).await {
             Ok(resp) => {
                 let hook = ErrorHook {

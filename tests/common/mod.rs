@@ -24,6 +24,22 @@ pub struct Stack {
     pub endpoint: String,
 }
 
+/// `text` (a config) with tokens required of nobody: peers authenticate by certificate
+/// alone. For tests of certificate identity and of HTTP/2 behaviour.
+pub fn certificates_only(text: &str) -> String {
+    let start = text.find("\nauth:\n").expect("an auth section") + 1;
+    let end = start
+        + text[start..]
+            .find("\nruntime:\n")
+            .expect("runtime follows auth")
+        + 1;
+    format!(
+        "{}auth:\n  tokens_required: []\n{}",
+        &text[..start],
+        &text[end..]
+    )
+}
+
 /// The demo's configuration with every port picked by the OS and `upstream` at `upstream`.
 /// `extra` is appended; a leading `limits:` block in it is merged into the demo's `limits:`
 /// section (for example `"limits:\n  idle_timeout_seconds: 1\n"`), and likewise a leading
@@ -115,18 +131,35 @@ impl Stack {
         .unwrap()
     }
 
-    /// A tonic channel through the sidecar with the certificate `stem` (acme, globex, ...).
-    pub async fn channel(&self, stem: &str) -> Channel {
+    /// The demo token of `stem` (`acme.jwt`, ...), if there is one.
+    pub fn token(&self, stem: &str) -> Option<String> {
+        std::fs::read_to_string(self.files.path(&format!("{stem}.jwt")))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    /// A tonic channel through the sidecar with the certificate `stem` (acme, globex, ...)
+    /// and its demo token, as a client of the demo would call.
+    pub async fn channel(&self, stem: &str) -> client::GridChannel {
+        let ch = client::channel(&self.endpoint, Some(&self.tls(stem)))
+            .await
+            .unwrap();
+        client::with_token(ch, self.token(stem).as_deref()).unwrap()
+    }
+
+    /// The same without a token.
+    pub async fn channel_without_token(&self, stem: &str) -> Channel {
         client::channel(&self.endpoint, Some(&self.tls(stem)))
             .await
             .unwrap()
     }
 
-    /// A plain h2c channel straight to the host, bypassing the sidecar.
-    pub async fn direct(&self) -> Channel {
-        client::channel(&format!("http://{}", self.host.local_addr), None)
+    /// A plain h2c channel straight to the host, bypassing the sidecar (no token).
+    pub async fn direct(&self) -> client::GridChannel {
+        let ch = client::channel(&format!("http://{}", self.host.local_addr), None)
             .await
-            .unwrap()
+            .unwrap();
+        client::with_token(ch, None).unwrap()
     }
 
     pub fn client_config(&self, stem: Option<&str>) -> rustls::ClientConfig {
@@ -141,9 +174,12 @@ impl Stack {
             .unwrap()
     }
 
-    /// A raw HTTP/2 connection over mTLS, for frames no gRPC library would send.
+    /// A raw HTTP/2 connection over mTLS, for frames no gRPC library would send. Its calls
+    /// carry the demo token of `stem` unless they set `authorization` themselves.
     pub async fn raw(&self, stem: &str) -> RawH2 {
-        RawH2::connect(self.sidecar.data_addr, self.client_config(Some(stem))).await
+        let mut r = RawH2::connect(self.sidecar.data_addr, self.client_config(Some(stem))).await;
+        r.token = self.token(stem);
+        r
     }
 
     /// Opens `GridRuntime/Connect` as runtime `stem`, sends `data` as one DATA frame, keeps
@@ -231,6 +267,9 @@ type RawBody = http_body_util::StreamBody<
 
 pub struct RawH2 {
     sender: hyper::client::conn::http2::SendRequest<RawBody>,
+    /// Sent as `authorization: Bearer` unless a call sets `authorization` itself (an empty
+    /// value there sends none).
+    pub token: Option<String>,
 }
 
 impl RawH2 {
@@ -251,7 +290,10 @@ impl RawH2 {
                 .await
                 .unwrap();
         tokio::spawn(conn);
-        RawH2 { sender }
+        RawH2 {
+            sender,
+            token: None,
+        }
     }
 
     /// Sends `chunks` as separate DATA frames on `path` and collects the whole response.
@@ -287,7 +329,17 @@ impl RawH2 {
         {
             req = req.header("content-type", "application/grpc");
         }
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            && let Some(t) = &self.token
+        {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
         for (k, v) in headers {
+            if k.eq_ignore_ascii_case("authorization") && v.is_empty() {
+                continue;
+            }
             req = req.header(*k, *v);
         }
         let req = req

@@ -29,11 +29,28 @@ def enterprise_error(err):
 
 def main(cert_dir, port):
     read = lambda f: open(f"{cert_dir}/{f}", "rb").read()
-    creds = grpc.ssl_channel_credentials(
+    tls = grpc.ssl_channel_credentials(
         root_certificates=read("ca.crt"), private_key=read("acme.key"), certificate_chain=read("acme.crt")
     )
+    # The bearer token of alice@acme, sent by grpcio's own call credentials.
+    token = read("acme.jwt").decode().strip()
+    creds = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token))
     ch = grpc.secure_channel(f"localhost:{port}", creds)
     stub = grid_pb2_grpc.GridHostStub(ch)
+
+    # Without a token, or with a forged one, nothing passes.
+    for bad_creds, want in [
+        (tls, "AUTHENTICATION_REQUIRED"),
+        (grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(token[:-4] + "AAAA")), "INVALID_CREDENTIALS"),
+    ]:
+        try:
+            grid_pb2_grpc.GridHostStub(grpc.secure_channel(f"localhost:{port}", bad_creds)).CreateSession(
+                grid_pb2.CreateSession(), timeout=10
+            )
+            raise AssertionError(f"{want}: the call was allowed")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+            assert enterprise_error(e).code == want, enterprise_error(e)
 
     ack = stub.CreateSession(grid_pb2.CreateSession(ttl_seconds=60), timeout=10)
     assert ack.session_id and not ack.HasField("error"), ack

@@ -4,6 +4,10 @@
 //! such as `upstream.address`) and what was expected. Relative paths in the file are resolved
 //! against the directory of the file, so a config and its certificates can move together.
 
+mod auth;
+
+pub use auth::{AuthConfig, IssuerConfig, KeySource};
+
 use crate::ids::{PeerKind, PrincipalId, TenantId};
 use crate::listener::identity::{IdentityRules, SubjectMapping, SubjectMatch};
 use serde::Deserialize;
@@ -35,6 +39,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub upstream: UpstreamConfig,
     pub identity: IdentityConfig,
+    pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -191,6 +196,8 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     #[serde(default)]
     identity: RawIdentity,
+    #[serde(default)]
+    auth: auth::RawAuth,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -383,6 +390,7 @@ impl Validator<'_> {
 
         let upstream = self.upstream(raw.upstream)?;
         let identity = self.identity(raw.identity)?;
+        let auth = self.auth(raw.auth, &identity.peer_kinds)?;
 
         let runtime = RuntimeConfig {
             security_zone: raw
@@ -434,6 +442,7 @@ impl Validator<'_> {
             tls,
             upstream,
             identity,
+            auth,
             runtime,
             limits,
             passthrough,
@@ -753,7 +762,7 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\n";
+    const MINIMAL: &str = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\nauth:\n  tokens_required: []\n";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/aesp/sidecar.yaml"))
@@ -769,6 +778,38 @@ mod tests {
         assert!(c.upstream.tls.is_none());
         assert_eq!(c.limits.max_message_bytes, 4 * 1024 * 1024);
         assert_eq!(c.runtime.deployment_environment, "DEV");
+    }
+
+    #[test]
+    fn clients_need_a_token_issuer_unless_certificates_alone_are_configured() {
+        let e = parse(&MINIMAL.replace("auth:\n  tokens_required: []\n", "")).unwrap_err();
+        assert_eq!(e.field, "auth.issuers");
+        assert!(e.problem.contains("tokens_required: []"), "{e}");
+        let c = parse(&MINIMAL.replace(
+            "  tokens_required: []\n",
+            "  issuers:\n    - issuer: https://idp\n      jwks_file: idp.json\n      claims: {tenant: \"\", sensitive: [email]}\n",
+        ))
+        .unwrap();
+        assert_eq!(c.auth.tokens_required, vec![PeerKind::Client]);
+        assert_eq!(c.auth.issuers[0].mapping.tenant, None);
+        assert!(
+            matches!(&c.auth.issuers[0].keys, KeySource::Jwks(p) if p == Path::new("/etc/aesp/idp.json"))
+        );
+        for (bad, field) in [
+            ("    - issuer: https://idp\n", "auth.issuers[0]"),
+            ("    - jwks_file: x.json\n", "auth.issuers[0].issuer"),
+            (
+                "    - issuer: https://idp\n      pem_file: k.pem\n      pem_algorithm: HS256\n",
+                "auth.issuers[0].pem_algorithm",
+            ),
+        ] {
+            let e =
+                parse(&MINIMAL.replace("  tokens_required: []\n", &format!("  issuers:\n{bad}")))
+                    .unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e = parse(&MINIMAL.replace("[]", "[robot]")).unwrap_err();
+        assert_eq!(e.field, "auth.tokens_required[0]");
     }
 
     #[test]
