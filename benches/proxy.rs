@@ -1,13 +1,16 @@
 //! The sidecar's overhead, as ratios against baselines measured in the same run.
 //!
-//! `cargo bench --bench proxy` starts, in this one process, three complete GRID stacks on
+//! `cargo bench --bench proxy` starts, in this one process, four complete GRID stacks on
 //! loopback with ports picked by the OS, each with its own reference host and its own
 //! reference runtime:
 //!
 //! - `direct`: client → host over h2c; the runtime connects to the host over h2c;
 //! - `direct-tls`: client → host over mTLS (the host's own tonic TLS); the runtime likewise;
-//! - `sidecar`: client → sidecar over mTLS 1.3 → host over h2c; the runtime connects through
-//!   the sidecar, as in a real deployment.
+//! - `sidecar-certonly`: client → sidecar over mTLS 1.3 → host over h2c, clients
+//!   authenticated by certificate alone (`auth.tokens_required: []`);
+//! - `sidecar`: the same with the demo's configuration: clients present a bearer token
+//!   (verified once, then served from the cache); the runtime connects through the sidecar,
+//!   as in a real deployment.
 //!
 //! Every path is driven by the same client code (tonic, `AespGridClient`) over a few HTTP/2
 //! connections with C calls in flight, for a fixed time after a warm-up, in alternating
@@ -32,7 +35,6 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 // ------------------------------------------------------------------------------- settings
 
@@ -154,6 +156,8 @@ struct PathSpec {
     name: String,
     endpoint: String,
     tls: Option<ClientTls>,
+    /// The bearer token the path's calls carry (the sidecar requires one of clients).
+    token: Option<String>,
     /// Processes whose CPU time is charged to this path; empty = this process.
     pids: Vec<u32>,
 }
@@ -161,7 +165,7 @@ struct PathSpec {
 /// A path, connected, with a session its runtime fulfils.
 struct BenchPath {
     spec: PathSpec,
-    channels: Vec<Channel>,
+    channels: Vec<client::GridChannel>,
     session_id: String,
 }
 
@@ -169,7 +173,8 @@ async fn connect(spec: PathSpec, connections: usize) -> anyhow::Result<BenchPath
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
         // One tonic channel is one HTTP/2 connection.
-        channels.push(client::channel(&spec.endpoint, spec.tls.as_ref()).await?);
+        let ch = client::channel(&spec.endpoint, spec.tls.as_ref()).await?;
+        channels.push(client::with_token(ch, spec.token.as_deref())?);
     }
     let session_id = ready_session(&channels[0], &spec.name).await?;
     Ok(BenchPath {
@@ -180,8 +185,8 @@ async fn connect(spec: PathSpec, connections: usize) -> anyhow::Result<BenchPath
 }
 
 /// A long-lived session whose `echo` works: waits (up to 30 s) for the runtime to be there.
-async fn ready_session(ch: &Channel, name: &str) -> anyhow::Result<String> {
-    let c = AespGridClient::new(ch.clone());
+async fn ready_session(ch: &client::GridChannel, name: &str) -> anyhow::Result<String> {
+    let c = AespGridClient::with_token(ch.clone());
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -234,6 +239,16 @@ fn config_text(upstream: &str) -> String {
         .replace("shutdown_grace_seconds: 5", "shutdown_grace_seconds: 2")
 }
 
+/// `text` with tokens required of nobody (certificates alone), for the token-less path.
+fn certificates_only(text: &str) -> String {
+    match (text.find("\nauth:\n"), text.find("\nruntime:\n")) {
+        (Some(a), Some(r)) if a < r => {
+            format!("{}\nauth:\n  tokens_required: []{}", &text[..a], &text[r..])
+        }
+        _ => text.to_string(),
+    }
+}
+
 fn read(files: &certs::DevFiles, name: &str) -> anyhow::Result<Vec<u8>> {
     files.read(name)
 }
@@ -260,7 +275,7 @@ fn client_tls(dir: &Path, stem: &str, domain: &str) -> anyhow::Result<ClientTls>
 struct Embedded {
     _dir: tempfile::TempDir,
     runtimes: Vec<runtime::RuntimeHandle>,
-    sidecar: Sidecar,
+    sidecars: Vec<Sidecar>,
     hosts: Vec<host::HostHandle>,
     specs: Vec<PathSpec>,
 }
@@ -338,31 +353,60 @@ impl Embedded {
         )
         .await?;
 
+        // sidecar-certonly: the same, clients authenticated by certificate alone (no token).
+        let host_c = host::spawn(loopback_host()).await?;
+        let cfg_c = dir.path().join("sidecar-certonly.yaml");
+        std::fs::write(
+            &cfg_c,
+            certificates_only(&config_text(&format!("http://{}", host_c.local_addr))),
+        )?;
+        let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
+        let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
+        let rt_c = start_runtime(
+            certonly_ep.clone(),
+            Some(runtime_tls(&files)?),
+            "acme-runtime-1",
+        )
+        .await?;
+        let acme_token = String::from_utf8(read(&files, "acme.jwt")?)?
+            .trim()
+            .to_string();
+
         let specs = vec![
             PathSpec {
                 name: "direct".into(),
                 endpoint: format!("http://{}", host_d.local_addr),
                 tls: None,
+                token: None,
                 pids: Vec::new(),
             },
             PathSpec {
                 name: "direct-tls".into(),
                 endpoint: format!("https://127.0.0.1:{}", host_t.local_addr.port()),
                 tls: Some(acme.clone()),
+                token: None,
+                pids: Vec::new(),
+            },
+            PathSpec {
+                name: "sidecar-certonly".into(),
+                endpoint: certonly_ep,
+                tls: Some(acme.clone()),
+                token: None,
                 pids: Vec::new(),
             },
             PathSpec {
                 name: "sidecar".into(),
                 endpoint: sidecar_ep,
                 tls: Some(acme),
+                token: Some(acme_token),
                 pids: Vec::new(),
             },
         ];
         Ok(Embedded {
             _dir: dir,
-            runtimes: vec![rt_d, rt_t, rt_s],
-            sidecar,
-            hosts: vec![host_d, host_t, host_s],
+            runtimes: vec![rt_d, rt_t, rt_c, rt_s],
+            sidecars: vec![sidecar_c, sidecar],
+            hosts: vec![host_d, host_t, host_c, host_s],
             specs,
         })
     }
@@ -371,7 +415,9 @@ impl Embedded {
         for rt in self.runtimes {
             rt.shutdown().await;
         }
-        self.sidecar.shutdown().await;
+        for s in self.sidecars {
+            s.shutdown().await;
+        }
         for h in self.hosts {
             h.shutdown().await;
         }
@@ -397,10 +443,22 @@ fn external_spec(item: &str, default_name: &str, tls: &Option<ClientTls>) -> Pat
     } else {
         None
     };
+    // A token for the target: AESP_BENCH_TOKEN (a file), else acme.jwt of the cert dir.
+    let token = std::env::var("AESP_BENCH_TOKEN")
+        .ok()
+        .or_else(|| {
+            std::env::var("AESP_BENCH_CERT_DIR")
+                .ok()
+                .map(|d| format!("{d}/acme.jwt"))
+        })
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|_| tls.is_some());
     PathSpec {
         name,
         endpoint,
         tls,
+        token,
         pids: Vec::new(),
     }
 }
@@ -601,7 +659,7 @@ async fn run_slice(
     let deadline = start + dur;
     let mut tasks = Vec::with_capacity(concurrency);
     for i in 0..concurrency {
-        let c = AespGridClient::new(path.channels[i % path.channels.len()].clone());
+        let c = AespGridClient::with_token(path.channels[i % path.channels.len()].clone());
         let work = work.clone();
         tasks.push(tokio::spawn(async move {
             let mut t = Tally {
