@@ -939,11 +939,13 @@ fn check_binding(file: &str, i: usize, b: &Binding) -> Result<(), RbacError> {
 fn build_index(file: &str, table: &RoleTable, bindings: &[Binding]) -> Result<Index, RbacError> {
     let n = table.roles.len();
     let mut index = Index::default();
-    // (scope, tenant key, subject kind, subject name, role) -> (binding, role position)
-    let mut seen: HashMap<(Scope, &str, &str, &str, usize), (usize, usize)> = HashMap::new();
+    /// (scope, tenant key, (subject kind, subject name), role)
+    type Key<'b> = (Scope, &'b str, (&'static str, &'b str), usize);
+    // Each key -> where it was first bound: (binding, role position).
+    let mut seen: HashMap<Key<'_>, (usize, usize)> = HashMap::new();
     for (i, b) in bindings.iter().enumerate() {
         let tenant_key = b.tenant.key();
-        let (what, name) = b.subject.key();
+        let subject = b.subject.key();
         let by_tenant = match b.scope {
             Scope::Tenant => &mut index.tenant,
             Scope::Platform => &mut index.platform,
@@ -962,7 +964,7 @@ fn build_index(file: &str, table: &RoleTable, bindings: &[Binding]) -> Result<In
                     known: table.known(),
                 });
             };
-            if let Some(&(fi, fj)) = seen.get(&(b.scope, tenant_key, what, name, r)) {
+            if let Some(&(fi, fj)) = seen.get(&(b.scope, tenant_key, subject, r)) {
                 return Err(RbacError::Duplicate {
                     file: file.to_string(),
                     field,
@@ -970,9 +972,1031 @@ fn build_index(file: &str, table: &RoleTable, bindings: &[Binding]) -> Result<In
                     problem: format!("{b} is bound to role {role:?} twice"),
                 });
             }
-            seen.insert((b.scope, tenant_key, what, name, r), (i, j));
+            seen.insert((b.scope, tenant_key, subject, r), (i, j));
             set.union_with(&table.closure[r]);
         }
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/aesp/rbac.yaml";
+
+    fn parse(text: &str) -> Result<Rbac, RbacError> {
+        Rbac::parse(text, Path::new(FILE))
+    }
+
+    fn t(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// An identity to ask grants for; `groups` and `roles` as a token would give them.
+    struct Who {
+        tenant: TenantId,
+        principal: PrincipalId,
+        kind: PeerKind,
+        groups: Vec<String>,
+        roles: Vec<String>,
+    }
+
+    fn who(tenant: &str, principal: &str, kind: &str) -> Who {
+        Who {
+            tenant: t(tenant),
+            principal: PrincipalId::new(principal).unwrap(),
+            kind: PeerKind::new(kind).unwrap(),
+            groups: Vec::new(),
+            roles: Vec::new(),
+        }
+    }
+
+    impl Who {
+        fn groups(mut self, g: &[&str]) -> Who {
+            self.groups = strings(g);
+            self
+        }
+        fn roles(mut self, r: &[&str]) -> Who {
+            self.roles = strings(r);
+            self
+        }
+        fn subject(&self) -> Subject<'_> {
+            Subject {
+                tenant: &self.tenant,
+                principal: &self.principal,
+                kind: &self.kind,
+                groups: &self.groups,
+                roles: &self.roles,
+            }
+        }
+        fn grants(&self, rbac: &Rbac) -> Arc<Grants> {
+            rbac.grants(&self.subject())
+        }
+        /// `permission` on `target` (a tenant id).
+        fn may(&self, rbac: &Rbac, permission: &str, target: &str) -> bool {
+            self.grants(rbac)
+                .allows(permission, &t(target), &self.tenant)
+        }
+    }
+
+    #[test]
+    fn roles_inherit_permissions_several_levels_deep() {
+        let rbac = parse(
+            "roles:
+  - { name: d, includes: [c], permissions: [p.d] }
+  - { name: c, includes: [b, b2], permissions: [p.c] }
+  - { name: b, includes: [a], permissions: [p.b] }
+  - { name: b2, includes: [a], permissions: [p.b2] }
+  - { name: a, permissions: [p.a, \"tool:*:execute\"] }
+  - { name: unrelated, permissions: [p.x] }
+bindings:
+  - { principal: alice, tenant: acme, roles: [d] }
+  - { principal: carol, tenant: acme, roles: [b] }
+",
+        )
+        .unwrap();
+        // (principal, effective roles, permissions)
+        let cases: [(&str, &[&str], &[&str]); 3] = [
+            (
+                "alice",
+                &["a", "b", "b2", "c", "d"],
+                &["p.a", "p.b", "p.b2", "p.c", "p.d", "tool:*:execute"],
+            ),
+            ("carol", &["a", "b"], &["p.a", "p.b", "tool:*:execute"]),
+            ("dave", &[], &[]),
+        ];
+        for (principal, roles, perms) in cases {
+            let w = who("acme", principal, "client");
+            let g = w.grants(&rbac);
+            assert_eq!(g.roles(), strings(roles), "{principal}");
+            assert_eq!(g.permissions(), strings(perms), "{principal}");
+            for p in perms {
+                let concrete = p.replace('*', "echo");
+                assert!(g.allows(&concrete, &w.tenant, &w.tenant), "{principal} {p}");
+            }
+            assert!(!g.allows("p.x", &w.tenant, &w.tenant), "{principal}");
+        }
+    }
+
+    #[test]
+    fn cycles_are_refused_with_the_cycle_named() {
+        let cases = [
+            ("[{ name: a, includes: [a] }]", "a -> a"),
+            (
+                "[{ name: a, includes: [b] }, { name: b, includes: [a] }]",
+                "a -> b -> a",
+            ),
+            (
+                "[{ name: a, includes: [b] }, { name: b, includes: [c] }, { name: c, includes: [a] }]",
+                "a -> b -> c -> a",
+            ),
+            (
+                "[{ name: x, includes: [y] }, { name: y, includes: [a] }, { name: a, includes: [b] }, { name: b, includes: [a] }]",
+                "a -> b -> a",
+            ),
+            (
+                "[{ name: ok, includes: [leaf] }, { name: leaf }, { name: p, includes: [leaf, q] }, { name: q, includes: [p] }]",
+                "p -> q -> p",
+            ),
+        ];
+        for (roles, cycle) in cases {
+            let e = parse(&format!("roles: {roles}\n")).unwrap_err();
+            assert!(matches!(e, RbacError::Cycle { .. }), "{e}");
+            assert_eq!(e.to_string(), format!("{FILE}: roles: cycle {cycle}"));
+            assert_eq!(e.field(), "roles");
+        }
+    }
+
+    #[test]
+    fn unknown_roles_are_refused_with_their_field_path() {
+        let roles = "roles:\n  - { name: a }\n  - { name: b, includes: [a] }\n";
+        let cases = [
+            (
+                "roles:\n  - { name: a }\n  - { name: b, includes: [a, nope] }\n".to_string(),
+                "roles[1].includes[1]",
+            ),
+            (
+                format!(
+                    "{roles}bindings:\n  - {{ principal: alice, tenant: acme, roles: [b, nope] }}\n"
+                ),
+                "bindings[0].roles[1]",
+            ),
+            (
+                format!(
+                    "{roles}bindings:\n  - {{ kind: runtime, tenant: \"*\", roles: [a] }}\n  - {{ group: g, tenant: acme, roles: [nope] }}\n"
+                ),
+                "bindings[1].roles[0]",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = parse(&text).unwrap_err();
+            match &e {
+                RbacError::UnknownRole { role, .. } => assert_eq!(role, "nope"),
+                other => panic!("{field}: {other}"),
+            }
+            assert_eq!(e.field(), field);
+            assert_eq!(e.file(), FILE);
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{FILE}: {field}: unknown role \"nope\"")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_roles_and_bindings_are_refused_naming_both_positions() {
+        let roles = "roles: [{ name: a }, { name: b }]\nbindings:\n";
+        // (text, field of the second occurrence, first occurrence); `None`: accepted.
+        let cases = [
+            (
+                "roles: [{ name: a }, { name: b }, { name: a }]\n".to_string(),
+                Some(("roles[2].name", "roles[0]")),
+            ),
+            (
+                format!("{roles}  - {{ principal: alice, tenant: acme, roles: [a, b, a] }}\n"),
+                Some(("bindings[0].roles[2]", "bindings[0].roles[0]")),
+            ),
+            (
+                format!(
+                    "{roles}  - {{ principal: alice, tenant: acme, roles: [a] }}\n  - {{ group: alice, tenant: acme, roles: [a] }}\n  - {{ principal: alice, tenant: acme, roles: [b, a] }}\n"
+                ),
+                Some(("bindings[2].roles[1]", "bindings[0].roles[0]")),
+            ),
+            (
+                format!(
+                    "{roles}  - {{ kind: runtime, tenant: \"*\", roles: [a] }}\n  - {{ kind: runtime, tenant: \"*\", roles: [a] }}\n"
+                ),
+                Some(("bindings[1].roles[0]", "bindings[0].roles[0]")),
+            ),
+            // The same subject and role elsewhere is another binding: another tenant, "*",
+            // platform scope, or another role in the same tenant.
+            (
+                format!(
+                    "{roles}  - {{ principal: alice, tenant: acme, roles: [a] }}\n  - {{ principal: alice, tenant: globex, roles: [a] }}\n  - {{ principal: alice, tenant: \"*\", roles: [a] }}\n  - {{ principal: alice, tenant: acme, scope: platform, roles: [a] }}\n  - {{ principal: alice, tenant: acme, roles: [b] }}\n"
+                ),
+                None,
+            ),
+        ];
+        for (text, want) in cases {
+            match (parse(&text), want) {
+                (Ok(_), None) => {}
+                (Err(e @ RbacError::Duplicate { .. }), Some((field, first))) => {
+                    assert_eq!(e.field(), field, "{e}");
+                    assert!(
+                        e.to_string().contains(&format!("(first at {first})")),
+                        "{e}"
+                    );
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_refused_saying_what_is_wrong() {
+        let role = "roles: [{ name: a }]\n";
+        let bind = |b: &str| format!("{role}bindings:\n  - {{ {b} }}\n");
+        // (text, field, words the problem must contain)
+        let cases = [
+            (
+                "roles: [{ name: \"\" }]\n".to_string(),
+                "roles[0].name",
+                "expected 1 to 128",
+            ),
+            (
+                "roles: [{ name: \"a b\" }]\n".to_string(),
+                "roles[0].name",
+                "got \"a b\"",
+            ),
+            (
+                "roles: [{ name: a, permissions: [ok.x, \"\"] }]\n".to_string(),
+                "roles[0].permissions[1]",
+                "empty string",
+            ),
+            (
+                "roles: [{ name: a, permissions: [\"grid session\"] }]\n".to_string(),
+                "roles[0].permissions[0]",
+                "' ' at position 4",
+            ),
+            (
+                "roles: [{ name: a, permissions: [\"tool:é:execute\"] }]\n".to_string(),
+                "roles[0].permissions[0]",
+                "is not allowed",
+            ),
+            (
+                format!(
+                    "roles: [{{ name: a, permissions: [{}] }}]\n",
+                    "x".repeat(300)
+                ),
+                "roles[0].permissions[0]",
+                "at most 256",
+            ),
+            (
+                "roles: [{ name: a, permisions: [x] }]\n".to_string(),
+                "roles[0]",
+                "unknown field `permisions`",
+            ),
+            (
+                "rolez: []\n".to_string(),
+                "(document)",
+                "unknown field `rolez`",
+            ),
+            (
+                bind("principal: alice, group: g, tenant: acme, roles: [a]"),
+                "bindings[0]",
+                "exactly one of principal, group or kind",
+            ),
+            (
+                bind("tenant: acme, roles: [a]"),
+                "bindings[0]",
+                "exactly one of",
+            ),
+            (
+                bind("principal: \"al ice\", tenant: acme, roles: [a]"),
+                "bindings[0].principal",
+                "expected 1 to 128",
+            ),
+            (
+                bind("kind: \"-x\", tenant: acme, roles: [a]"),
+                "bindings[0].kind",
+                "got \"-x\"",
+            ),
+            (
+                bind("group: \" g\", tenant: acme, roles: [a]"),
+                "bindings[0].group",
+                "leading or trailing spaces",
+            ),
+            (
+                bind("group: \"\", tenant: acme, roles: [a]"),
+                "bindings[0].group",
+                "1 to 256",
+            ),
+            (
+                bind("principal: alice, tenant: \"ac/me\", roles: [a]"),
+                "bindings[0].tenant",
+                "or \"*\"",
+            ),
+            (
+                bind("principal: alice, tenant: acme, scope: global, roles: [a]"),
+                "bindings[0].scope",
+                "tenant or platform",
+            ),
+            (
+                bind("principal: alice, tenant: \"*\", scope: platform, roles: [a]"),
+                "bindings[0].scope",
+                "must name the tenant",
+            ),
+            (
+                bind("principal: alice, tenant: acme, roles: []"),
+                "bindings[0].roles",
+                "at least one role",
+            ),
+            (
+                bind("principal: alice, roles: [a]"),
+                "bindings[0]",
+                "missing field `tenant`",
+            ),
+        ];
+        for (text, field, words) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.file(), FILE, "{e}");
+            assert_eq!(e.field(), field, "{e}");
+            assert!(e.to_string().contains(words), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("{FILE}: {field}: ")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn globs_match_any_run_of_characters() {
+        // (glob, permission, matches)
+        let cases = [
+            ("aesp.*", "aesp.audit.read", true),
+            ("aesp.*", "aesp.", true),
+            ("aesp.*", "aesp", false),
+            ("aesp.*", "grid.session.create", false),
+            ("tool:*:execute", "tool:echo:execute", true),
+            ("tool:*:execute", "tool::execute", true),
+            ("tool:*:execute", "tool:echo:read", false),
+            ("tool:*:execute", "tool:execute", false),
+            (
+                "tool:billing_*:execute",
+                "tool:billing_refund:execute",
+                true,
+            ),
+            ("tool:billing_*:execute", "tool:echo:execute", false),
+            ("tool:billing_*:execute", "tool:billing:execute", false),
+            ("*.read", "aesp.audit.read", true),
+            ("*.read", "aesp.audit.write", false),
+            ("*", "anything:at.all", true),
+            ("*", "", false),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "aXbYbZc", true),
+            ("a*b*c", "acb", false),
+            ("a*b*c", "abcb", false),
+            ("a**c", "ac", true),
+            ("a*b*b", "ab", false),
+            ("a*b*b", "abb", true),
+            ("x*yz*yz", "xyz", false),
+            ("*ab*ab*", "abab", true),
+            ("*ab*ab*", "aba", false),
+            ("grid.session.create", "grid.session.create", true),
+            ("grid.session.create", "grid.session.creat", false),
+            ("grid.session.create", "grid.session.created", false),
+        ];
+        for (glob, permission, want) in cases {
+            let rbac = parse(&format!(
+                "roles: [{{ name: r, permissions: [\"{glob}\"] }}]\nbindings: [{{ principal: alice, tenant: acme, roles: [r] }}]\n"
+            ))
+            .unwrap();
+            let alice = who("acme", "alice", "client");
+            assert_eq!(
+                alice.may(&rbac, permission, "acme"),
+                want,
+                "{glob} ~ {permission:?}"
+            );
+            assert_eq!(
+                reference_match(glob, permission),
+                want || permission.is_empty() && glob == "*",
+                "{glob} ~ {permission:?}"
+            );
+        }
+    }
+
+    const TENANCY: &str = "roles:
+  - { name: user, permissions: [grid.session.create, \"tool:*:execute\"] }
+  - { name: runtime, permissions: [grid.runtime.connect] }
+  - { name: tenant-admin, includes: [user], permissions: [aesp.identity.admin, aesp.policy.write] }
+  - { name: platform-admin, includes: [tenant-admin], permissions: [\"aesp.*\"] }
+  - { name: platform-auditor, permissions: [aesp.audit.read] }
+  - { name: engineer, permissions: [\"tool:deploy_*:execute\"] }
+bindings:
+  - { kind: runtime, tenant: \"*\", roles: [runtime] }
+  - { principal: alice, tenant: acme, roles: [user] }
+  - { principal: acme-admin, tenant: acme, roles: [tenant-admin] }
+  - { principal: root, tenant: platform, scope: platform, roles: [platform-admin] }
+  - { group: auditors, tenant: platform, scope: platform, roles: [platform-auditor] }
+  - { group: engineers, tenant: acme, roles: [engineer] }
+  - { principal: bob, tenant: globex, roles: [user] }
+";
+
+    #[test]
+    fn a_tenant_admin_acts_in_its_own_tenant_only_and_a_platform_admin_on_every_tenant() {
+        let rbac = parse(TENANCY).unwrap();
+        let acme_admin = who("acme", "acme-admin", "client");
+        let root = who("platform", "root", "admin");
+        let auditor = who("platform", "eve", "client").groups(&["auditors"]);
+        let auditor_of_acme = who("acme", "eve", "client").groups(&["auditors"]);
+        // (who, permission, target tenant, allowed)
+        let cases = [
+            (&acme_admin, "aesp.identity.admin", "acme", true),
+            (&acme_admin, "tool:echo:execute", "acme", true),
+            (&acme_admin, "aesp.identity.admin", "globex", false),
+            (&acme_admin, "grid.session.create", "globex", false),
+            (&acme_admin, "aesp.audit.read", "acme", false),
+            (&root, "aesp.identity.admin", "acme", true),
+            (&root, "aesp.identity.admin", "globex", true),
+            (&root, "aesp.cost.admin", "globex", true),
+            (&root, "tool:echo:execute", "globex", true),
+            (&root, "aesp.policy.write", "platform", true),
+            (&root, "grid.runtime.connect", "acme", false),
+            (&auditor, "aesp.audit.read", "globex", true),
+            (&auditor, "aesp.identity.admin", "globex", false),
+            // A group bound with platform scope in tenant platform: not for acme's "eve".
+            (&auditor_of_acme, "aesp.audit.read", "globex", false),
+            (&auditor_of_acme, "aesp.audit.read", "acme", false),
+        ];
+        for (w, permission, target, want) in cases {
+            assert_eq!(
+                w.may(&rbac, permission, target),
+                want,
+                "{} of {} {permission} on {target}",
+                w.principal,
+                w.tenant
+            );
+        }
+        let g = root.grants(&rbac);
+        assert_eq!(
+            g.roles(),
+            strings(&["platform-admin", "tenant-admin", "user"])
+        );
+        assert!(g.platform_permissions().contains(&"aesp.*".to_string()));
+        assert!(acme_admin.grants(&rbac).platform_permissions().is_empty());
+    }
+
+    #[test]
+    fn star_tenant_bindings_apply_to_each_tenant_own_subjects_only() {
+        let rbac = parse(TENANCY).unwrap();
+        // (tenant, principal, kind, target, allowed to connect)
+        let cases = [
+            ("acme", "acme-runtime-1", "runtime", "acme", true),
+            ("globex", "globex-runtime-1", "runtime", "globex", true),
+            ("acme", "acme-runtime-1", "runtime", "globex", false),
+            ("globex", "globex-runtime-1", "runtime", "acme", false),
+            ("acme", "alice", "client", "acme", false),
+            ("platform", "root", "admin", "platform", false),
+        ];
+        for (tenant, principal, kind, target, want) in cases {
+            let w = who(tenant, principal, kind);
+            assert_eq!(
+                w.may(&rbac, "grid.runtime.connect", target),
+                want,
+                "{kind} {principal} of {tenant} on {target}"
+            );
+        }
+    }
+
+    #[test]
+    fn groups_and_direct_roles_grant_their_roles_in_the_own_tenant_and_unknown_direct_roles_are_reported()
+     {
+        let rbac = parse(TENANCY).unwrap();
+        // Groups are bound per tenant: "engineers" means something in acme only.
+        let eng = who("acme", "carol", "client").groups(&["engineers", "nobody-binds-this"]);
+        assert!(eng.may(&rbac, "tool:deploy_prod:execute", "acme"));
+        assert!(!eng.may(&rbac, "tool:echo:execute", "acme"));
+        let eng_globex = who("globex", "carol", "client").groups(&["engineers"]);
+        assert!(!eng_globex.may(&rbac, "tool:deploy_prod:execute", "globex"));
+
+        // Directly asserted roles hold in the own tenant only, even a platform role's name.
+        let direct =
+            who("globex", "dan", "client").roles(&["tenant-admin", "ghost", "platform-admin"]);
+        let g = direct.grants(&rbac);
+        assert_eq!(g.ignored_roles(), strings(&["ghost"]));
+        assert_eq!(
+            g.roles(),
+            strings(&["platform-admin", "tenant-admin", "user"])
+        );
+        assert!(g.allows("aesp.identity.admin", &t("globex"), &t("globex")));
+        assert!(!g.allows("aesp.identity.admin", &t("acme"), &t("globex")));
+        assert!(g.platform_permissions().is_empty());
+
+        // Bindings, groups and direct roles add up.
+        let all = who("acme", "alice", "client")
+            .groups(&["engineers"])
+            .roles(&["runtime"]);
+        let g = all.grants(&rbac);
+        assert_eq!(g.roles(), strings(&["engineer", "runtime", "user"]));
+        assert!(g.ignored_roles().is_empty());
+    }
+
+    #[test]
+    fn missing_role_names_the_first_required_role_not_held() {
+        let rbac = parse(TENANCY).unwrap();
+        let g = who("acme", "acme-admin", "client").grants(&rbac);
+        // (required, missing)
+        let cases: [(&[&str], Option<&str>); 4] = [
+            (&[], None),
+            (&["user"], None),
+            (&["tenant-admin", "user"], None),
+            (
+                &["user", "platform-admin", "runtime"],
+                Some("platform-admin"),
+            ),
+        ];
+        for (required, missing) in cases {
+            assert_eq!(g.missing_role(&strings(required)), missing, "{required:?}");
+        }
+    }
+
+    #[test]
+    fn assigned_bindings_are_validated_like_the_file_and_leave_the_old_snapshot_alone() {
+        let rbac = parse(TENANCY).unwrap();
+        let n = rbac.bindings().len();
+        let carol = who("acme", "carol", "client");
+        let bind = |roles: &[&str]| Binding {
+            subject: BindingSubject::Principal(carol.principal.clone()),
+            tenant: BindingTenant::Tenant(t("acme")),
+            scope: Scope::Tenant,
+            roles: strings(roles),
+        };
+
+        let next = rbac.with_binding(bind(&["tenant-admin"])).unwrap();
+        assert!(carol.may(&next, "aesp.identity.admin", "acme"));
+        assert!(!carol.may(&rbac, "aesp.identity.admin", "acme"));
+        assert_eq!(next.bindings().len(), n + 1);
+        assert_eq!(
+            next.role_names().collect::<Vec<_>>(),
+            rbac.role_names().collect::<Vec<_>>()
+        );
+
+        let e = next
+            .with_binding(bind(&["user", "tenant-admin"]))
+            .unwrap_err();
+        assert!(matches!(e, RbacError::Duplicate { .. }), "{e}");
+        assert_eq!(e.file(), ASSIGNED);
+        assert_eq!(e.field(), format!("bindings[{}].roles[1]", n + 1));
+        assert!(
+            e.to_string()
+                .contains(&format!("(first at bindings[{n}].roles[0])")),
+            "{e}"
+        );
+
+        let e = rbac.with_binding(bind(&["ghost"])).unwrap_err();
+        assert!(matches!(e, RbacError::UnknownRole { .. }), "{e}");
+        assert_eq!(e.field(), format!("bindings[{n}].roles[0]"));
+
+        let e = rbac.with_binding(bind(&[])).unwrap_err();
+        assert_eq!(e.field(), format!("bindings[{n}].roles"));
+
+        let e = rbac
+            .with_binding(Binding {
+                subject: BindingSubject::Group("bad\ngroup".into()),
+                ..bind(&["user"])
+            })
+            .unwrap_err();
+        assert_eq!(e.field(), format!("bindings[{n}].group"));
+
+        let e = rbac
+            .with_binding(Binding {
+                tenant: BindingTenant::Every,
+                scope: Scope::Platform,
+                ..bind(&["user"])
+            })
+            .unwrap_err();
+        assert_eq!(e.field(), format!("bindings[{n}].scope"));
+    }
+
+    #[test]
+    fn unreadable_files_and_bad_yaml_are_reported_with_the_file() {
+        let e = Rbac::load(Path::new("/nonexistent/rbac.yaml")).unwrap_err();
+        assert!(matches!(e, RbacError::Read { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/rbac.yaml: cannot read: "),
+            "{e}"
+        );
+        assert_eq!(e.field(), "(file)");
+
+        let e = parse("roles: [{ name: a\n").unwrap_err();
+        assert!(matches!(e, RbacError::Syntax { .. }), "{e}");
+        assert!(e.to_string().starts_with(FILE), "{e}");
+
+        // An empty policy denies everything, and so does the default one.
+        for rbac in [parse("{}").unwrap(), Rbac::default()] {
+            let alice = who("acme", "alice", "client").roles(&["user"]);
+            assert!(!alice.may(&rbac, "grid.session.create", "acme"));
+            assert_eq!(alice.grants(&rbac).ignored_roles(), strings(&["user"]));
+        }
+    }
+
+    #[test]
+    fn the_shipped_policy_gives_the_demo_identities_their_rights() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/rbac.yaml");
+        let rbac = Rbac::load(&path).unwrap();
+        let alice = who("acme", "alice", "client");
+        let bob = who("globex", "bob", "client");
+        let runtime = who("acme", "acme-runtime-1", "runtime");
+        let root = who("platform", "root", "admin");
+        let acme_admin = who("acme", "acme-admin", "client");
+        let engineer = who("acme", "erin", "client").groups(&["acme-engineers"]);
+
+        let mut client_rights = strings(&[
+            "grid.session.create",
+            "grid.session.destroy",
+            "grid.tool.execute",
+        ]);
+        for tool in ["echo", "add", "count", "fail", "get_weather"] {
+            client_rights.push(format!("tool:{tool}:execute"));
+        }
+        for (w, home, away) in [(&alice, "acme", "globex"), (&bob, "globex", "acme")] {
+            for p in &client_rights {
+                assert!(w.may(&rbac, p, home), "{} {p} in {home}", w.principal);
+                assert!(!w.may(&rbac, p, away), "{} {p} in {away}", w.principal);
+            }
+            for p in [
+                "grid.runtime.connect",
+                "tool:deploy:execute",
+                "aesp.identity.admin",
+                "aesp.audit.read",
+            ] {
+                assert!(!w.may(&rbac, p, home), "{} {p}", w.principal);
+            }
+        }
+
+        assert!(runtime.may(&rbac, "grid.runtime.connect", "acme"));
+        assert!(!runtime.may(&rbac, "grid.runtime.connect", "globex"));
+        assert!(!runtime.may(&rbac, "grid.session.create", "acme"));
+        assert!(who("globex", "globex-runtime-1", "runtime").may(
+            &rbac,
+            "grid.runtime.connect",
+            "globex"
+        ));
+
+        for target in ["acme", "globex", "platform"] {
+            for p in [
+                "aesp.identity.admin",
+                "aesp.policy.write",
+                "aesp.audit.read",
+                "aesp.governance.approve",
+                "aesp.cost.admin",
+                "grid.session.create",
+                "tool:echo:execute",
+            ] {
+                assert!(root.may(&rbac, p, target), "root {p} on {target}");
+            }
+            assert!(
+                !root.may(&rbac, "grid.runtime.connect", target),
+                "root connect on {target}"
+            );
+        }
+        assert!(
+            root.grants(&rbac)
+                .roles()
+                .contains(&"platform-admin".to_string())
+        );
+
+        assert!(acme_admin.may(&rbac, "aesp.identity.admin", "acme"));
+        assert!(!acme_admin.may(&rbac, "aesp.identity.admin", "globex"));
+        assert!(engineer.may(&rbac, "tool:anything:execute", "acme"));
+        assert!(!engineer.may(&rbac, "tool:anything:execute", "globex"));
+        assert!(who("acme", "fred", "client").groups(&["acme-finance"]).may(
+            &rbac,
+            "tool:billing_refund:execute",
+            "acme"
+        ));
+    }
+
+    // ------------------------------------------------------------- generated policies
+
+    /// The obvious glob matcher, to check the fast one against: `*` matches any run.
+    fn reference_match(glob: &str, s: &str) -> bool {
+        fn go(g: &[u8], s: &[u8]) -> bool {
+            match g.split_first() {
+                None => s.is_empty(),
+                Some((b'*', rest)) => (0..=s.len()).any(|k| go(rest, &s[k..])),
+                Some((c, rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+            }
+        }
+        go(glob.as_bytes(), s.as_bytes())
+    }
+
+    /// splitmix64: small, deterministic, good enough to pick test cases.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.next() % 100 < percent
+        }
+        fn pick<'a>(&mut self, v: &[&'a str]) -> &'a str {
+            v[self.below(v.len())]
+        }
+    }
+
+    const GRANTED: &[&str] = &[
+        "grid.session.create",
+        "grid.session.destroy",
+        "grid.tool.execute",
+        "grid.runtime.connect",
+        "aesp.identity.admin",
+        "aesp.policy.write",
+        "aesp.audit.read",
+        "aesp.cost.admin",
+        "tool:echo:execute",
+        "tool:billing_pay:execute",
+        "tool:*:execute",
+        "tool:billing_*:execute",
+        "aesp.*",
+        "grid.session.*",
+        "*.read",
+        "*e*o*",
+        "*",
+    ];
+    const ASKED: &[&str] = &[
+        "grid.session.create",
+        "grid.session.destroy",
+        "grid.tool.execute",
+        "grid.runtime.connect",
+        "aesp.identity.admin",
+        "aesp.policy.write",
+        "aesp.audit.read",
+        "aesp.cost.admin",
+        "aesp.governance.approve",
+        "tool:echo:execute",
+        "tool:add:execute",
+        "tool:get_weather:execute",
+        "tool:billing_pay:execute",
+        "tool:billing_refund:execute",
+        "tool:billing:execute",
+        "grid.session.created",
+        "tool:echo:read",
+    ];
+    const TENANTS: &[&str] = &["t0", "t1", "t2"];
+    const PRINCIPALS: &[&str] = &["p0", "p1", "p2", "p3"];
+    const GROUPS: &[&str] = &["g0", "g1", "g2"];
+    const KINDS: &[&str] = &["client", "runtime", "admin"];
+
+    /// A generated policy, kept as data for the reference model and written as YAML.
+    struct Generated {
+        /// (includes, permissions) of role `r{i}`; includes point at lower indexes only.
+        roles: Vec<(Vec<usize>, Vec<&'static str>)>,
+        /// (subject kind, subject name, tenant or "*", platform scope, roles)
+        bindings: Vec<(&'static str, &'static str, &'static str, bool, Vec<usize>)>,
+    }
+
+    impl Generated {
+        fn new(rng: &mut Rng) -> Generated {
+            let n = 1 + rng.below(10);
+            let roles = (0..n)
+                .map(|i| {
+                    let includes = (0..i).filter(|_| rng.chance(25)).collect();
+                    let perms = (0..rng.below(4))
+                        .map(|_| {
+                            // `*` alone would allow everything; keep it rare.
+                            let p = rng.pick(GRANTED);
+                            if p == "*" && !rng.chance(10) {
+                                "grid.tool.execute"
+                            } else {
+                                p
+                            }
+                        })
+                        .collect();
+                    (includes, perms)
+                })
+                .collect();
+            let mut used = HashSet::new();
+            let mut bindings = Vec::new();
+            for _ in 0..rng.below(14) {
+                let (what, name) = match rng.below(3) {
+                    0 => ("principal", rng.pick(PRINCIPALS)),
+                    1 => ("group", rng.pick(GROUPS)),
+                    _ => ("kind", rng.pick(KINDS)),
+                };
+                let every = rng.chance(25);
+                let tenant = if every { "*" } else { rng.pick(TENANTS) };
+                let platform = !every && rng.chance(20);
+                let mut rs = Vec::new();
+                for _ in 0..1 + rng.below(3) {
+                    let r = rng.below(n);
+                    if !rs.contains(&r) && used.insert((what, name, tenant, platform, r)) {
+                        rs.push(r);
+                    }
+                }
+                if !rs.is_empty() {
+                    bindings.push((what, name, tenant, platform, rs));
+                }
+            }
+            Generated { roles, bindings }
+        }
+
+        fn yaml(&self) -> String {
+            let mut y = String::from("roles:\n");
+            for (i, (inc, perms)) in self.roles.iter().enumerate() {
+                let inc: Vec<String> = inc.iter().map(|j| format!("r{j}")).collect();
+                let perms: Vec<String> = perms.iter().map(|p| format!("{p:?}")).collect();
+                y += &format!(
+                    "  - {{ name: r{i}, includes: [{}], permissions: [{}] }}\n",
+                    inc.join(", "),
+                    perms.join(", ")
+                );
+            }
+            y += "bindings:\n";
+            for (what, name, tenant, platform, rs) in &self.bindings {
+                let rs: Vec<String> = rs.iter().map(|j| format!("r{j}")).collect();
+                let scope = if *platform { "platform" } else { "tenant" };
+                y += &format!(
+                    "  - {{ {what}: {name}, tenant: {tenant:?}, scope: {scope}, roles: [{}] }}\n",
+                    rs.join(", ")
+                );
+            }
+            y
+        }
+
+        fn closure(
+            &self,
+            start: impl IntoIterator<Item = usize>,
+        ) -> std::collections::BTreeSet<usize> {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut todo: Vec<usize> = start.into_iter().collect();
+            while let Some(r) = todo.pop() {
+                if seen.insert(r) {
+                    todo.extend(&self.roles[r].0);
+                }
+            }
+            seen
+        }
+
+        /// (own-tenant roles, platform roles) of a subject, by walking the bindings.
+        fn expected(
+            &self,
+            tenant: &str,
+            principal: &str,
+            kind: &str,
+            groups: &[&str],
+            direct: &[usize],
+        ) -> (Vec<usize>, Vec<usize>) {
+            let mut own = direct.to_vec();
+            let mut platform = Vec::new();
+            for (what, name, t, p, rs) in &self.bindings {
+                let me = match *what {
+                    "principal" => *name == principal,
+                    "group" => groups.contains(name),
+                    _ => *name == kind,
+                };
+                if me && *p && *t == tenant {
+                    platform.extend(rs);
+                } else if me && !*p && (*t == tenant || *t == "*") {
+                    own.extend(rs);
+                }
+            }
+            let platform = self.closure(platform);
+            let own = self.closure(own.into_iter().chain(platform.iter().copied()));
+            (own.into_iter().collect(), platform.into_iter().collect())
+        }
+
+        fn perms(&self, roles: &[usize]) -> Vec<String> {
+            let set: std::collections::BTreeSet<&str> = roles
+                .iter()
+                .flat_map(|&r| self.roles[r].1.iter().copied())
+                .collect();
+            set.into_iter().map(str::to_string).collect()
+        }
+    }
+
+    #[test]
+    fn generated_policies_allow_exactly_what_their_listed_permissions_say() {
+        let mut rng = Rng(0x5eed);
+        let mut checks = 0;
+        for case in 0..300 {
+            let g = Generated::new(&mut rng);
+            let yaml = g.yaml();
+            let rbac = parse(&yaml).unwrap_or_else(|e| panic!("case {case}: {e}\n{yaml}"));
+            for _ in 0..12 {
+                let tenant = rng.pick(TENANTS);
+                let principal = rng.pick(PRINCIPALS);
+                let kind = rng.pick(KINDS);
+                let groups: Vec<&str> = GROUPS.iter().copied().filter(|_| rng.chance(30)).collect();
+                let direct: Vec<usize> = (0..rng.below(3))
+                    .map(|_| rng.below(g.roles.len() + 2))
+                    .collect();
+                // Indexes past the last role stand for roles nobody defined.
+                let n = g.roles.len();
+                let w = Who {
+                    tenant: t(tenant),
+                    principal: PrincipalId::new(principal).unwrap(),
+                    kind: PeerKind::new(kind).unwrap(),
+                    groups: strings(&groups),
+                    roles: direct
+                        .iter()
+                        .map(|&r| {
+                            if r < n {
+                                format!("r{r}")
+                            } else {
+                                format!("undefined{r}")
+                            }
+                        })
+                        .collect(),
+                };
+                let known: Vec<usize> = direct
+                    .iter()
+                    .copied()
+                    .filter(|&r| r < g.roles.len())
+                    .collect();
+                let (own, platform) = g.expected(tenant, principal, kind, &groups, &known);
+                let grants = w.grants(&rbac);
+                let ctx = || {
+                    format!(
+                        "case {case}: {principal} ({kind}) of {tenant}, groups {groups:?}, roles {:?}\n{yaml}",
+                        w.roles
+                    )
+                };
+
+                let mut names: Vec<String> = own.iter().map(|r| format!("r{r}")).collect();
+                names.sort();
+                assert_eq!(grants.roles(), names, "{}", ctx());
+                assert_eq!(grants.permissions(), g.perms(&own), "{}", ctx());
+                assert_eq!(
+                    grants.platform_permissions(),
+                    g.perms(&platform),
+                    "{}",
+                    ctx()
+                );
+                assert_eq!(
+                    grants.ignored_roles().len(),
+                    direct.len() - known.len(),
+                    "{}",
+                    ctx()
+                );
+
+                let own_perms = grants.permissions();
+                let platform_perms = grants.platform_permissions();
+                let other = TENANTS
+                    .iter()
+                    .find(|o| **o != tenant)
+                    .map(|o| t(o))
+                    .unwrap();
+                for asked in ASKED {
+                    let listed = |ps: &[String]| ps.iter().any(|p| reference_match(p, asked));
+                    assert_eq!(
+                        grants.allows(asked, &w.tenant, &w.tenant),
+                        listed(&own_perms),
+                        "{asked} in own tenant, {}",
+                        ctx()
+                    );
+                    assert_eq!(
+                        grants.allows(asked, &other, &w.tenant),
+                        listed(&platform_perms),
+                        "{asked} on {other}, {}",
+                        ctx()
+                    );
+                    checks += 2;
+                }
+            }
+        }
+        assert!(checks > 100_000, "{checks}");
+    }
+
+    /// Run with `cargo test --release --lib authz -- --ignored --nocapture` to see what a
+    /// check costs; not a benchmark, a sanity figure.
+    #[test]
+    #[ignore]
+    fn allows_cost_is_printed() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/rbac.yaml");
+        let rbac = Rbac::load(&path).unwrap();
+        let acme = t("acme");
+        let root = who("platform", "root", "admin");
+        let alice = who("acme", "alice", "client");
+        let engineer = who("acme", "erin", "client").groups(&["acme-engineers"]);
+        for (label, w, permission) in [
+            ("exact hit", &alice, "tool:echo:execute"),
+            ("exact miss, globs scanned", &alice, "tool:deploy:execute"),
+            ("glob hit", &engineer, "tool:deploy:execute"),
+            ("platform glob hit", &root, "aesp.identity.admin"),
+        ] {
+            let g = w.grants(&rbac);
+            let n = 2_000_000u32;
+            let start = std::time::Instant::now();
+            let mut yes = 0u32;
+            for _ in 0..n {
+                yes += u32::from(g.allows(std::hint::black_box(permission), &acme, &w.tenant));
+            }
+            let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+            println!("allows, {label}: {ns:.1} ns ({yes} of {n} allowed)");
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..100_000 {
+            std::hint::black_box(engineer.grants(&rbac));
+        }
+        println!(
+            "grants: {:.2} µs",
+            start.elapsed().as_secs_f64() * 1e6 / 100_000.0
+        );
+    }
 }
