@@ -294,11 +294,13 @@ fn permission_problem(p: &str) -> Option<String> {
         ));
     }
     if let Some((i, c)) = p
-        .char_indices()
+        .chars()
+        .enumerate()
         .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '*')))
     {
         return Some(format!(
-            "{c:?} at position {i} of {p:?} is not allowed: a permission is letters, digits, '.', '_', '-', ':' and '*' (a glob)"
+            "{c:?} (character {} of {p:?}) is not allowed: a permission is letters, digits, '.', '_', '-', ':' and '*' (a glob)",
+            i + 1
         ));
     }
     None
@@ -328,8 +330,8 @@ fn group_problem(g: &str) -> Option<String> {
     None
 }
 
-const SEGMENT_RULE: &str =
-    "expected 1 to 128 letters, digits, '.', '-' or '_', the first a letter or digit";
+/// What a role name, a principal, a peer kind and a tenant id are made of.
+const SEGMENT: &str = "1 to 128 letters, digits, '.', '-' or '_', the first a letter or digit";
 
 // -------------------------------------------------------------------------- role sets
 
@@ -733,14 +735,15 @@ impl RawBinding {
             problem,
         };
         let subject = match (self.principal, self.group, self.kind) {
-            (Some(p), None, None) => BindingSubject::Principal(
-                PrincipalId::new(&p)
-                    .ok_or_else(|| invalid("principal", format!("{SEGMENT_RULE}, got {p:?}")))?,
-            ),
+            (Some(p), None, None) => {
+                BindingSubject::Principal(PrincipalId::new(&p).ok_or_else(|| {
+                    invalid("principal", format!("expected {SEGMENT}, got {p:?}"))
+                })?)
+            }
             (None, Some(g), None) => BindingSubject::Group(g),
             (None, None, Some(k)) => BindingSubject::Kind(
                 PeerKind::new(&k)
-                    .ok_or_else(|| invalid("kind", format!("{SEGMENT_RULE}, got {k:?}")))?,
+                    .ok_or_else(|| invalid("kind", format!("expected {SEGMENT}, got {k:?}")))?,
             ),
             _ => {
                 return Err(RbacError::Invalid {
@@ -757,7 +760,7 @@ impl RawBinding {
                 invalid(
                     "tenant",
                     format!(
-                        "expected a tenant id ({SEGMENT_RULE}) or \"*\", got {:?}",
+                        "expected a tenant id ({SEGMENT}) or \"*\", got {:?}",
                         self.tenant
                     ),
                 )
@@ -797,7 +800,7 @@ fn build_roles(file: &str, raw: Vec<RawRole>) -> Result<RoleTable, RbacError> {
         if !valid_segment(&r.name) {
             return Err(invalid(
                 format!("roles[{i}].name"),
-                format!("{SEGMENT_RULE}, got {:?}", r.name),
+                format!("expected {SEGMENT}, got {:?}", r.name),
             ));
         }
         if let Some(&first) = table.by_name.get(&r.name) {
@@ -1222,7 +1225,7 @@ bindings:
             (
                 "roles: [{ name: a, permissions: [\"grid session\"] }]\n".to_string(),
                 "roles[0].permissions[0]",
-                "' ' at position 4",
+                "' ' (character 5 of \"grid session\")",
             ),
             (
                 "roles: [{ name: a, permissions: [\"tool:é:execute\"] }]\n".to_string(),
@@ -1662,6 +1665,53 @@ bindings:
             "tool:billing_refund:execute",
             "acme"
         ));
+    }
+
+    #[test]
+    fn the_worked_example_of_the_docs_answers_as_its_table_says() {
+        let doc = include_str!("../../docs/rbac.md");
+        let example = doc
+            .split_once("## A worked example")
+            .and_then(|(_, rest)| rest.split_once("```yaml\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(yaml, _)| yaml)
+            .expect("docs/rbac.md has a worked example");
+        let rbac = parse(example).unwrap();
+        let alice = who("acme", "alice", "client");
+        let erin = who("acme", "erin", "client").groups(&["acme-engineers"]);
+        let erin_globex = who("globex", "erin", "client").groups(&["acme-engineers"]);
+        let runtime = who("acme", "acme-runtime-1", "runtime");
+        let admin = who("acme", "acme-admin", "client");
+        let root = who("platform", "root", "admin");
+        // The table of docs/rbac.md, row by row: (who, permission, target, allowed).
+        let rows = [
+            (&alice, "tool:echo:execute", "acme", true),
+            (&alice, "tool:deploy:execute", "acme", false),
+            (&alice, "grid.session.create", "globex", false),
+            (&alice, "grid.runtime.connect", "acme", false),
+            (&erin, "tool:deploy:execute", "acme", true),
+            (&erin_globex, "tool:echo:execute", "globex", false),
+            (&runtime, "grid.runtime.connect", "acme", true),
+            (&runtime, "grid.runtime.connect", "globex", false),
+            (&admin, "aesp.identity.admin", "acme", true),
+            (&admin, "aesp.identity.admin", "globex", false),
+            (&root, "aesp.identity.admin", "globex", true),
+            (&root, "grid.runtime.connect", "acme", false),
+        ];
+        for (w, permission, target, want) in rows {
+            assert_eq!(
+                w.may(&rbac, permission, target),
+                want,
+                "{} {permission} in {target}",
+                w.principal
+            );
+        }
+        assert_eq!(
+            alice.grants(&rbac).roles(),
+            strings(&["client-user", "demo-tools", "session-user"])
+        );
+        assert!(erin_globex.grants(&rbac).roles().is_empty());
+        assert_eq!(runtime.grants(&rbac).roles(), strings(&["runtime"]));
     }
 
     // ------------------------------------------------------------- generated policies
