@@ -241,7 +241,7 @@ fn config_text(upstream: &str) -> String {
 
 /// `text` with tokens required of nobody (certificates alone), for the token-less path.
 fn certificates_only(text: &str) -> String {
-    match (text.find("\nauth:\n"), text.find("\nruntime:\n")) {
+    match (text.find("\nauth:\n"), text.find("\nrbac:\n")) {
         (Some(a), Some(r)) if a < r => {
             format!("{}\nauth:\n  tokens_required: []{}", &text[..a], &text[r..])
         }

@@ -16,7 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod adm;
-pub(crate) mod authz;
+pub mod authz;
 pub mod client;
 pub mod config;
 pub(crate) mod decision;

@@ -1,6 +1,8 @@
 //! Assembles the sidecar from a validated [`Config`]: TLS, the upstream pool, the decision
 //! pipeline, the data-plane and management listeners and the admin HTTP endpoint.
 
+use crate::authz::Authz;
+use crate::authz::rbac::Rbac;
 use crate::config::{Config, ConfigError};
 use crate::decision::{Pipeline, Recorder, TokenRules};
 use crate::listener::accept;
@@ -39,11 +41,21 @@ fn token_rules(cfg: &Config) -> Result<TokenRules, ConfigError> {
     })
 }
 
+/// The RBAC seed named by `rbac.file`.
+fn load_rbac(cfg: &Config) -> Result<Rbac, ConfigError> {
+    Rbac::load(&cfg.rbac_file).map_err(|e| ConfigError {
+        file: cfg.source.display().to_string(),
+        field: "rbac.file".into(),
+        problem: e.to_string(),
+    })
+}
+
 /// Validates everything `serve` would need (config and every TLS and key file) without
 /// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::tls::server_config(cfg)?;
     token_rules(cfg)?;
+    load_rbac(cfg)?;
     let up = crate::tls::upstream_client_config(cfg)?;
     Upstream::new(cfg, up)?;
     Ok(())
@@ -79,6 +91,7 @@ impl Sidecar {
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg)?,
+            authz: Arc::new(Authz::new(load_rbac(&cfg)?)),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),

@@ -160,14 +160,14 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     assert_eq!(e.code, "SCHEMA_VIOLATION");
     assert!(!e.correlation_id.is_empty());
 
-    // Streamed errors too.
+    // Streamed errors too (a tool RBAC permits, whose run fails).
     let mut s = aware
-        .execute_tool_stream(call(&s_via.session_id, "nope", serde_json::json!({})))
+        .execute_tool_stream(call(&s_via.session_id, "fail", serde_json::json!({})))
         .await
         .unwrap();
     let chunk = s.message().await.unwrap().unwrap();
     let e = chunk.error_details.unwrap();
-    assert_eq!(e.code, "TOOL_NOT_FOUND");
+    assert_eq!(e.code, "TOOL_ERROR");
     assert!(!e.correlation_id.is_empty());
 
     // Destroy.

@@ -28,6 +28,14 @@ fn shipped_configurations_parse() {
             let c = check(text, "sidecar-configmap.yaml");
             assert_eq!(c.runtime.deployment_environment, "PROD");
             found += 1;
+            // The RBAC seed it names ships in the same ConfigMap, and loads.
+            let rbac = v
+                .get("data")
+                .and_then(|d| d.get("rbac.yaml"))
+                .and_then(|t| t.as_str())
+                .expect("the ConfigMap carries rbac.yaml");
+            aesp_sidecar::authz::rbac::Rbac::parse(rbac, Path::new("rbac.yaml"))
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
     assert_eq!(found, 1, "the ConfigMap carries sidecar.yaml");

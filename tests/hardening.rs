@@ -34,6 +34,7 @@ impl CaStack {
         let dir = tempfile::tempdir().unwrap();
         let ca = certs::Ca::new("hardening CA").unwrap();
         write(dir.path(), "ca.crt", &ca.cert_pem());
+        common::permissive_rbac(dir.path());
         let server = ca.issue("localhost", None, &["localhost"], &[]).unwrap();
         write(dir.path(), "server.crt", &server.cert_pem);
         write(dir.path(), "server.key", &server.key_pem);

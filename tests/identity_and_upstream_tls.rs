@@ -17,6 +17,7 @@ async fn subject_mapping_gives_an_identity_and_unmapped_certificates_get_none() 
     let dir = tempfile::tempdir().unwrap();
     let ca = certs::Ca::new("test CA").unwrap();
     write(dir.path(), "ca.crt", &ca.cert_pem());
+    common::permissive_rbac(dir.path());
     let server = ca.issue("localhost", None, &["localhost"], &[]).unwrap();
     write(dir.path(), "server.crt", &server.cert_pem);
     write(dir.path(), "server.key", &server.key_pem);

@@ -130,7 +130,7 @@ async fn the_caller_fills_the_security_context_and_the_token_never_reaches_the_h
         .mint(
             "carol",
             "acme",
-            &["auditor"],
+            &["client-user", "auditor"],
             600,
             serde_json::json!({"email": "carol@example.com", "dept": "finance"}),
         )
@@ -146,7 +146,11 @@ async fn the_caller_fills_the_security_context_and_the_token_never_reaches_the_h
         (sc.principal_id.as_str(), sc.tenant_id.as_str()),
         ("carol", "acme")
     );
-    assert_eq!(sc.roles, ["auditor"]);
+    // Effective roles: the token's, with what they include (RBAC).
+    assert_eq!(
+        sc.roles,
+        ["auditor", "client-user", "demo-tools", "session-user"]
+    );
     assert_eq!(sc.claims["dept"], "finance");
     assert_eq!(
         sc.claims["email"], "carol@example.com",

@@ -130,6 +130,7 @@ async fn sidecar_for(
 ) -> (tempfile::TempDir, aesp_sidecar::sidecar::Sidecar) {
     let dir = tempfile::tempdir().unwrap();
     aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    common::permissive_rbac(dir.path());
     let p = dir.path().join("sidecar.yaml");
     std::fs::write(
         &p,

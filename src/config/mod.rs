@@ -40,6 +40,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub identity: IdentityConfig,
     pub auth: AuthConfig,
+    /// The RBAC seed file (roles, permissions, bindings; docs/rbac.md).
+    pub rbac_file: PathBuf,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -198,6 +200,7 @@ struct RawConfig {
     identity: RawIdentity,
     #[serde(default)]
     auth: auth::RawAuth,
+    rbac: Option<RawRbac>,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -205,6 +208,12 @@ struct RawConfig {
     #[serde(default)]
     passthrough: Vec<String>,
     shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRbac {
+    file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -391,6 +400,15 @@ impl Validator<'_> {
         let upstream = self.upstream(raw.upstream)?;
         let identity = self.identity(raw.identity)?;
         let auth = self.auth(raw.auth, &identity.peer_kinds)?;
+        let rbac_file = match raw.rbac.and_then(|r| r.file) {
+            Some(f) if !f.trim().is_empty() => self.resolve(&f),
+            _ => {
+                return Err(self.err(
+                    "rbac.file",
+                    "required: the roles and bindings every call is authorized by (format: docs/rbac.md; the repository ships policies/rbac.yaml); every call is denied unless a binding allows",
+                ));
+            }
+        };
 
         let runtime = RuntimeConfig {
             security_zone: raw
@@ -443,6 +461,7 @@ impl Validator<'_> {
             upstream,
             identity,
             auth,
+            rbac_file,
             runtime,
             limits,
             passthrough,
@@ -762,7 +781,7 @@ impl Validator<'_> {
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\nauth:\n  tokens_required: []\n";
+    const MINIMAL: &str = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\nrbac:\n  file: rbac.yaml\nauth:\n  tokens_required: []\n";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/aesp/sidecar.yaml"))

@@ -12,13 +12,13 @@
 //! [`Recorder`] as a [`Denied`].
 //!
 //! Order of the checks: authentication (certificate) → caller (bearer token) → method known
-//! → identity consistency. Tenancy,
-//! RBAC, governance, schema, CEL policy and budget slot in after these, in that order, each
-//! as a file of its own beside these.
+//! → identity consistency → RBAC. Tenancy, governance, schema, CEL policy and budget slot in
+//! after these, each as a file of its own beside these.
 
 mod authn;
 mod claims;
 mod method;
+mod rbac;
 mod record;
 mod token;
 
@@ -26,6 +26,7 @@ pub(crate) use authn::unauthenticated;
 pub(crate) use record::Recorder;
 pub(crate) use token::TokenRules;
 
+use crate::authz::{Authz, GrantsCache, Resolved};
 use crate::grid::Route;
 use crate::grid::upgrade::Claims;
 use crate::grpc::Denial;
@@ -43,6 +44,8 @@ pub(crate) struct DecisionInput<'a> {
     pub identity: Result<&'a PeerIdentity, &'a IdentityError>,
     /// The `authorization` header's value, if any.
     pub authorization: Option<&'a [u8]>,
+    /// The connection's RBAC grants cache (used when the call carries no token).
+    pub grants: &'a GrantsCache,
     pub claims: Claims,
     pub tool_name: Option<&'a str>,
     pub session_id: Option<&'a str>,
@@ -56,6 +59,7 @@ impl<'a> DecisionInput<'a> {
         route: Route,
         identity: Result<&'a PeerIdentity, &'a IdentityError>,
         authorization: Option<&'a [u8]>,
+        grants: &'a GrantsCache,
         correlation_id: &'a str,
     ) -> Self {
         DecisionInput {
@@ -63,6 +67,7 @@ impl<'a> DecisionInput<'a> {
             route,
             identity,
             authorization,
+            grants,
             claims: Claims::default(),
             tool_name: None,
             session_id: None,
@@ -153,6 +158,8 @@ impl Facts {
 pub(crate) struct Allowed<'a> {
     pub identity: &'a PeerIdentity,
     pub caller: Option<Arc<Caller>>,
+    /// The effective caller's RBAC grants (and roles, encoded for the security context).
+    pub grants: Arc<Resolved>,
     pub facts: Facts,
 }
 
@@ -211,11 +218,19 @@ impl<'a> From<&'a Denied> for Decision<'a> {
     }
 }
 
+/// Who passed the checks.
+struct Verified<'a> {
+    identity: &'a PeerIdentity,
+    caller: Option<Arc<Caller>>,
+    grants: Arc<Resolved>,
+}
+
 /// The ordered checks, built once from the configuration.
 #[derive(Debug, Clone)]
 pub(crate) struct Pipeline {
     pub overwrite_identity_fields: bool,
     pub tokens: TokenRules,
+    pub authz: Arc<Authz>,
 }
 
 impl Pipeline {
@@ -234,9 +249,10 @@ impl Pipeline {
             .filter(|s| !s.is_empty())
             .map(str::to_string);
         match self.check(input, &mut facts) {
-            Ok((identity, caller)) => Ok(Allowed {
-                identity,
-                caller,
+            Ok(v) => Ok(Allowed {
+                identity: v.identity,
+                caller: v.caller,
+                grants: v.grants,
                 facts,
             }),
             Err(denial) => Err(Denied { denial, facts }),
@@ -248,13 +264,34 @@ impl Pipeline {
         &self,
         input: &DecisionInput<'a>,
         facts: &mut Facts,
-    ) -> Result<(&'a PeerIdentity, Option<Arc<Caller>>), Denial> {
+    ) -> Result<Verified<'a>, Denial> {
         let id = authn::verified_identity(input.identity)?;
         let caller = token::caller(&self.tokens, input.authorization, id, unix_now())?;
         facts.caller(id, caller.as_deref());
         method::served(input.method, input.route)?;
         claims::consistent(&input.claims, facts, self.overwrite_identity_fields)?;
-        Ok((id, caller))
+        let who = rbac::Who {
+            id,
+            caller: caller.as_deref(),
+            principal: caller.as_ref().map_or(&id.principal_id, |c| &c.principal),
+            tenant: caller
+                .as_ref()
+                .and_then(|c| c.tenant.as_ref())
+                .unwrap_or(&id.tenant_id),
+            conn_cache: input.grants,
+        };
+        let grants = rbac::authorized(
+            &self.authz,
+            &who,
+            input.route,
+            input.method,
+            input.tool_name,
+        )?;
+        Ok(Verified {
+            identity: id,
+            caller,
+            grants,
+        })
     }
 }
 
@@ -283,10 +320,17 @@ mod tests {
             principal_id: None,
             tenant_id: Some("globex".into()),
         };
+        let rbac = crate::authz::rbac::Rbac::parse(
+            "roles:\n  - {name: user, permissions: [grid.session.create]}\nbindings:\n  - {principal: alice, tenant: acme, roles: [user]}\n",
+            std::path::Path::new("rbac.yaml"),
+        )
+        .unwrap();
         let strict = Pipeline {
             overwrite_identity_fields: false,
             tokens: TokenRules::default(),
+            authz: Arc::new(Authz::new(rbac)),
         };
+        let cache = GrantsCache::default();
         // (identity, route, claims) -> expected code; `None` = allowed.
         type Case<'a> = (
             Result<&'a PeerIdentity, &'a IdentityError>,
@@ -294,7 +338,7 @@ mod tests {
             Claims,
             Option<ErrorCode>,
         );
-        let cases: [Case; 4] = [
+        let cases: [Case; 5] = [
             (
                 Err(&none),
                 Route::Unknown,
@@ -313,6 +357,12 @@ mod tests {
                 other.clone(),
                 Some(ErrorCode::IdentityMismatch),
             ),
+            (
+                Ok(&alice),
+                Route::Grid(GridMethod::DestroySession),
+                Claims::default(),
+                Some(ErrorCode::AuthorizationDenied),
+            ),
             (Ok(&alice), grid, Claims::default(), None),
         ];
         for (identity, route, claims, want) in cases {
@@ -321,6 +371,7 @@ mod tests {
                 route,
                 identity,
                 authorization: None,
+                grants: &cache,
                 claims,
                 tool_name: None,
                 session_id: Some("s1"),

@@ -11,7 +11,7 @@
 //! | `admin.crt` / `admin.key` | platform administrator `spiffe://aesp.local/tenant/platform/admin/root` |
 //!
 //! Beside them, the demo's token issuer and a token per client certificate
-//! ([`super::tokens`]).
+//! ([`super::tokens`]), and `rbac.yaml`, the RBAC seed (a copy of `policies/rbac.yaml`).
 
 use anyhow::Context;
 use rcgen::{
@@ -177,6 +177,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<(DevFiles, bool)> {
     };
     if ALL_FILES.iter().all(|f| files.path(f).is_file()) {
         super::tokens::ensure(dir)?;
+        write_seeds(dir)?;
         return Ok((files, false));
     }
     let ca = Ca::new("aesp-sidecar dev CA")?;
@@ -196,5 +197,18 @@ pub fn ensure(dir: &Path) -> anyhow::Result<(DevFiles, bool)> {
         write(&files.path(&format!("{stem}.key")), &leaf.key_pem, true)?;
     }
     super::tokens::ensure(dir)?;
+    write_seeds(dir)?;
     Ok((files, true))
+}
+
+/// The RBAC seed the demo's `sidecar.yaml` names, written beside it unless already there
+/// (an edited copy is kept).
+pub const RBAC_SEED: &str = include_str!("../../policies/rbac.yaml");
+
+fn write_seeds(dir: &Path) -> anyhow::Result<()> {
+    let p = dir.join("rbac.yaml");
+    if !p.is_file() {
+        write(&p, RBAC_SEED, false)?;
+    }
+    Ok(())
 }

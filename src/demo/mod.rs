@@ -40,6 +40,8 @@ auth:
     - issuer: https://aesp-demo.local  # the demo's own issuer (issuer.key); tokens: acme.jwt, globex.jwt, admin.jwt
       audiences: [aesp]
       jwks_file: issuer.jwks.json
+rbac:
+  file: rbac.yaml                 # roles, permissions and who holds them (docs/rbac.md); deny unless a binding allows
 runtime:
   security_zone: demo-zone
   deployment_environment: DEV
@@ -380,7 +382,10 @@ Try it yourself:
   {acme} execute --tool echo --args '{{\"text\":\"hi\"}}'
   {acme} stream --tool count --args '{{\"n\":5}}'
   {globex} create-session --tenant acme   # IDENTITY_MISMATCH
-  grpcurl -cacert {d}/ca.crt -cert {d}/acme.crt -key {d}/acme.key -import-path proto -proto altar/grid/v1/grid.proto \\
+  {acme} execute --tool billing_refund    # AUTHORIZATION_DENIED (not in alice's role, rbac.yaml)
+  {acme} --no-token create-session        # AUTHENTICATION_REQUIRED (clients present a token)
+  grpcurl -cacert {d}/ca.crt -cert {d}/acme.crt -key {d}/acme.key -H \"authorization: Bearer $(cat {d}/acme.jwt)\" \\
+      -import-path proto -proto altar/grid/v1/grid.proto \\
       -d '{{}}' {grpcurl_target} altar.grid.v1.GridHost/CreateSession
   curl -s http://{admin}/metrics | grep aesp_
 

@@ -208,6 +208,15 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
         .await,
     );
 
+    // Denials made by the sidecar itself: a tool outside alice's role (RBAC, rbac.yaml).
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool billing_refund {} (not a tool of alice's role)".into(),
+            call(&session, "billing_refund", serde_json::json!({})),
+        )
+        .await,
+    );
     // Denials made by the sidecar itself.
     let title = "CreateSession as alice claiming tenant globex".to_string();
     let forged = grid::CreateSession {

@@ -155,17 +155,20 @@ impl ContextTemplate {
 
     /// The encoded `EnterpriseSecurityContext` of one call of `method`, with the caller's
     /// part (from [`caller_context`]) when the call carries a token.
-    pub fn for_call(&self, method: &str, caller: Option<&[u8]>) -> Bytes {
+    /// `roles` are the effective roles as encoded `roles` records.
+    pub fn for_call(&self, method: &str, caller: Option<&[u8]>, roles: &[u8]) -> Bytes {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let extra = caller.map_or(0, <[u8]>::len);
-        let mut out = BytesMut::with_capacity(self.base.len() + extra + method.len() + 48);
+        let mut out =
+            BytesMut::with_capacity(self.base.len() + extra + roles.len() + method.len() + 48);
         out.extend_from_slice(&self.base);
         if let Some(c) = caller {
             out.extend_from_slice(c);
         }
+        out.extend_from_slice(roles);
         for (k, v) in [("method", method), ("request_time_unix", &now.to_string())] {
             let mut entry = BytesMut::with_capacity(k.len() + v.len() + 4);
             wire::put_len_field(&mut entry, 1, k.as_bytes());
@@ -187,7 +190,8 @@ pub fn caller_context(c: &crate::identity::Caller) -> Vec<u8> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         organization_id: c.organization.clone().unwrap_or_default(),
-        roles: c.roles.clone(),
+        // The effective roles (RBAC, the token's included) are appended per call.
+        roles: Vec::new(),
         security_clearance: c.clearance.clone().unwrap_or_default(),
         policy_context: HashMap::from([("token_issuer".to_string(), c.issuer.clone())]),
     }
@@ -325,8 +329,11 @@ mod tests {
             security_context: None,
         }
         .encode_to_vec();
-        let esc =
-            ContextTemplate::new(&alice(), "org-1", "127.0.0.1:1", "zone-a").for_call("/m", None);
+        let esc = ContextTemplate::new(&alice(), "org-1", "127.0.0.1:1", "zone-a").for_call(
+            "/m",
+            None,
+            &[],
+        );
         let out = upgrade_create_session(&raw, &esc).unwrap();
         let cs = aesp::EnterpriseCreateSession::decode(out.clone()).unwrap();
         let sc = cs.security_context.unwrap();

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 /// A verified caller, as its token and the issuer's claim mapping say.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Caller {
     pub issuer: String,
     pub principal: PrincipalId,
@@ -47,6 +47,8 @@ pub struct Caller {
     pub tenant_header: Option<http::HeaderValue>,
     /// The caller's part of the `EnterpriseSecurityContext`, encoded on first use.
     pub context: std::sync::OnceLock<Vec<u8>>,
+    /// The caller's RBAC grants, resolved on first use (per RBAC generation).
+    pub grants: crate::authz::GrantsCache,
 }
 
 /// Why a token was not accepted. Shown to the caller in `details.reason`.
@@ -557,6 +559,7 @@ fn map_claims(
         principal_header: header(principal.as_str()),
         tenant_header: tenant.as_ref().map(|t| header(t.as_str())),
         context: std::sync::OnceLock::new(),
+        grants: crate::authz::GrantsCache::default(),
         principal,
         tenant,
         organization: m

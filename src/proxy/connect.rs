@@ -31,6 +31,7 @@ impl Proxy {
             Route::Grid(method),
             conn.identity(),
             super::authorization(&parts.headers),
+            &conn.grants,
             &cid,
         )) {
             Ok(a) => a,

@@ -116,6 +116,7 @@ impl RuntimeHook {
             route: Route::Grid(GridMethod::Connect),
             identity: self.conn.identity(),
             authorization: self.authorization.as_ref().map(|v| v.as_bytes()),
+            grants: &self.conn.grants,
             claims: Claims {
                 principal_id: None,
                 tenant_id: (!a.tenant_id.is_empty()).then(|| a.tenant_id.clone()),

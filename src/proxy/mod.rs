@@ -68,6 +68,8 @@ pub(crate) struct ConnInfo {
     pub context: Option<upgrade::ContextTemplate>,
     /// What the connection's calls may hold while assembling messages.
     pub budget: budget::Budget,
+    /// The certificate identity's RBAC grants (calls with a token use their caller's).
+    pub grants: crate::authz::GrantsCache,
 }
 
 impl ConnInfo {
@@ -92,6 +94,7 @@ impl ConnInfo {
                 cfg.limits.max_buffered_bytes_per_connection,
                 buffered_total,
             ),
+            grants: crate::authz::GrantsCache::default(),
         }
     }
 
@@ -108,7 +111,7 @@ impl ConnInfo {
         });
         self.context
             .as_ref()
-            .map(|c| c.for_call(method, caller))
+            .map(|c| c.for_call(method, caller, &allowed.grants.roles_context))
             .unwrap_or_default()
     }
 }

@@ -30,6 +30,7 @@ impl Proxy {
             route,
             conn.identity(),
             super::authorization(&parts.headers),
+            &conn.grants,
             &cid,
         );
         let allowed = match self.pipeline.decide(&input) {

@@ -113,6 +113,7 @@ impl Proxy {
             route,
             identity: conn.identity(),
             authorization: super::authorization(&parts.headers),
+            grants: &conn.grants,
             claims: request.claims(),
             tool_name: request.tool_name(),
             session_id: request.session_id(),

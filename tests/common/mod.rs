@@ -28,11 +28,7 @@ pub struct Stack {
 /// alone. For tests of certificate identity and of HTTP/2 behaviour.
 pub fn certificates_only(text: &str) -> String {
     let start = text.find("\nauth:\n").expect("an auth section") + 1;
-    let end = start
-        + text[start..]
-            .find("\nruntime:\n")
-            .expect("runtime follows auth")
-        + 1;
+    let end = start + text[start..].find("\nrbac:\n").expect("rbac follows auth") + 1;
     format!(
         "{}auth:\n  tokens_required: []\n{}",
         &text[..start],
@@ -40,17 +36,41 @@ pub fn certificates_only(text: &str) -> String {
     )
 }
 
+/// An RBAC file for tests of other CAs and identities: every client may open sessions, run
+/// any tool and call any pass-through method in its own tenant; every runtime may connect.
+pub const PERMISSIVE_RBAC: &str = "\
+roles:
+  - name: anything
+    permissions: [grid.session.create, grid.session.destroy, grid.tool.execute, \"tool:*:execute\", \"passthrough:*\"]
+  - name: runtime
+    permissions: [grid.runtime.connect]
+bindings:
+  - {kind: client, tenant: \"*\", roles: [anything]}
+  - {kind: runtime, tenant: \"*\", roles: [runtime]}
+";
+
+/// Writes [`PERMISSIVE_RBAC`] as `dir/rbac.yaml`.
+pub fn permissive_rbac(dir: &std::path::Path) {
+    std::fs::write(dir.join("rbac.yaml"), PERMISSIVE_RBAC).unwrap();
+}
+
 /// The demo's configuration with every port picked by the OS and `upstream` at `upstream`.
 /// `extra` is appended; a leading `limits:` block in it is merged into the demo's `limits:`
 /// section (for example `"limits:\n  idle_timeout_seconds: 1\n"`), and likewise a leading
 /// `tls:` block into the demo's `tls:` section.
 pub fn config_text(upstream: &str, extra: &str) -> String {
-    let mut t = demo::DEMO_CONFIG
+    let t = demo::DEMO_CONFIG
         .replace("127.0.0.1:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9901", "127.0.0.1:0")
         .replace("127.0.0.1:9443", "127.0.0.1:0")
         .replace("http://127.0.0.1:50051", upstream)
         .replace("shutdown_grace_seconds: 5", "shutdown_grace_seconds: 10");
+    with_extra(t, extra)
+}
+
+/// `t` with `extra` appended; a leading `limits:` or `tls:` block of `extra` is merged into
+/// that section of `t` instead.
+pub fn with_extra(mut t: String, extra: &str) -> String {
     let mut extra = extra;
     for (section, anchor) in [("limits:\n", "limits:\n"), ("tls:\n", "tls:\n")] {
         if let Some(rest) = extra.strip_prefix(section) {
@@ -92,7 +112,7 @@ impl Stack {
 
     /// `extra` is appended to the sidecar's YAML (top-level keys not already present).
     pub async fn start_with(extra: &str, with_runtime: bool) -> Stack {
-        Stack::start_edited(|t| t + extra, with_runtime).await
+        Stack::start_edited(|t| with_extra(t, extra), with_runtime).await
     }
 
     /// The sidecar's YAML is the test config passed through `edit` (see [`in_section`]).
