@@ -16,6 +16,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod adm;
+pub(crate) mod admin;
 pub mod authz;
 pub mod client;
 pub mod config;

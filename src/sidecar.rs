@@ -103,6 +103,7 @@ impl Sidecar {
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
         let proxy = Arc::new(Proxy {
+            management: None,
             role: Role::DataPlane,
             cfg: cfg.clone(),
             pipeline: pipeline.clone(),
@@ -123,7 +124,18 @@ impl Sidecar {
             Some(a) => {
                 let l = bind(a, "management_listen").await?;
                 let addr = l.local_addr()?;
+                let recorder = Recorder::new(metrics.clone());
+                let shared = crate::admin::Shared {
+                    authz: pipeline.authz.clone(),
+                    recorder: recorder.clone(),
+                };
+                let routes = tonic::service::Routes::new(
+                    crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
+                        crate::admin::identity::IdentityService { shared },
+                    ),
+                );
                 let proxy = Arc::new(Proxy {
+                    management: Some(routes),
                     role: Role::Management,
                     cfg: cfg.clone(),
                     pipeline: pipeline.clone(),

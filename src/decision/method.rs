@@ -8,8 +8,9 @@ use crate::grpc::{Denial, ErrorCode};
 pub(super) fn served(method: &str, route: Route) -> Result<(), Denial> {
     let message = match route {
         Route::Grid(_) | Route::Passthrough => return Ok(()),
+        Route::Management if crate::admin::serves(method) => return Ok(()),
         Route::Management => format!(
-            "{method} is not served: the Enterprise*Service management APIs are not available in this release"
+            "{method} is not served: of the Enterprise*Service management APIs, this release serves EnterpriseIdentityService"
         ),
         Route::Unknown => {
             format!("method {method} is not a GRID method and is not listed for pass-through")

@@ -338,7 +338,7 @@ mod tests {
             Claims,
             Option<ErrorCode>,
         );
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (
                 Err(&none),
                 Route::Unknown,
@@ -348,6 +348,12 @@ mod tests {
             (
                 Ok(&alice),
                 Route::Unknown,
+                other.clone(),
+                Some(ErrorCode::MethodNotAllowed),
+            ),
+            (
+                Ok(&alice),
+                Route::Management,
                 other.clone(),
                 Some(ErrorCode::MethodNotAllowed),
             ),

@@ -27,6 +27,7 @@
 pub mod body;
 pub(crate) mod budget;
 mod connect;
+mod management;
 pub(crate) mod headers;
 mod hooks;
 mod passthrough;
@@ -126,6 +127,8 @@ pub(crate) struct Proxy {
     pub metrics: Arc<Metrics>,
     /// `limits.max_buffered_bytes`, shared by every connection of every listener.
     pub buffered_total: budget::Total,
+    /// The management services (on the management listener only).
+    pub management: Option<tonic::service::Routes>,
 }
 
 /// The `authorization` header of a request, for the token check.
@@ -278,7 +281,8 @@ impl Proxy {
         match route {
             Route::Grid(GridMethod::Connect) => self.connect(conn, req, cid, encoding).await,
             Route::Grid(m) => self.unary(conn, m, req, cid, encoding).await,
-            Route::Passthrough | Route::Unknown | Route::Management => {
+            Route::Management => self.management(conn, req, path, cid).await,
+            Route::Passthrough | Route::Unknown => {
                 self.passthrough(conn, req, route, path, cid).await
             }
         }

@@ -1,0 +1,143 @@
+//! The management plane: the `Enterprise*Service` gRPC APIs the sidecar serves itself on the
+//! management listener (mTLS, same identity and token rules as the data plane). The proxy
+//! authenticates each call with the one pipeline, then hands it to these services with the
+//! verified caller in the request's extensions; each RPC authorizes itself (RBAC, with the
+//! tenant it acts on) and records its refusals through the same recorder.
+//!
+//! Served today: `EnterpriseIdentityService` ([`identity`]). The other services answer
+//! `METHOD_NOT_ALLOWED` until they land.
+
+pub mod identity;
+
+use crate::authz::{Authz, Resolved};
+use crate::decision::{Facts, Recorder, Stage};
+use crate::grid::Route;
+use crate::grpc::{Denial, ErrorCode};
+use crate::ids::{PrincipalId, TenantId};
+use bytes::Bytes;
+use prost::Message;
+use std::sync::Arc;
+
+/// Path prefixes of the services served here.
+pub const SERVED: [&str; 1] = ["/altar.aesp.v1.EnterpriseIdentityService/"];
+
+/// Whether the management listener serves `path`.
+pub fn serves(path: &str) -> bool {
+    SERVED.iter().any(|p| path.starts_with(p))
+}
+
+/// The verified caller of a management RPC, put in the request's extensions by the proxy.
+#[derive(Clone, Debug)]
+pub struct ManagementCaller {
+    pub principal: PrincipalId,
+    pub tenant: TenantId,
+    pub grants: Arc<Resolved>,
+    pub correlation_id: String,
+    pub method: String,
+}
+
+/// What the management services share with the data plane.
+#[derive(Clone)]
+pub struct Shared {
+    pub authz: Arc<Authz>,
+    pub recorder: Recorder,
+}
+
+impl Shared {
+    /// `caller` may use `permission` on `tenant`, else a recorded `AUTHORIZATION_DENIED`.
+    pub fn require(
+        &self,
+        caller: &ManagementCaller,
+        permission: &str,
+        tenant: &TenantId,
+    ) -> Result<(), tonic::Status> {
+        if caller
+            .grants
+            .grants
+            .allows(permission, tenant, &caller.tenant)
+        {
+            return Ok(());
+        }
+        let mut d = Denial::new(
+            ErrorCode::AuthorizationDenied,
+            format!(
+                "{} of tenant {} lacks the permission {permission} on tenant {tenant}",
+                caller.principal, caller.tenant
+            ),
+        )
+        .detail("permission", permission)
+        .detail("target_tenant", tenant.as_str())
+        .detail("roles", caller.grants.grants.roles().join(","));
+        if *tenant != caller.tenant {
+            d = d.detail(
+                "reason",
+                "acting on another tenant needs a binding with scope platform",
+            );
+        }
+        Err(self.refuse(caller, d))
+    }
+
+    /// Records `denial` as a refusal of `caller`'s call and turns it into a status.
+    pub fn refuse(&self, caller: &ManagementCaller, denial: Denial) -> tonic::Status {
+        let mut facts = Facts::new(
+            Stage::Call,
+            &caller.method,
+            Route::Management,
+            None,
+            &caller.correlation_id,
+        );
+        facts.principal_id = Some(caller.principal.clone());
+        facts.tenant_id = Some(caller.tenant.clone());
+        self.recorder
+            .record(crate::decision::Decision::Deny(&facts, &denial));
+        status(&denial, &caller.correlation_id)
+    }
+}
+
+/// A `tonic::Status` carrying `denial` as the rich error model (an `EnterpriseError` in a
+/// `google.rpc.Status`), as the data plane's denials do.
+pub fn status(denial: &Denial, correlation_id: &str) -> tonic::Status {
+    let ee = denial.to_enterprise_error(correlation_id);
+    let details = crate::proto::rpc::Status {
+        code: denial.code.grpc() as i32,
+        message: denial.message.clone(),
+        details: vec![prost_types::Any {
+            type_url: crate::grpc::status::ENTERPRISE_ERROR_TYPE_URL.to_string(),
+            value: ee.encode_to_vec(),
+        }],
+    }
+    .encode_to_vec();
+    tonic::Status::with_details(
+        tonic::Code::from_i32(denial.code.grpc() as i32),
+        denial.message.clone(),
+        Bytes::from(details),
+    )
+}
+
+/// The caller of a request, or `UNAUTHENTICATED` (never happens behind the proxy).
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<ManagementCaller, tonic::Status> {
+    req.extensions()
+        .get::<ManagementCaller>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::unauthenticated("no verified caller"))
+}
+
+/// A management request's field that must be a valid id, or `INVALID_ARGUMENT` naming it.
+pub fn id_field<T>(
+    caller: &ManagementCaller,
+    shared: &Shared,
+    field: &str,
+    value: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T, tonic::Status> {
+    parse(value).ok_or_else(|| {
+        shared.refuse(
+            caller,
+            Denial::new(
+                ErrorCode::MalformedMessage,
+                format!("{field}: expected an id of letters, digits, '.', '-', '_', got {value:?}"),
+            )
+            .detail("field", field),
+        )
+    })
+}
