@@ -36,6 +36,23 @@ pub fn config_text(upstream: &str, extra: &str) -> String {
     t
 }
 
+/// `text` with `lines` (each indented, ending in a newline) inserted at the top of its
+/// top-level section `section` (`limits`, `tls`, ...), for keys inside sections the demo
+/// config already has. Panics when there is no such section.
+pub fn in_section(text: &str, section: &str, lines: &str) -> String {
+    let head = format!("\n{section}:");
+    let at = text
+        .find(&head)
+        .unwrap_or_else(|| panic!("no {section}: section in the config"));
+    let eol = at
+        + 1
+        + text[at + 1..]
+            .find('\n')
+            .expect("a newline after the section")
+        + 1;
+    format!("{}{lines}{}", &text[..eol], &text[eol..])
+}
+
 impl Stack {
     pub async fn start() -> Stack {
         Stack::start_with("", true).await
@@ -43,6 +60,11 @@ impl Stack {
 
     /// `extra` is appended to the sidecar's YAML (top-level keys not already present).
     pub async fn start_with(extra: &str, with_runtime: bool) -> Stack {
+        Stack::start_edited(|t| t + extra, with_runtime).await
+    }
+
+    /// The sidecar's YAML is the test config passed through `edit` (see [`in_section`]).
+    pub async fn start_edited(edit: impl FnOnce(String) -> String, with_runtime: bool) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let (files, _) = certs::ensure(dir.path()).unwrap();
         let host = host::spawn(host::HostOptions {
@@ -54,7 +76,7 @@ impl Stack {
         let cfg_path = dir.path().join("sidecar.yaml");
         std::fs::write(
             &cfg_path,
-            config_text(&format!("http://{}", host.local_addr), extra),
+            edit(config_text(&format!("http://{}", host.local_addr), "")),
         )
         .unwrap();
         let cfg = Config::load(&cfg_path).unwrap();
