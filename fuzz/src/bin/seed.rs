@@ -352,5 +352,73 @@ shutdown_grace_seconds: 5
         "manifest_bad_type",
         b"manifest_version: \"1.0.0\"\ncontracts:\n  - name: add\n    description: d\n    parameters: { type: OBJECT, properties: { b: { type: FLOAT } } }\n",
     );
+    certificate_identity(&root);
     println!("seeds written under {}", root.display());
+}
+
+/// certificate_identity: `[mode][...]` (see the target's header for each mode).
+fn certificate_identity(root: &Path) {
+    let t = "certificate_identity";
+    let with_mode = |mode: u8, rest: &[u8]| [&[mode][..], rest].concat();
+    // Mode 0: real certificates of the dev CA as DER.
+    let ca = aesp_sidecar::demo::certs::Ca::new("seed CA").unwrap();
+    let der = |pem: String| {
+        let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        p.contents
+    };
+    let leaves = [
+        ("der_alice", ca.workload("acme", "client", "alice").unwrap()),
+        ("der_runtime", ca.workload("acme", "runtime", "acme-runtime-1").unwrap()),
+        ("der_cn_only", ca.issue("alice-cn", None, &[], &[]).unwrap()),
+        ("der_dns", ca.issue("nobody", None, &["rt.local"], &[]).unwrap()),
+        (
+            "der_dotdot",
+            ca.issue("x", Some("spiffe://aesp.local/tenant/../client/alice"), &[], &[]).unwrap(),
+        ),
+    ];
+    for (name, leaf) in leaves {
+        write(root, t, name, &with_mode(0, &der(leaf.cert_pem)));
+    }
+    // Mode 1: [td][0xff][uri].
+    for (name, td, uri) in [
+        ("uri_ok", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice"),
+        ("uri_upper_scheme", "aesp.local", "SPIFFE://aesp.local/tenant/acme/client/alice"),
+        ("uri_dotdot", "aesp.local", "spiffe://aesp.local/tenant/../client/.."),
+        ("uri_trailing_slash", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice/"),
+        ("uri_other_td", "aesp.local", "spiffe://evil.local/tenant/acme/client/alice"),
+        ("uri_no_path", "aesp.local", "spiffe://aesp.local"),
+        ("uri_query", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice?x=1"),
+        ("uri_td_with_slash", "a/b", "spiffe://a/b/tenant/acme/client/alice"),
+    ] {
+        write(root, t, name, &with_mode(1, &[td.as_bytes(), uri.as_bytes()].join(&0xff)));
+    }
+    // Mode 2: [td][0xff][tenant][0xff][kind][0xff][name], as bytes.
+    for (name, segs) in [
+        ("segs_ok", &["aesp.local", "acme", "runtime", "acme-runtime-1"]),
+        ("segs_empty", &["aesp.local", "", "client", "alice"]),
+        ("segs_long", &["aesp.local", &"x".repeat(129), "client", "alice"]),
+    ] {
+        write(root, t, name, &with_mode(2, &segs.map(str::as_bytes).join(&0xff)));
+    }
+    // Mode 3: [which][cut][(offset hi, lo, xor)...].
+    write(root, t, "mutate_none", &with_mode(3, &[0, 0]));
+    write(root, t, "mutate_flip", &with_mode(3, &[1, 0, 0x01, 0x10, 0x20]));
+    write(root, t, "mutate_cut", &with_mode(3, &[2, 200]));
+    // Mode 4: [cn][0xff][type][string]...: 0 URI as is, 1 spiffe://…, 2 spiffe://aesp.local/tenant/…, 3 DNS.
+    let made = |cn: &str, sans: &[(u8, &str)]| {
+        let mut v = vec![4u8];
+        v.extend_from_slice(cn.as_bytes());
+        for (k, s) in sans {
+            v.push(0xff);
+            v.push(*k);
+            v.extend_from_slice(s.as_bytes());
+        }
+        v
+    };
+    write(root, t, "made_spiffe", &made("x", &[(2, "acme/client/alice")]));
+    write(root, t, "made_two_spiffe", &made("x", &[(2, "acme/client/alice"), (2, "globex/client/bob")]));
+    write(root, t, "made_upper_and_lower", &made("x", &[(0, "SPIFFE://aesp.local/tenant/globex/client/bob"), (2, "acme/client/alice")]));
+    write(root, t, "made_cn_mapping", &made("alice-cn", &[(0, "https://example.com/"), (3, "x.local")]));
+    write(root, t, "made_dns_mapping", &made("nobody", &[(3, "rt.local")]));
+    write(root, t, "made_other_td", &made("x", &[(1, "evil.local/tenant/acme/client/alice")]));
 }
