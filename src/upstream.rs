@@ -61,16 +61,29 @@ pub enum ConnectFailure {
 }
 
 /// Which connection a request uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Calls: spread over the `upstream.connections` pooled connections.
-    Call,
+#[derive(Clone, Copy)]
+pub enum Class<'a> {
+    /// Calls of one client connection: the upstream connection of that client connection
+    /// (opened on its first call, replaced when it closes, closed with it). What one client
+    /// leaves unread then holds up, or breaks, only its own upstream connection: never the
+    /// flow-control window or the connection other clients' calls use.
+    Call(&'a Affinity),
     /// A runtime's `Connect` stream: a connection of its own, opened for it and closed with
-    /// it. What one runtime does not read then holds up only its own connection's flow
-    /// control window, never a window that other runtimes or calls share.
+    /// it, for the same reason.
     RuntimeStream,
 }
 
+/// The upstream connection of one client connection.
+#[derive(Default)]
+pub struct Affinity(Slot);
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Affinity")
+    }
+}
+
+#[derive(Default)]
 struct Slot {
     /// The connection's handle and its generation (bumped on every new connection).
     sender: std::sync::Mutex<Option<(u64, SendRequest<ProxyBody>)>>,
@@ -79,7 +92,6 @@ struct Slot {
 
 /// A pooled connection handed to one request.
 struct Lease {
-    slot: usize,
     generation: u64,
     sender: SendRequest<ProxyBody>,
 }
@@ -127,12 +139,7 @@ impl Upstream {
             authority: u.authority.clone(),
             addr: u.authority.as_str().to_string(),
             tls,
-            slots: (0..u.connections)
-                .map(|_| Slot {
-                    sender: std::sync::Mutex::new(None),
-                    connecting: tokio::sync::Mutex::new(()),
-                })
-                .collect(),
+            slots: (0..u.connections).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             connect_timeout: u.connect_timeout,
             builder,
@@ -151,42 +158,35 @@ impl Upstream {
         Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
     }
 
-    fn cached(slot: &Slot, i: usize, not: Option<u64>) -> Option<Lease> {
+    fn cached(slot: &Slot, not: Option<u64>) -> Option<Lease> {
         let guard = slot.sender.lock().unwrap_or_else(|p| p.into_inner());
         guard
             .as_ref()
             .filter(|(g, s)| !s.is_closed() && Some(*g) != not)
             .map(|(g, s)| Lease {
-                slot: i,
                 generation: *g,
                 sender: s.clone(),
             })
     }
 
-    async fn sender(&self) -> Result<Lease, UpstreamError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        self.lease(i, None).await
+    fn pooled(&self) -> &Slot {
+        &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()]
     }
 
-    /// A connection of slot `i`; never the one of generation `not` (known to be dead).
-    async fn lease(&self, i: usize, not: Option<u64>) -> Result<Lease, UpstreamError> {
-        let slot = &self.slots[i];
-        if let Some(l) = Self::cached(slot, i, not) {
+    /// The connection of `slot`; never the one of generation `not` (known to be dead).
+    async fn lease(&self, slot: &Slot, not: Option<u64>) -> Result<Lease, UpstreamError> {
+        if let Some(l) = Self::cached(slot, not) {
             return Ok(l);
         }
         let _g = slot.connecting.lock().await;
-        if let Some(l) = Self::cached(slot, i, not) {
+        if let Some(l) = Self::cached(slot, not) {
             return Ok(l);
         }
         let sender = self.connect().await?;
         let mut guard = slot.sender.lock().unwrap_or_else(|p| p.into_inner());
         let generation = guard.as_ref().map_or(0, |(g, _)| g + 1);
         *guard = Some((generation, sender.clone()));
-        Ok(Lease {
-            slot: i,
-            generation,
-            sender,
-        })
+        Ok(Lease { generation, sender })
     }
 
     async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
@@ -235,15 +235,18 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<ProxyBody>,
-        class: Class,
+        class: Class<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if class == Class::RuntimeStream {
-            // Dropped once the request is sent: the connection lives as long as the stream.
-            let mut sender = self.connect().await?;
-            sender.ready().await?;
-            return Ok(sender.send_request(req).await?);
-        }
-        let mut lease = self.sender().await?;
+        let slot = match class {
+            Class::RuntimeStream => {
+                // Dropped once the request is sent: the connection lives as long as the stream.
+                let mut sender = self.connect().await?;
+                sender.ready().await?;
+                return Ok(sender.send_request(req).await?);
+            }
+            Class::Call(a) => &a.0,
+        };
+        let mut lease = self.lease(slot, None).await?;
         let req = match lease.sender.ready().await {
             Ok(()) => match lease.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
@@ -255,14 +258,14 @@ impl Upstream {
             Err(_) => req,
         };
         tracing::debug!(upstream = %self.addr, "upstream connection closed under a request; retrying on a new one");
-        let mut lease = self.lease(lease.slot, Some(lease.generation)).await?;
+        let mut lease = self.lease(slot, Some(lease.generation)).await?;
         lease.sender.ready().await?;
         Ok(lease.sender.send_request(req).await?)
     }
 
     /// Whether a connection to the host can be had (readiness).
     pub async fn probe(&self) -> Result<(), UpstreamError> {
-        let mut l = self.sender().await?;
+        let mut l = self.lease(self.pooled(), None).await?;
         l.sender.ready().await?;
         Ok(())
     }

@@ -16,10 +16,12 @@
 //! ([`SERIAL`]) so the RSS measured is one attack's. Attacks run for a fixed time and never
 //! assert on timings. Measured numbers are printed: run with `--nocapture` to see them.
 //!
-//! Two tests are `#[ignore]`d because they show weaknesses still open (run them with
-//! `--include-ignored`): many zero-window streams make the sidecar's own HTTP/2 client tear
-//! down a shared upstream connection, failing other clients' calls; and silent TCP connections
-//! kept at `limits.max_connections` lock real clients out (issue 15, item 4).
+//! Two tests were first written as findings (they failed): many zero-window streams made the
+//! sidecar's own HTTP/2 client tear down a shared upstream connection, failing other clients'
+//! calls (fixed: each client connection has an upstream connection of its own); and silent
+//! TCP connections kept at `limits.max_connections` locked real clients out (fixed:
+//! handshakes count against `limits.max_handshakes`, established connections against
+//! `limits.max_connections`).
 
 mod common;
 
@@ -157,6 +159,8 @@ async fn try_well_behaved_call(stack: &Stack) -> Result<Duration, String> {
         let ch = aesp_sidecar::client::channel(&stack.endpoint, Some(&stack.tls("acme")))
             .await
             .map_err(|e| format!("connect: {e:#}"))?;
+        let ch = aesp_sidecar::client::with_token(ch, stack.token("acme").as_deref())
+            .map_err(|e| format!("token: {e:#}"))?;
         let mut c = GridHostClient::new(ch);
         let s = c
             .create_session(grid::CreateSession::default())
@@ -338,8 +342,11 @@ fn hpack_literal(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// The header block of a gRPC request to `path`.
-fn request_headers(path: &str) -> Vec<u8> {
+/// The request headers of an attacker's call on `path`, with the acme client's token (so
+/// its calls pass authentication and are served like anyone's).
+fn request_headers(stack: &Stack, path: &str) -> Vec<u8> {
     let mut b = Vec::new();
+    let auth = format!("Bearer {}", stack.token("acme").unwrap_or_default());
     for (k, v) in [
         (":method", "POST"),
         (":scheme", "https"),
@@ -347,6 +354,7 @@ fn request_headers(path: &str) -> Vec<u8> {
         (":path", path),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
+        ("authorization", auth.as_str()),
     ] {
         hpack_literal(&mut b, k, v.as_bytes());
     }
@@ -604,7 +612,7 @@ async fn rapid_reset_streams_neither_starve_other_clients_nor_grow_memory() {
     let _serial = SERIAL.lock().await;
     let stack = Stack::start().await;
     let (addr, cc) = (stack.sidecar.data_addr, attacker_config(&stack));
-    let block = request_headers("/altar.grid.v1.GridHost/CreateSession");
+    let block = request_headers(&stack, "/altar.grid.v1.GridHost/CreateSession");
     let rss = RssWatch::start();
     // Each batch opens 100 streams and cancels each at once (HEADERS, then RST_STREAM CANCEL).
     let (t, waits) = while_attacked(
@@ -665,7 +673,7 @@ async fn a_continuation_flood_is_cut_off_without_growing_memory_or_starving_othe
         HEADERS,
         0,
         1,
-        &request_headers("/altar.grid.v1.GridHost/CreateSession"),
+        &request_headers(&stack, "/altar.grid.v1.GridHost/CreateSession"),
     );
     let mut fragment = Vec::new();
     while fragment.len() < 16_384 - 1_100 {
@@ -875,7 +883,7 @@ async fn zero_window_reader(test: &str, waves: u32, streams: u32) {
         .session_id;
     let tool_call =
         common::frame(&call(&session, "count", serde_json::json!({"n": 1000})).encode_to_vec());
-    let block = request_headers("/altar.grid.v1.GridHost/ExecuteToolStream");
+    let block = request_headers(&stack, "/altar.grid.v1.GridHost/ExecuteToolStream");
     let upstream_errors = stack.sidecar.metrics.upstream_errors.get();
     let rss = RssWatch::start();
     let ((headers, data, closed), waits) = while_attacked(&stack, async move {
@@ -934,7 +942,6 @@ async fn a_zero_window_reader_of_streaming_responses_gets_no_data_and_holds_up_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding: the sidecar's own h2 client tears down a shared upstream connection (GOAWAY ENHANCE_YOUR_CALM too_many_data_frames) when one client leaves ~10k small DATA frames unread; see report"]
 async fn a_zero_window_reader_of_many_streams_does_not_break_other_clients_calls() {
     let _serial = SERIAL.lock().await;
     // 16 connections of 100 streams, opened over 4 s: 1.6 million chunks of about 60 bytes,
@@ -1127,7 +1134,6 @@ async fn a_slow_request_body_ends_in_an_error_after_the_read_timeout_and_starves
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding (issue 15 item 4): connections in their TLS handshake share limits.max_connections with established ones, so silent TCP connections lock real clients out; see report"]
 async fn silent_connections_kept_at_the_connection_limit_do_not_lock_out_real_clients() {
     let _serial = SERIAL.lock().await;
     // 64 connection slots; the attacker keeps 64 silent TCP connections open, opening a new

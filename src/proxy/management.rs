@@ -39,7 +39,8 @@ impl Proxy {
                 "this listener serves no management API",
             )));
         };
-        self.recorder.record(crate::decision::Decision::from(&allowed));
+        self.recorder
+            .record(crate::decision::Decision::from(&allowed));
         let caller = ManagementCaller {
             principal: allowed
                 .caller
@@ -65,7 +66,9 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         if let Ok(v) = http::HeaderValue::from_str(&cid) {
-            parts.headers.insert(super::headers::X_AESP_CORRELATION_ID, v);
+            parts
+                .headers
+                .insert(super::headers::X_AESP_CORRELATION_ID, v);
         }
         Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
     }

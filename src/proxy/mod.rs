@@ -27,9 +27,9 @@
 pub mod body;
 pub(crate) mod budget;
 mod connect;
-mod management;
 pub(crate) mod headers;
 mod hooks;
+mod management;
 mod passthrough;
 mod unary;
 
@@ -71,6 +71,8 @@ pub(crate) struct ConnInfo {
     pub budget: budget::Budget,
     /// The certificate identity's RBAC grants (calls with a token use their caller's).
     pub grants: crate::authz::GrantsCache,
+    /// This connection's own upstream connection, for its calls.
+    pub upstream: crate::upstream::Affinity,
 }
 
 impl ConnInfo {
@@ -96,6 +98,7 @@ impl ConnInfo {
                 buffered_total,
             ),
             grants: crate::authz::GrantsCache::default(),
+            upstream: crate::upstream::Affinity::default(),
         }
     }
 
@@ -300,7 +303,7 @@ impl Proxy {
         &self,
         allowed: &Allowed<'_>,
         req: Request<ProxyBody>,
-        class: Class,
+        class: Class<'_>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         self.recorder.record(Decision::from(allowed));
         self.upstream.send(req, class).await

@@ -46,7 +46,10 @@ impl Proxy {
             FilterTrailers::new(body, headers::filter_request_trailers).boxed_unsync(),
             false,
         );
-        match self.forward(&allowed, up, Class::Call).await {
+        match self
+            .forward(&allowed, up, Class::Call(&conn.upstream))
+            .await
+        {
             Ok(resp) => passthrough_response(resp, &cid),
             Err(e) => self.upstream_down(allowed, e),
         }

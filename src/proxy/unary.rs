@@ -142,7 +142,10 @@ impl Proxy {
         };
 
         let up = self.upstream_request(&parts, &allowed, &esc, &cid, body::full(frame), true);
-        match self.forward(&allowed, up, Class::Call).await {
+        match self
+            .forward(&allowed, up, Class::Call(&conn.upstream))
+            .await
+        {
             Ok(resp) => {
                 let hook = ErrorHook {
                     recorder: self.recorder.clone(),
