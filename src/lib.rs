@@ -32,5 +32,6 @@ pub mod metrics;
 pub mod proto;
 pub mod proxy;
 pub mod sidecar;
+pub mod store;
 pub mod tls;
 pub(crate) mod upstream;

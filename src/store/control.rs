@@ -1,0 +1,737 @@
+//! The control store: the bindings added through the management API (`AssignRole`, on top
+//! of the RBAC seed file) and the service accounts (`CreateServiceAccount`,
+//! `RevokeServiceAccount`), in `control.redb` in the configured `state_dir`.
+//!
+//! The hot path never reads this file: a writer changes it, then [`ControlStore::load`]s the
+//! whole state and builds a new immutable snapshot that it swaps in atomically. The state is
+//! small and changed rarely, so reading it whole is the simple thing and cheap.
+//!
+//! # On disk (schema version 1)
+//!
+//! Three redb tables, keys and values all raw bytes (`&[u8]`, so a damaged value is a
+//! decoding error here, never a panic in redb's typed decoders):
+//!
+//! | table              | key                                                    | value                         |
+//! |--------------------|--------------------------------------------------------|-------------------------------|
+//! | `meta`             | `schema_version`, `revision`                           | u64, 8 bytes little-endian    |
+//! | `bindings`         | JSON `[scope, tenant or "*", subject kind, name, role]` | JSON object, see [`BindingRecord`] |
+//! | `service_accounts` | the principal id (UTF-8)                               | JSON object, see [`ServiceAccountRecord`] |
+//!
+//! Values are serde_json objects of private `*V1` types, decoded strictly (unknown fields
+//! refused; ids validated as [`crate::ids`] does). A format change bumps [`SCHEMA_VERSION`];
+//! a file with another version is refused with [`StoreError::Schema`].
+//!
+//! # Invariants
+//!
+//! - `control.redb` exists only once complete: a new store is built as `control.redb.new`
+//!   (mode 0600) with its tables and schema version, synced, then linked into place (never
+//!   over an existing file). So an existing but empty or unreadable `control.redb` is damage,
+//!   reported as [`StoreError::Corrupt`], never silently recreated.
+//! - Every write is one transaction with `Immediate` durability and two-phase commit, and
+//!   bumps `revision`; a write that changes nothing (removing an absent binding, revoking a
+//!   revoked account) commits nothing and leaves `revision` alone. With two-phase commit a
+//!   damaged latest commit is an error at open, not a silent fall-back to the one before (which
+//!   could undo a revocation).
+//! - Opening checks every page's checksum (the file is small), so damage is found at start,
+//!   as an error naming the file, and never as a panic later.
+//! - Only metadata is stored: a service account's credential is returned once to whoever
+//!   created it and never written here.
+
+use super::{OPENING, StoreError, redb_error};
+use crate::authz::rbac::{Binding, BindingSubject, BindingTenant, Scope};
+use crate::ids::{PeerKind, PrincipalId, TenantId};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+/// The file in `state_dir`.
+pub const FILE_NAME: &str = "control.redb";
+/// Where a new store is built before it is linked into place.
+const NEW_FILE_NAME: &str = "control.redb.new";
+/// The format this sidecar reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+type Bytes = &'static [u8];
+const META: TableDefinition<Bytes, Bytes> = TableDefinition::new("meta");
+const BINDINGS: TableDefinition<Bytes, Bytes> = TableDefinition::new("bindings");
+const SERVICE_ACCOUNTS: TableDefinition<Bytes, Bytes> = TableDefinition::new("service_accounts");
+const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
+const REVISION_KEY: &[u8] = b"revision";
+
+/// redb's page cache for this file (the default is 1 GiB; the control state is kilobytes).
+const CACHE_BYTES: usize = 4 << 20;
+
+/// What to do about a damaged `control.redb`.
+const REMEDY_CORRUPT: &str = "the file was left as it is. Stop the sidecar, move the file aside (mv control.redb control.redb.damaged) and restore the last backup in its place. Without a backup, moving it aside and restarting starts an empty store: every binding assigned through the API, every service account and every revocation recorded in it is forgotten (the RBAC seed file still applies)";
+
+// --------------------------------------------------------------------------- records
+
+/// One role bound to a subject through the management API (`AssignRole`): `subject` of
+/// `tenant` holds `role`, in its own tenant or (platform scope) on every tenant. Identified
+/// by (scope, tenant, subject, role); `granted_by` and `granted_at` are what was recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingRecord {
+    pub subject: BindingSubject,
+    pub tenant: BindingTenant,
+    pub scope: Scope,
+    pub role: String,
+    /// Who assigned it (the caller's principal, as the audit log names it).
+    pub granted_by: String,
+    /// Unix seconds.
+    pub granted_at: u64,
+}
+
+impl BindingRecord {
+    /// One record per role of `b`.
+    pub fn from_binding(b: &Binding, granted_by: &str, granted_at: u64) -> Vec<BindingRecord> {
+        b.roles
+            .iter()
+            .map(|role| BindingRecord {
+                subject: b.subject.clone(),
+                tenant: b.tenant.clone(),
+                scope: b.scope,
+                role: role.clone(),
+                granted_by: granted_by.to_string(),
+                granted_at,
+            })
+            .collect()
+    }
+
+    /// The key: what identifies the binding, not who granted it when. A JSON array of
+    /// strings, so no field can run into the next.
+    fn key(&self) -> Vec<u8> {
+        let (kind, name) = subject_parts(&self.subject);
+        let tenant = match &self.tenant {
+            BindingTenant::Tenant(t) => t.as_str(),
+            BindingTenant::Every => "*",
+        };
+        let parts = [self.scope.as_str(), tenant, kind, name, &self.role];
+        serde_json::to_vec(&parts).unwrap_or_default()
+    }
+}
+
+/// The RBAC engine's view of the record: the subject holds this one role.
+impl From<&BindingRecord> for Binding {
+    fn from(r: &BindingRecord) -> Binding {
+        Binding {
+            subject: r.subject.clone(),
+            tenant: r.tenant.clone(),
+            scope: r.scope,
+            roles: vec![r.role.clone()],
+        }
+    }
+}
+
+/// A service account: a principal created in a tenant with roles, whose credential (a JWT
+/// signed by the sidecar's issuer key) was handed out once at creation and is not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountRecord {
+    /// Unique across tenants; never reused, even after revocation.
+    pub principal_id: PrincipalId,
+    pub tenant_id: TenantId,
+    pub display_name: String,
+    pub roles: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub created_by: String,
+    pub revoked: bool,
+    /// Unix seconds; 0 unless revoked.
+    pub revoked_at: u64,
+    /// Empty unless revoked.
+    pub revoke_reason: String,
+    /// When the credential handed out at creation expires (its `exp`), unix seconds.
+    pub credential_expires_at: u64,
+}
+
+/// Everything the store holds, read in one transaction (so consistent with itself).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ControlState {
+    /// Ordered by key (scope, tenant, subject kind, subject, role).
+    pub bindings: Vec<BindingRecord>,
+    /// Ordered by principal id.
+    pub service_accounts: Vec<ServiceAccountRecord>,
+    /// Bumped by every write that changed something; 0 for a new store.
+    pub revision: u64,
+}
+
+impl ControlState {
+    /// The service account `principal`, revoked or not.
+    pub fn service_account(&self, principal: &PrincipalId) -> Option<&ServiceAccountRecord> {
+        self.service_accounts
+            .binary_search_by(|sa| sa.principal_id.as_str().cmp(principal.as_str()))
+            .ok()
+            .map(|i| &self.service_accounts[i])
+    }
+}
+
+// ------------------------------------------------------------------- on-disk format v1
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SubjectKindV1 {
+    Principal,
+    Group,
+    Kind,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ScopeV1 {
+    Tenant,
+    Platform,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindingV1 {
+    subject: SubjectKindV1,
+    name: String,
+    /// A tenant id or `*`.
+    tenant: String,
+    scope: ScopeV1,
+    role: String,
+    granted_by: String,
+    granted_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceAccountV1 {
+    principal_id: String,
+    tenant_id: String,
+    display_name: String,
+    roles: Vec<String>,
+    created_at: u64,
+    created_by: String,
+    revoked: bool,
+    revoked_at: u64,
+    revoke_reason: String,
+    credential_expires_at: u64,
+}
+
+fn subject_parts(s: &BindingSubject) -> (&'static str, &str) {
+    match s {
+        BindingSubject::Principal(p) => ("principal", p.as_str()),
+        BindingSubject::Group(g) => ("group", g),
+        BindingSubject::Kind(k) => ("kind", k.as_str()),
+    }
+}
+
+impl From<&BindingRecord> for BindingV1 {
+    fn from(r: &BindingRecord) -> BindingV1 {
+        let (kind, name) = subject_parts(&r.subject);
+        BindingV1 {
+            subject: match kind {
+                "principal" => SubjectKindV1::Principal,
+                "group" => SubjectKindV1::Group,
+                _ => SubjectKindV1::Kind,
+            },
+            name: name.to_string(),
+            tenant: match &r.tenant {
+                BindingTenant::Tenant(t) => t.to_string(),
+                BindingTenant::Every => "*".to_string(),
+            },
+            scope: match r.scope {
+                Scope::Tenant => ScopeV1::Tenant,
+                Scope::Platform => ScopeV1::Platform,
+            },
+            role: r.role.clone(),
+            granted_by: r.granted_by.clone(),
+            granted_at: r.granted_at,
+        }
+    }
+}
+
+impl TryFrom<BindingV1> for BindingRecord {
+    type Error = String;
+
+    fn try_from(v: BindingV1) -> Result<BindingRecord, String> {
+        let subject = match v.subject {
+            SubjectKindV1::Principal => BindingSubject::Principal(
+                PrincipalId::new(&v.name)
+                    .ok_or_else(|| format!("invalid principal {:?}", v.name))?,
+            ),
+            SubjectKindV1::Group => BindingSubject::Group(v.name),
+            SubjectKindV1::Kind => BindingSubject::Kind(
+                PeerKind::new(&v.name).ok_or_else(|| format!("invalid peer kind {:?}", v.name))?,
+            ),
+        };
+        let tenant = match v.tenant.as_str() {
+            "*" => BindingTenant::Every,
+            t => BindingTenant::Tenant(
+                TenantId::new(t).ok_or_else(|| format!("invalid tenant {t:?}"))?,
+            ),
+        };
+        Ok(BindingRecord {
+            subject,
+            tenant,
+            scope: match v.scope {
+                ScopeV1::Tenant => Scope::Tenant,
+                ScopeV1::Platform => Scope::Platform,
+            },
+            role: v.role,
+            granted_by: v.granted_by,
+            granted_at: v.granted_at,
+        })
+    }
+}
+
+impl From<&ServiceAccountRecord> for ServiceAccountV1 {
+    fn from(r: &ServiceAccountRecord) -> ServiceAccountV1 {
+        ServiceAccountV1 {
+            principal_id: r.principal_id.to_string(),
+            tenant_id: r.tenant_id.to_string(),
+            display_name: r.display_name.clone(),
+            roles: r.roles.clone(),
+            created_at: r.created_at,
+            created_by: r.created_by.clone(),
+            revoked: r.revoked,
+            revoked_at: r.revoked_at,
+            revoke_reason: r.revoke_reason.clone(),
+            credential_expires_at: r.credential_expires_at,
+        }
+    }
+}
+
+impl TryFrom<ServiceAccountV1> for ServiceAccountRecord {
+    type Error = String;
+
+    fn try_from(v: ServiceAccountV1) -> Result<ServiceAccountRecord, String> {
+        Ok(ServiceAccountRecord {
+            principal_id: PrincipalId::new(&v.principal_id)
+                .ok_or_else(|| format!("invalid principal id {:?}", v.principal_id))?,
+            tenant_id: TenantId::new(&v.tenant_id)
+                .ok_or_else(|| format!("invalid tenant id {:?}", v.tenant_id))?,
+            display_name: v.display_name,
+            roles: v.roles,
+            created_at: v.created_at,
+            created_by: v.created_by,
+            revoked: v.revoked,
+            revoked_at: v.revoked_at,
+            revoke_reason: v.revoke_reason,
+            credential_expires_at: v.credential_expires_at,
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------ store
+
+/// `control.redb`, open. Synchronous: on the async side, call it from `spawn_blocking`.
+/// Share it behind an `Arc`; any number of threads may read while one writes (writes are
+/// serialized by redb, each reader sees one committed state).
+pub struct ControlStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for ControlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a write did: changed the store (commit, bump `revision`) or not (commit nothing).
+enum Outcome<R> {
+    Changed(R),
+    Unchanged(R),
+}
+
+/// The three tables, open in one write transaction.
+struct Tables<'t> {
+    meta: redb::Table<'t, Bytes, Bytes>,
+    bindings: redb::Table<'t, Bytes, Bytes>,
+    service_accounts: redb::Table<'t, Bytes, Bytes>,
+}
+
+impl ControlStore {
+    /// Opens `dir/control.redb`, or creates it (creating `dir`, mode 0700, if missing; the
+    /// file is mode 0600). Every page's checksum is verified. A damaged or unreadable file is
+    /// an error that says what is wrong and how to recover; it is never recreated, repaired
+    /// away or overwritten.
+    pub fn open(dir: &Path) -> Result<ControlStore, StoreError> {
+        ensure_dir(dir)?;
+        let path = dir.join(FILE_NAME);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => create(dir, &path)?,
+            Err(e) => return Err(fs_error(&path, e)),
+        }
+        let db = builder()
+            .open(&path)
+            .map_err(|e| redb_error(&path, OPENING, REMEDY_CORRUPT, e))?;
+        let store = ControlStore { db, path };
+        store.check_schema()?;
+        Ok(store)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Everything, read in one transaction: for the snapshot at start and after each change.
+    pub fn load(&self) -> Result<ControlState, StoreError> {
+        const READING: &str = "reading";
+        let err = |e: redb::Error| redb_error(&self.path, READING, REMEDY_CORRUPT, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+        let revision = self.read_u64(&meta, REVISION_KEY)?;
+
+        let mut bindings = Vec::new();
+        let table = txn.open_table(BINDINGS).map_err(|e| err(e.into()))?;
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            let record: BindingRecord =
+                self.decode::<BindingV1, _>("bindings", k.value(), v.value())?;
+            if record.key() != k.value() {
+                return Err(self.corrupt(format!(
+                    "table bindings, key {}: the value is for another key",
+                    String::from_utf8_lossy(k.value())
+                )));
+            }
+            bindings.push(record);
+        }
+
+        let mut service_accounts = Vec::new();
+        let table = txn
+            .open_table(SERVICE_ACCOUNTS)
+            .map_err(|e| err(e.into()))?;
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            let record: ServiceAccountRecord =
+                self.decode::<ServiceAccountV1, _>("service_accounts", k.value(), v.value())?;
+            if record.principal_id.as_str().as_bytes() != k.value() {
+                return Err(self.corrupt(format!(
+                    "table service_accounts, key {}: the value is for another key",
+                    String::from_utf8_lossy(k.value())
+                )));
+            }
+            service_accounts.push(record);
+        }
+
+        Ok(ControlState {
+            bindings,
+            service_accounts,
+            revision,
+        })
+    }
+
+    /// Adds a binding. The same (scope, tenant, subject, role) already there is
+    /// [`StoreError::Exists`], whoever granted it: adding twice is safe, and says so.
+    pub fn add_binding(&self, b: &BindingRecord) -> Result<(), StoreError> {
+        let key = b.key();
+        let value = encode(&BindingV1::from(b));
+        self.write(|t| {
+            let present = t
+                .bindings
+                .get(key.as_slice())
+                .map_err(|e| self.io(e))?
+                .is_some();
+            if present {
+                return Err(StoreError::Exists(format!(
+                    "{}: {} already holds role {:?}",
+                    self.path.display(),
+                    describe(b),
+                    b.role
+                )));
+            }
+            t.bindings
+                .insert(key.as_slice(), value.as_slice())
+                .map_err(|e| self.io(e))?;
+            Ok(Outcome::Changed(()))
+        })
+    }
+
+    /// Removes the binding with `b`'s (scope, tenant, subject, role), whoever granted it.
+    /// `Ok(false)` (and nothing written) if there was none.
+    pub fn remove_binding(&self, b: &BindingRecord) -> Result<bool, StoreError> {
+        let key = b.key();
+        self.write(|t| {
+            let removed = t
+                .bindings
+                .remove(key.as_slice())
+                .map_err(|e| self.io(e))?
+                .is_some();
+            Ok(if removed {
+                Outcome::Changed(true)
+            } else {
+                Outcome::Unchanged(false)
+            })
+        })
+    }
+
+    /// Records a new service account. A principal id already there, revoked or not, is
+    /// [`StoreError::Exists`]: ids are never reused, so an old credential can never name a
+    /// new account.
+    pub fn put_service_account(&self, sa: &ServiceAccountRecord) -> Result<(), StoreError> {
+        let key = sa.principal_id.as_str().as_bytes();
+        let value = encode(&ServiceAccountV1::from(sa));
+        self.write(|t| {
+            let present = t
+                .service_accounts
+                .get(key)
+                .map_err(|e| self.io(e))?
+                .is_some();
+            if present {
+                return Err(StoreError::Exists(format!(
+                    "{}: service account {:?} already exists",
+                    self.path.display(),
+                    sa.principal_id.as_str()
+                )));
+            }
+            t.service_accounts
+                .insert(key, value.as_slice())
+                .map_err(|e| self.io(e))?;
+            Ok(Outcome::Changed(()))
+        })
+    }
+
+    /// Marks the service account `principal` revoked at `at_unix` for `reason`, and returns
+    /// the record as stored. An account already revoked is returned unchanged (its first
+    /// revocation's time and reason kept; nothing written). No such account:
+    /// [`StoreError::NotFound`].
+    pub fn revoke_service_account(
+        &self,
+        principal: &PrincipalId,
+        at_unix: u64,
+        reason: &str,
+    ) -> Result<ServiceAccountRecord, StoreError> {
+        let key = principal.as_str().as_bytes();
+        self.write(|t| {
+            let bytes = match t.service_accounts.get(key).map_err(|e| self.io(e))? {
+                Some(v) => v.value().to_vec(),
+                None => {
+                    return Err(StoreError::NotFound(format!(
+                        "{}: no service account {:?}",
+                        self.path.display(),
+                        principal.as_str()
+                    )));
+                }
+            };
+            let mut sa: ServiceAccountRecord =
+                self.decode::<ServiceAccountV1, _>("service_accounts", key, &bytes)?;
+            if sa.revoked {
+                return Ok(Outcome::Unchanged(sa));
+            }
+            sa.revoked = true;
+            sa.revoked_at = at_unix;
+            sa.revoke_reason = reason.to_string();
+            let value = encode(&ServiceAccountV1::from(&sa));
+            t.service_accounts
+                .insert(key, value.as_slice())
+                .map_err(|e| self.io(e))?;
+            Ok(Outcome::Changed(sa))
+        })
+    }
+
+    // -------------------------------------------------------------------- internals
+
+    /// One write transaction: `Immediate` durability, two-phase commit, `revision` bumped if
+    /// `f` changed something; nothing committed if it did not, or if it failed.
+    fn write<R>(
+        &self,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<Outcome<R>, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.io(e))?;
+        txn.set_two_phase_commit(true);
+        let outcome = {
+            let mut t = Tables {
+                meta: txn.open_table(META).map_err(|e| self.io(e))?,
+                bindings: txn.open_table(BINDINGS).map_err(|e| self.io(e))?,
+                service_accounts: txn.open_table(SERVICE_ACCOUNTS).map_err(|e| self.io(e))?,
+            };
+            let outcome = f(&mut t)?;
+            if let Outcome::Changed(_) = outcome {
+                let revision = self.read_u64(&t.meta, REVISION_KEY)?;
+                let next = revision
+                    .checked_add(1)
+                    .ok_or_else(|| self.corrupt(format!("revision {revision} cannot grow")))?;
+                t.meta
+                    .insert(REVISION_KEY, next.to_le_bytes().as_slice())
+                    .map_err(|e| self.io(e))?;
+            }
+            outcome
+        };
+        match outcome {
+            Outcome::Changed(r) => {
+                txn.commit().map_err(|e| self.io(e))?;
+                Ok(r)
+            }
+            Outcome::Unchanged(r) => {
+                txn.abort().map_err(|e| self.io(e))?;
+                Ok(r)
+            }
+        }
+    }
+
+    /// Refuses a file without the `meta` table, without a schema version, or with another one.
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let err = |e: redb::Error| redb_error(&self.path, OPENING, REMEDY_CORRUPT, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+        let found = self.read_u64(&meta, SCHEMA_VERSION_KEY)?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                path: self.path.clone(),
+                found,
+                reads: SCHEMA_VERSION,
+            });
+        }
+        for table in [BINDINGS, SERVICE_ACCOUNTS] {
+            txn.open_table(table).map_err(|e| err(e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn read_u64(
+        &self,
+        meta: &impl ReadableTable<Bytes, Bytes>,
+        key: &[u8],
+    ) -> Result<u64, StoreError> {
+        let name = String::from_utf8_lossy(key);
+        let value = meta
+            .get(key)
+            .map_err(|e| redb_error(&self.path, "reading", REMEDY_CORRUPT, e))?
+            .ok_or_else(|| {
+                self.corrupt(format!("table meta has no {name}: is it a control store?"))
+            })?;
+        let bytes: [u8; 8] = value.value().try_into().map_err(|_| {
+            self.corrupt(format!(
+                "table meta, {name}: expected 8 bytes, found {}",
+                value.value().len()
+            ))
+        })?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn decode<V, R>(&self, table: &str, key: &[u8], value: &[u8]) -> Result<R, StoreError>
+    where
+        V: for<'de> Deserialize<'de>,
+        R: TryFrom<V, Error = String>,
+    {
+        let problem = match serde_json::from_slice::<V>(value) {
+            Ok(v) => match R::try_from(v) {
+                Ok(r) => return Ok(r),
+                Err(problem) => problem,
+            },
+            Err(e) => e.to_string(),
+        };
+        Err(self.corrupt(format!(
+            "table {table}, key {}: {problem}",
+            String::from_utf8_lossy(key)
+        )))
+    }
+
+    fn corrupt(&self, why: String) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            why,
+            remedy: REMEDY_CORRUPT,
+        }
+    }
+
+    fn io(&self, e: impl Into<redb::Error>) -> StoreError {
+        redb_error(&self.path, "writing", REMEDY_CORRUPT, e)
+    }
+}
+
+/// `principal "alice" of tenant acme (platform scope)`.
+fn describe(b: &BindingRecord) -> String {
+    Binding::from(b).to_string()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Plain structs of strings, numbers and bools: serializing them cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn builder() -> redb::Builder {
+    let mut b = redb::Builder::new();
+    b.set_check_integrity_on_open(true)
+        .set_cache_size(CACHE_BYTES);
+    b
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 if it is missing.
+fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(StoreError::Open {
+                path: dir.to_path_buf(),
+                why: "not a directory".into(),
+                remedy: "state_dir must name a directory (it is created if missing)",
+            });
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(fs_error(dir, e)),
+    }
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700);
+        builder.create(dir).map_err(|e| fs_error(dir, e))?;
+        // The umask may have taken bits from 0700; it cannot have added any.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| fs_error(dir, e))
+    }
+    #[cfg(not(unix))]
+    builder.create(dir).map_err(|e| fs_error(dir, e))
+}
+
+/// Builds a new, complete store as `control.redb.new` and links it to `path` (never over an
+/// existing file: if another process got there first, its file is the one opened).
+fn create(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    let new = dir.join(NEW_FILE_NAME);
+    // A leftover from an interrupted creation: nothing in it was ever acknowledged.
+    match fs::remove_file(&new) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(fs_error(&new, e)),
+        _ => {}
+    }
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    drop(options.open(&new).map_err(|e| fs_error(&new, e))?);
+
+    let err = |e: redb::Error| redb_error(&new, OPENING, REMEDY_CORRUPT, e);
+    let db = builder().create(&new).map_err(|e| err(e.into()))?;
+    let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| err(e.into()))?;
+    txn.set_two_phase_commit(true);
+    {
+        let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+        meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())
+            .map_err(|e| err(e.into()))?;
+        meta.insert(REVISION_KEY, 0u64.to_le_bytes().as_slice())
+            .map_err(|e| err(e.into()))?;
+        txn.open_table(BINDINGS).map_err(|e| err(e.into()))?;
+        txn.open_table(SERVICE_ACCOUNTS)
+            .map_err(|e| err(e.into()))?;
+    }
+    txn.commit().map_err(|e| err(e.into()))?;
+    db.close().map_err(|e| err(e.into()))?;
+
+    match fs::hard_link(&new, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(fs_error(path, e)),
+    }
+    fs::remove_file(&new).map_err(|e| fs_error(&new, e))?;
+    // The new name is durable once the directory is.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fs_error(dir, e))
+}
+
+fn fs_error(path: &Path, e: std::io::Error) -> StoreError {
+    redb_error(path, OPENING, REMEDY_CORRUPT, e)
+}
