@@ -735,3 +735,461 @@ fn create(dir: &Path, path: &Path) -> Result<(), StoreError> {
 fn fs_error(path: &Path, e: std::io::Error) -> StoreError {
     redb_error(path, OPENING, REMEDY_CORRUPT, e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn principal(s: &str) -> PrincipalId {
+        PrincipalId::new(s).unwrap()
+    }
+
+    fn tenant(s: &str) -> TenantId {
+        TenantId::new(s).unwrap()
+    }
+
+    fn binding(name: &str, role: &str) -> BindingRecord {
+        BindingRecord {
+            subject: BindingSubject::Principal(principal(name)),
+            tenant: BindingTenant::Tenant(tenant("acme")),
+            scope: Scope::Tenant,
+            role: role.into(),
+            granted_by: "admin".into(),
+            granted_at: 1_700_000_000,
+        }
+    }
+
+    fn account(name: &str) -> ServiceAccountRecord {
+        ServiceAccountRecord {
+            principal_id: principal(name),
+            tenant_id: tenant("acme"),
+            display_name: format!("CI bot {name}"),
+            roles: vec!["operator".into(), "viewer".into()],
+            created_at: 1_700_000_100,
+            created_by: "admin".into(),
+            revoked: false,
+            revoked_at: 0,
+            revoke_reason: String::new(),
+            credential_expires_at: 1_700_086_500,
+        }
+    }
+
+    /// Bindings of every subject kind, tenant form and scope.
+    fn varied_bindings() -> Vec<BindingRecord> {
+        vec![
+            binding("alice", "operator"),
+            BindingRecord {
+                subject: BindingSubject::Group("Platform Admins".into()),
+                tenant: BindingTenant::Tenant(tenant("globex")),
+                scope: Scope::Platform,
+                role: "platform-admin".into(),
+                granted_by: "root".into(),
+                granted_at: 5,
+            },
+            BindingRecord {
+                subject: BindingSubject::Kind(PeerKind::Runtime),
+                tenant: BindingTenant::Every,
+                scope: Scope::Tenant,
+                role: "runtime".into(),
+                granted_by: "root".into(),
+                granted_at: 6,
+            },
+            BindingRecord {
+                subject: BindingSubject::Kind(PeerKind::new("robot").unwrap()),
+                tenant: BindingTenant::Tenant(tenant("acme")),
+                scope: Scope::Tenant,
+                role: "viewer".into(),
+                granted_by: "root".into(),
+                granted_at: 7,
+            },
+        ]
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_new_store_is_empty_at_revision_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), ControlState::default());
+        assert_eq!(store.path(), dir.path().join("control.redb"));
+        assert!(!dir.path().join(NEW_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn everything_written_is_there_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = {
+            let store = ControlStore::open(dir.path()).unwrap();
+            for b in varied_bindings() {
+                store.add_binding(&b).unwrap();
+            }
+            store.put_service_account(&account("ci-bot")).unwrap();
+            store.put_service_account(&account("backup-bot")).unwrap();
+            store.load().unwrap()
+        };
+        assert_eq!(written.revision, 6);
+        assert_eq!(written.bindings.len(), 4);
+        for b in varied_bindings() {
+            assert!(written.bindings.contains(&b), "{b:?}");
+        }
+        let names: Vec<&str> = written
+            .service_accounts
+            .iter()
+            .map(|s| s.principal_id.as_str())
+            .collect();
+        assert_eq!(names, ["backup-bot", "ci-bot"]);
+        assert_eq!(
+            written.service_account(&principal("ci-bot")),
+            Some(&account("ci-bot"))
+        );
+        assert_eq!(written.service_account(&principal("nobody")), None);
+
+        let reopened = ControlStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(reopened, written);
+    }
+
+    #[test]
+    fn a_duplicate_binding_is_refused_whoever_granted_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        let b = binding("alice", "operator");
+        store.add_binding(&b).unwrap();
+        let again = BindingRecord {
+            granted_by: "someone-else".into(),
+            granted_at: 9,
+            ..b.clone()
+        };
+        let err = store.add_binding(&again).unwrap_err();
+        assert!(matches!(err, StoreError::Exists(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("already holds role \"operator\""),
+            "{err}"
+        );
+        // Another role, tenant or scope is another binding.
+        store.add_binding(&binding("alice", "viewer")).unwrap();
+        let platform = BindingRecord {
+            scope: Scope::Platform,
+            ..b.clone()
+        };
+        store.add_binding(&platform).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.bindings.len(), 3);
+        assert_eq!(state.revision, 3, "the refused write bumped nothing");
+        assert!(state.bindings.contains(&b), "the first grant is kept");
+    }
+
+    #[test]
+    fn a_duplicate_service_account_is_refused_even_once_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        store.put_service_account(&account("ci-bot")).unwrap();
+        let err = store.put_service_account(&account("ci-bot")).unwrap_err();
+        assert!(matches!(err, StoreError::Exists(_)), "{err:?}");
+        store
+            .revoke_service_account(&principal("ci-bot"), 10, "leaked")
+            .unwrap();
+        let err = store.put_service_account(&account("ci-bot")).unwrap_err();
+        assert!(matches!(err, StoreError::Exists(_)), "{err:?}");
+        assert_eq!(store.load().unwrap().revision, 2);
+    }
+
+    #[test]
+    fn a_revocation_persists_across_reopening_and_a_second_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ControlStore::open(dir.path()).unwrap();
+            store.put_service_account(&account("ci-bot")).unwrap();
+            store.put_service_account(&account("other-bot")).unwrap();
+            let revoked = store
+                .revoke_service_account(&principal("ci-bot"), 1_700_000_500, "key leaked")
+                .unwrap();
+            assert!(revoked.revoked);
+            assert_eq!(revoked.revoked_at, 1_700_000_500);
+            assert_eq!(revoked.revoke_reason, "key leaked");
+        }
+        let store = ControlStore::open(dir.path()).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.revision, 3);
+        let sa = state.service_account(&principal("ci-bot")).unwrap();
+        assert!(sa.revoked);
+        assert_eq!(sa.revoke_reason, "key leaked");
+        assert!(
+            !state
+                .service_account(&principal("other-bot"))
+                .unwrap()
+                .revoked
+        );
+
+        let again = store
+            .revoke_service_account(&principal("ci-bot"), 1_800_000_000, "again")
+            .unwrap();
+        assert_eq!(&again, sa, "the first revocation is kept");
+        assert_eq!(store.load().unwrap().revision, 3, "nothing was written");
+    }
+
+    #[test]
+    fn revoking_an_unknown_account_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        let err = store
+            .revoke_service_account(&principal("ghost"), 1, "x")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("no service account \"ghost\""),
+            "{err}"
+        );
+        assert_eq!(store.load().unwrap().revision, 0);
+    }
+
+    #[test]
+    fn a_removed_binding_is_gone_and_removing_it_again_reports_false() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ControlStore::open(dir.path()).unwrap();
+            store.add_binding(&binding("alice", "operator")).unwrap();
+            store.add_binding(&binding("bob", "operator")).unwrap();
+            let other_grant = BindingRecord {
+                granted_by: "whoever".into(),
+                ..binding("alice", "operator")
+            };
+            assert!(store.remove_binding(&other_grant).unwrap());
+            assert!(!store.remove_binding(&other_grant).unwrap());
+            assert_eq!(store.load().unwrap().revision, 3);
+        }
+        let state = ControlStore::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(state.bindings, [binding("bob", "operator")]);
+    }
+
+    /// A store with some records in it, closed; its bytes.
+    fn written_store(dir: &Path) -> Vec<u8> {
+        let store = ControlStore::open(dir).unwrap();
+        for b in varied_bindings() {
+            store.add_binding(&b).unwrap();
+        }
+        store.put_service_account(&account("ci-bot")).unwrap();
+        drop(store);
+        fs::read(dir.join(FILE_NAME)).unwrap()
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_naming_the_file_and_the_remedy_and_left_as_it_was() {
+        let original = written_store(tempfile::tempdir().unwrap().path());
+        let len = original.len();
+        let garbage = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(37).wrapping_add(11))
+                .collect()
+        };
+        let overwrite = |at: usize, n: usize| {
+            let mut b = original.clone();
+            b[at..at + n].copy_from_slice(&garbage(n));
+            b
+        };
+        let damages: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage over the whole file", garbage(len)),
+            ("garbage over the header", overwrite(0, 512)),
+            ("garbage over the second page", overwrite(4096, 4096)),
+            ("garbage over the last page", overwrite(len - 4096, 4096)),
+            ("truncated to half", original[..len / 2].to_vec()),
+            ("truncated to 100 bytes", original[..100].to_vec()),
+            ("truncated to nothing", Vec::new()),
+        ];
+        for (what, bytes) in damages {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(FILE_NAME);
+            fs::write(&path, &bytes).unwrap();
+            let err = ControlStore::open(dir.path())
+                .map(|s| s.load())
+                .and_then(|r| r)
+                .expect_err(what);
+            assert!(
+                matches!(err, StoreError::Corrupt { .. } | StoreError::Open { .. }),
+                "{what}: {err:?}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()), "{what}: {msg}");
+            assert!(msg.contains("backup"), "{what}: {msg}");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                bytes,
+                "{what}: the file was changed"
+            );
+        }
+    }
+
+    /// Sets `meta[key]` to `value` with redb directly, as another program (or version) would.
+    fn poke_meta(path: &Path, key: &[u8], value: &[u8]) {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert(key, value).unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn a_file_with_another_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(ControlStore::open(dir.path()).unwrap());
+        let path = dir.path().join(FILE_NAME);
+        poke_meta(&path, SCHEMA_VERSION_KEY, &2u64.to_le_bytes());
+        let err = ControlStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Schema {
+                    found: 2,
+                    reads: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unknown schema version 2: this sidecar reads version 1"),
+            "{msg}"
+        );
+        assert!(msg.starts_with(&path.display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn another_programs_redb_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let table: TableDefinition<u64, u64> = TableDefinition::new("audit");
+            txn.open_table(table).unwrap().insert(1, 2).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = ControlStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains("another program's file"), "{err}");
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_reported_with_its_table_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ControlStore::open(dir.path()).unwrap();
+            store.put_service_account(&account("ci-bot")).unwrap();
+        }
+        {
+            let db = Database::open(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            let bad: &[u8] = br#"{"principal_id":"../etc"}"#;
+            txn.open_table(SERVICE_ACCOUNTS)
+                .unwrap()
+                .insert(b"ci-bot".as_slice(), bad)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = ControlStore::open(dir.path()).unwrap().load().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("table service_accounts, key ci-bot"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_directory_is_created_0700_and_the_file_is_not_readable_by_others() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("demo").join("state");
+        let store = ControlStore::open(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&root.path().join("demo")), 0o700);
+        assert_eq!(mode(store.path()) & 0o077, 0, "{:o}", mode(store.path()));
+    }
+
+    #[test]
+    fn a_state_dir_that_is_a_file_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("state");
+        fs::write(&file, "x").unwrap();
+        let err = ControlStore::open(&file).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_half_built_store_left_by_a_crash_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(NEW_FILE_NAME), b"half written").unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().revision, 0);
+        assert!(!dir.path().join(NEW_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_file_is_refused_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = ControlStore::open(dir.path()).unwrap();
+        let err = ControlStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("cannot share one state_dir"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn readers_see_a_consistent_state_while_a_writer_writes() {
+        const WRITES: u64 = 40;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ControlStore::open(dir.path()).unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let (mut last, mut reads) = (0, 0);
+                    while !done.load(Ordering::Acquire) {
+                        let s = store.load().unwrap();
+                        // Every write added exactly one binding and bumped the revision once.
+                        assert_eq!(s.bindings.len() as u64, s.revision);
+                        assert!(s.revision >= last, "{} after {last}", s.revision);
+                        last = s.revision;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for i in 0..WRITES {
+            store
+                .add_binding(&binding(&format!("p{i}"), "operator"))
+                .unwrap();
+        }
+        done.store(true, Ordering::Release);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
+        assert_eq!(store.load().unwrap().revision, WRITES);
+    }
+
+    #[test]
+    fn records_convert_to_and_from_the_rbac_engines_bindings() {
+        let b = Binding {
+            subject: BindingSubject::Group("ops".into()),
+            tenant: BindingTenant::Tenant(tenant("acme")),
+            scope: Scope::Tenant,
+            roles: vec!["operator".into(), "viewer".into()],
+        };
+        let records = BindingRecord::from_binding(&b, "admin", 42);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].role, "viewer");
+        assert_eq!(records[1].granted_by, "admin");
+        let back: Vec<Binding> = records.iter().map(Binding::from).collect();
+        assert_eq!(back[0].roles, ["operator"]);
+        assert_eq!(back[1].subject, b.subject);
+        assert_eq!(back[1].tenant, b.tenant);
+    }
+}
