@@ -267,7 +267,7 @@ fn demo_runs_its_scenario_on_the_ports_it_is_given_and_writes_its_files() {
         .map(str::trim_start)
         .filter(|l| l.contains(" call ") || l.contains(" serve ") || l.contains(" grid-runtime "))
         .collect();
-    assert_eq!(commands.len(), 5, "{usage}");
+    assert_eq!(commands.len(), 7, "{usage}");
     for c in commands {
         let first = c.split_whitespace().next().unwrap();
         let resolves = if first == "aesp" {
