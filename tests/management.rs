@@ -1,0 +1,167 @@
+//! The management listener (issue: identity, RBAC and the management plane):
+//! `EnterpriseIdentityService` served by the sidecar itself, with the same authentication as
+//! the data plane and RBAC on the tenant each RPC acts on.
+
+mod common;
+
+use aesp_sidecar::client;
+use aesp_sidecar::demo::tokens::DemoIssuer;
+use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+use aesp_sidecar::proto::aesp::{AssignRoleRequest, GetPrincipalPermissionsRequest};
+use aesp_sidecar::proto::grid;
+use common::{Stack, frame};
+use prost::Message;
+
+type Identity = EnterpriseIdentityServiceClient<client::GridChannel>;
+
+async fn identity(stack: &Stack, stem: &str, token: Option<String>) -> Identity {
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = client::channel(&ep, Some(&stack.tls(stem))).await.unwrap();
+    EnterpriseIdentityServiceClient::new(client::with_token(ch, token.as_deref()).unwrap())
+}
+
+fn code(s: &tonic::Status) -> String {
+    client::enterprise_error(s)
+        .map(|e| e.code)
+        .unwrap_or_default()
+}
+
+fn perms(p: &str, t: &str) -> GetPrincipalPermissionsRequest {
+    GetPrincipalPermissionsRequest {
+        principal_id: p.into(),
+        tenant_id: t.into(),
+    }
+}
+
+#[tokio::test]
+async fn permissions_answer_what_enforcement_does_and_only_to_whom_they_may() {
+    let stack = Stack::start_with("", false).await;
+    // The platform administrator (admin.crt, kind admin: certificate alone).
+    let mut root = identity(&stack, "admin", None).await;
+    let p = root
+        .get_principal_permissions(perms("alice", "acme"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.roles.contains(&"client-user".to_string()), "{p:?}");
+    assert!(p.permissions.contains(&"grid.session.create".to_string()));
+    assert!(p.permissions.contains(&"tool:echo:execute".to_string()));
+    assert!(
+        !p.permissions.iter().any(|x| x.contains("billing")),
+        "{p:?}"
+    );
+
+    // alice may read her own, not bob's.
+    let mut alice = identity(&stack, "acme", stack.token("acme")).await;
+    alice
+        .get_principal_permissions(perms("alice", "acme"))
+        .await
+        .unwrap();
+    let e = alice
+        .get_principal_permissions(perms("bob", "globex"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert_eq!(code(&e), "AUTHORIZATION_DENIED");
+    let ee = client::enterprise_error(&e).unwrap();
+    assert_eq!(ee.details["permission"], "aesp.identity.admin");
+    assert_eq!(ee.details["target_tenant"], "globex");
+
+    // A service not served yet, and no identity at all.
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = client::channel(&ep, Some(&stack.tls("admin")))
+        .await
+        .unwrap();
+    let e = client::call_raw(ch, "/altar.aesp.v1.EnterprisePolicyService/CreatePolicy")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "METHOD_NOT_ALLOWED");
+    let mut anon = identity(&stack, "acme", None).await;
+    let e = anon
+        .get_principal_permissions(perms("alice", "acme"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "AUTHENTICATION_REQUIRED");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_assigned_role_takes_effect_on_the_next_call_and_tenant_admins_stay_in_their_tenant() {
+    let stack = Stack::start().await;
+    let issuer = DemoIssuer::ensure(&stack.files.dir).unwrap();
+    let mut raw = stack.raw("acme").await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[],
+            vec![frame(&grid::CreateSession::default().encode_to_vec())],
+        )
+        .await;
+    let session =
+        aesp_sidecar::proto::aesp::EnterpriseCreateSessionAck::decode(&r.messages()[0][..])
+            .unwrap()
+            .session_id;
+    let billing = || {
+        let tc = client::tool_call(&session, "billing_refund", &serde_json::json!({})).unwrap();
+        vec![frame(&tc.encode_to_vec())]
+    };
+    let r = raw
+        .call("/altar.grid.v1.GridHost/ExecuteTool", &[], billing())
+        .await;
+    assert_eq!(r.enterprise_error().unwrap().code, "AUTHORIZATION_DENIED");
+
+    // acme's tenant administrator (a token of acme-admin through acme's certificate).
+    let admin_token = issuer
+        .mint("acme-admin", "acme", &[], 600, serde_json::json!({}))
+        .unwrap();
+    let mut acme_admin = identity(&stack, "acme", Some(admin_token)).await;
+    let e = acme_admin
+        .assign_role(AssignRoleRequest {
+            principal_id: "bob".into(),
+            tenant_id: "globex".into(),
+            role: "tool-admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "AUTHORIZATION_DENIED", "{e:?}");
+    let b = acme_admin
+        .assign_role(AssignRoleRequest {
+            principal_id: "alice".into(),
+            tenant_id: "acme".into(),
+            role: "tool-admin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (b.granted_by.as_str(), b.role.as_str()),
+        ("acme-admin", "tool-admin")
+    );
+    // Again: already held.
+    let e = acme_admin
+        .assign_role(AssignRoleRequest {
+            principal_id: "alice".into(),
+            tenant_id: "acme".into(),
+            role: "tool-admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // The very next call of alice, on the same connection, has the new role: the tool now
+    // passes the sidecar and the host answers that it does not know it.
+    let r = raw
+        .call("/altar.grid.v1.GridHost/ExecuteTool", &[], billing())
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let res =
+        aesp_sidecar::proto::aesp::EnterpriseToolResult::decode(&r.messages()[0][..]).unwrap();
+    assert_eq!(res.error_details.unwrap().code, "TOOL_NOT_FOUND");
+    stack.stop().await;
+}
