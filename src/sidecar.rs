@@ -8,6 +8,7 @@ use crate::decision::{Pipeline, Recorder, TokenRules};
 use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Role};
+use crate::store::ControlStore;
 use crate::upstream::Upstream;
 use anyhow::Context;
 use bytes::Bytes;
@@ -50,6 +51,25 @@ fn load_rbac(cfg: &Config) -> Result<Rbac, ConfigError> {
     })
 }
 
+/// The control store of `state_dir`, and the RBAC state: the seed file plus the bindings
+/// assigned through the management API.
+fn open_control(cfg: &Config) -> anyhow::Result<(Arc<ControlStore>, Rbac)> {
+    let store = ControlStore::open(&cfg.state_dir)
+        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    let state = store.load()?;
+    let seed = load_rbac(cfg)?;
+    let rbac = seed
+        .with_bindings(state.bindings.iter().map(crate::authz::rbac::Binding::from))
+        .with_context(|| {
+            format!(
+                "the bindings assigned through the management API (in {}) no longer fit {}",
+                store.path().display(),
+                cfg.rbac_file.display()
+            )
+        })?;
+    Ok((Arc::new(store), rbac))
+}
+
 /// Validates everything `serve` would need (config and every TLS and key file) without
 /// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
@@ -88,10 +108,11 @@ impl Sidecar {
             crate::tls::upstream_client_config(&cfg)?,
         )?);
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let (control, rbac) = open_control(&cfg)?;
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg)?,
-            authz: Arc::new(Authz::new(load_rbac(&cfg)?)),
+            authz: Arc::new(Authz::new(rbac)),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -128,6 +149,7 @@ impl Sidecar {
                 let shared = crate::admin::Shared {
                     authz: pipeline.authz.clone(),
                     recorder: recorder.clone(),
+                    control: control.clone(),
                 };
                 let routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(

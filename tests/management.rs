@@ -165,3 +165,44 @@ async fn an_assigned_role_takes_effect_on_the_next_call_and_tenant_admins_stay_i
     assert_eq!(res.error_details.unwrap().code, "TOOL_NOT_FOUND");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn assigned_roles_survive_a_restart() {
+    let stack = Stack::start_with("", false).await;
+    let mut root = identity(&stack, "admin", None).await;
+    root.assign_role(AssignRoleRequest {
+        principal_id: "bob".into(),
+        tenant_id: "globex".into(),
+        role: "auditor".into(),
+    })
+    .await
+    .unwrap();
+    let Stack {
+        dir, sidecar, host, ..
+    } = stack;
+    sidecar.shutdown().await;
+    let cfg = aesp_sidecar::config::Config::load(&dir.path().join("sidecar.yaml")).unwrap();
+    assert!(cfg.state_dir.join("control.redb").is_file());
+    let again = aesp_sidecar::sidecar::Sidecar::start(cfg).await.unwrap();
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        again.management_addr.unwrap().port()
+    );
+    let tls = aesp_sidecar::client::ClientTls::from_files(
+        &dir.path().join("ca.crt"),
+        &dir.path().join("admin.crt"),
+        &dir.path().join("admin.key"),
+        "localhost",
+    )
+    .unwrap();
+    let ch = client::channel(&ep, Some(&tls)).await.unwrap();
+    let mut root = EnterpriseIdentityServiceClient::new(client::with_token(ch, None).unwrap());
+    let p = root
+        .get_principal_permissions(perms("bob", "globex"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.roles.contains(&"auditor".to_string()), "{p:?}");
+    again.shutdown().await;
+    host.shutdown().await;
+}

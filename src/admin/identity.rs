@@ -16,6 +16,7 @@ use crate::grpc::{Denial, ErrorCode};
 use crate::ids::{PeerKind, PrincipalId, TenantId};
 use crate::proto::aesp;
 use crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityService;
+use crate::store::BindingRecord;
 use tonic::{Request, Response, Status};
 
 pub struct IdentityService {
@@ -83,7 +84,7 @@ impl EnterpriseIdentityService for IdentityService {
             .shared
             .authz
             .current()
-            .with_binding(binding)
+            .with_binding(binding.clone())
             .map_err(|e| {
                 let code = if matches!(e, crate::authz::rbac::RbacError::Duplicate { .. }) {
                     "the principal already holds this role in this tenant"
@@ -96,6 +97,23 @@ impl EnterpriseIdentityService for IdentityService {
                         .detail("role", r.role.as_str()),
                 )
             })?;
+        // Durable first, then in force: a role the store could not keep is not granted.
+        let records = BindingRecord::from_binding(&binding, c.principal.as_str(), now());
+        let control = self.shared.control.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            records.iter().try_for_each(|r| control.add_binding(r))
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, correlation_id = %c.correlation_id, "cannot store a role assignment; nothing was changed");
+                return Err(Status::unavailable(
+                    "the control store cannot record the assignment; nothing was changed (see the sidecar's log)",
+                ));
+            }
+            Err(e) => return Err(Status::internal(e.to_string())),
+        }
         self.shared.authz.replace(next);
         tracing::info!(
             principal = %principal, tenant = %tenant, role = %r.role,

@@ -41,6 +41,7 @@ pub struct ManagementCaller {
 pub struct Shared {
     pub authz: Arc<Authz>,
     pub recorder: Recorder,
+    pub control: Arc<crate::store::ControlStore>,
 }
 
 impl Shared {

@@ -42,6 +42,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The RBAC seed file (roles, permissions, bindings; docs/rbac.md).
     pub rbac_file: PathBuf,
+    /// Where the sidecar keeps its state (`control.redb`, its issuer key); created 0700.
+    pub state_dir: PathBuf,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -201,6 +203,7 @@ struct RawConfig {
     #[serde(default)]
     auth: auth::RawAuth,
     rbac: Option<RawRbac>,
+    state_dir: Option<String>,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -462,6 +465,16 @@ impl Validator<'_> {
             identity,
             auth,
             rbac_file,
+            state_dir: match raw.state_dir.as_deref() {
+                None => self.resolve("state"),
+                Some(s) if s.trim().is_empty() => {
+                    return Err(self.err(
+                        "state_dir",
+                        "expected a directory path, got an empty string",
+                    ));
+                }
+                Some(s) => self.resolve(s),
+            },
             runtime,
             limits,
             passthrough,

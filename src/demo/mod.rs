@@ -40,6 +40,7 @@ auth:
     - issuer: https://aesp-demo.local  # the demo's own issuer (issuer.key); tokens: acme.jwt, globex.jwt, admin.jwt
       audiences: [aesp]
       jwks_file: issuer.jwks.json
+state_dir: state                  # control.redb (assigned roles, service accounts), created 0700
 rbac:
   file: rbac.yaml                 # roles, permissions and who holds them (docs/rbac.md); deny unless a binding allows
 runtime:
