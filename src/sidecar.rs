@@ -5,6 +5,8 @@ use crate::authz::Authz;
 use crate::authz::rbac::Rbac;
 use crate::config::{Config, ConfigError};
 use crate::decision::{Pipeline, Recorder, TokenRules};
+use crate::identity::own::OwnIssuer;
+use crate::identity::token::{ClaimMapping, Issuer, Verifier, VerifyKey};
 use crate::listener::accept;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Role};
@@ -42,6 +44,30 @@ fn token_rules(cfg: &Config) -> Result<TokenRules, ConfigError> {
     })
 }
 
+/// The configured issuers plus the sidecar's own (service accounts), with its accounts.
+fn verifier_with_own(
+    cfg: &Config,
+    own: &OwnIssuer,
+    state: &crate::store::ControlState,
+) -> anyhow::Result<Verifier> {
+    let key = VerifyKey::from_jwk(own.jwk()).map_err(|e| anyhow::anyhow!("own issuer key: {e}"))?;
+    let issuer = Issuer::new(
+        own.issuer.clone(),
+        vec![crate::identity::own::AUDIENCE.to_string()],
+        ClaimMapping::default(),
+        vec![key],
+    );
+    let accounts = state
+        .service_accounts
+        .iter()
+        .map(|a| (a.principal_id.clone(), a.revoked))
+        .collect();
+    Ok(cfg
+        .auth
+        .verifier(&cfg.source.display().to_string())?
+        .with_own_issuer(issuer, accounts))
+}
+
 /// The RBAC seed named by `rbac.file`.
 fn load_rbac(cfg: &Config) -> Result<Rbac, ConfigError> {
     Rbac::load(&cfg.rbac_file).map_err(|e| ConfigError {
@@ -51,9 +77,11 @@ fn load_rbac(cfg: &Config) -> Result<Rbac, ConfigError> {
     })
 }
 
-/// The control store of `state_dir`, and the RBAC state: the seed file plus the bindings
-/// assigned through the management API.
-fn open_control(cfg: &Config) -> anyhow::Result<(Arc<ControlStore>, Rbac)> {
+/// The control store of `state_dir`, its state, and the RBAC state: the seed file plus the
+/// bindings assigned through the management API.
+fn open_control(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<ControlStore>, crate::store::ControlState, Rbac)> {
     let store = ControlStore::open(&cfg.state_dir)
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     let state = store.load()?;
@@ -67,7 +95,7 @@ fn open_control(cfg: &Config) -> anyhow::Result<(Arc<ControlStore>, Rbac)> {
                 cfg.rbac_file.display()
             )
         })?;
-    Ok((Arc::new(store), rbac))
+    Ok((Arc::new(store), state, rbac))
 }
 
 /// Validates everything `serve` would need (config and every TLS and key file) without
@@ -108,10 +136,18 @@ impl Sidecar {
             crate::tls::upstream_client_config(&cfg)?,
         )?);
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
-        let (control, rbac) = open_control(&cfg)?;
+        let (control, state, rbac) = open_control(&cfg)?;
+        let own = Arc::new(OwnIssuer::load_or_create(
+            &cfg.state_dir,
+            &format!("aesp-sidecar:{}", cfg.identity.trust_domain),
+        )?);
+        let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
-            tokens: token_rules(&cfg)?,
+            tokens: TokenRules {
+                verifier: Some(verifier.clone()),
+                ..token_rules(&cfg)?
+            },
             authz: Arc::new(Authz::new(rbac)),
         };
         let buffered_total = crate::proxy::budget::Total {
@@ -150,6 +186,8 @@ impl Sidecar {
                     authz: pipeline.authz.clone(),
                     recorder: recorder.clone(),
                     control: control.clone(),
+                    own: own.clone(),
+                    verifier: verifier.clone(),
                 };
                 let routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
@@ -186,6 +224,7 @@ impl Sidecar {
                     l,
                     upstream.clone(),
                     metrics.clone(),
+                    Arc::new(own.jwks_json()),
                     shutdown.clone(),
                 ));
                 Some(addr)
@@ -257,6 +296,7 @@ async fn admin(
     listener: TcpListener,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
+    jwks: Arc<String>,
     shutdown: CancellationToken,
 ) {
     let draining = Arc::new(AtomicBool::new(false));
@@ -268,11 +308,13 @@ async fn admin(
         let upstream = upstream.clone();
         let metrics = metrics.clone();
         let draining = draining.clone();
+        let jwks = jwks.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let upstream = upstream.clone();
                 let metrics = metrics.clone();
                 let draining = draining.clone();
+                let jwks = jwks.clone();
                 async move {
                     let (status, ctype, body) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
@@ -298,6 +340,9 @@ async fn admin(
                             "text/plain; version=0.0.4",
                             metrics.render(),
                         ),
+                        "/.well-known/jwks.json" => {
+                            (StatusCode::OK, "application/json", jwks.to_string())
+                        }
                         _ => (
                             StatusCode::NOT_FOUND,
                             "text/plain",

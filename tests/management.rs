@@ -206,3 +206,134 @@ async fn assigned_roles_survive_a_restart() {
     again.shutdown().await;
     host.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_service_account_works_until_revoked_on_the_very_next_call_and_after_a_restart() {
+    use aesp_sidecar::proto::aesp::{CreateServiceAccountRequest, RevokeServiceAccountRequest};
+    let stack = Stack::start_with("", false).await;
+    let mut root = identity(&stack, "admin", None).await;
+    let sa = root
+        .create_service_account(CreateServiceAccountRequest {
+            tenant_id: "acme".into(),
+            display_name: "ci bot".into(),
+            roles: vec!["client-user".into()],
+            credential_ttl_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        sa.principal_id.starts_with("sa-") && !sa.credential.is_empty(),
+        "{sa:?}"
+    );
+    assert_eq!(sa.tenant_id, "acme");
+
+    // The credential is signed by the sidecar's own key, published on the admin port.
+    let (status, jwks) =
+        http_get(stack.sidecar.admin_addr.unwrap(), "/.well-known/jwks.json").await;
+    assert_eq!(status, 200);
+    let kid = jsonwebtoken::decode_header(&sa.credential)
+        .unwrap()
+        .kid
+        .unwrap();
+    assert!(jwks.contains(&kid), "{jwks}");
+
+    let auth = format!("Bearer {}", sa.credential);
+    let create = || vec![frame(&grid::CreateSession::default().encode_to_vec())];
+    let mut raw = stack.raw("acme").await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &auth)],
+            create(),
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let sc = stack.host.state.security_contexts().pop().unwrap();
+    assert_eq!(sc.principal_id, sa.principal_id);
+
+    // A tenant admin of globex may not revoke acme's account.
+    let issuer = DemoIssuer::ensure(&stack.files.dir).unwrap();
+    let globex_admin = issuer
+        .mint(
+            "globex-admin",
+            "globex",
+            &["tenant-admin"],
+            600,
+            serde_json::json!({}),
+        )
+        .unwrap();
+    let mut other = identity(&stack, "globex", Some(globex_admin)).await;
+    let e = other
+        .revoke_service_account(RevokeServiceAccountRequest {
+            principal_id: sa.principal_id.clone(),
+            reason: "not yours".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "AUTHORIZATION_DENIED", "{e:?}");
+
+    let revoked = root
+        .revoke_service_account(RevokeServiceAccountRequest {
+            principal_id: sa.principal_id.clone(),
+            reason: "leaked".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked && revoked.credential.is_empty());
+    // The very next call, same connection, same (cached) token.
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &auth)],
+            create(),
+        )
+        .await;
+    let e = r.enterprise_error().unwrap();
+    assert_eq!(e.code, "INVALID_CREDENTIALS");
+    assert!(e.details["reason"].contains("revoked"), "{e:?}");
+
+    // After a restart too.
+    let Stack {
+        dir, sidecar, host, ..
+    } = stack;
+    sidecar.shutdown().await;
+    let again = aesp_sidecar::sidecar::Sidecar::start(
+        aesp_sidecar::config::Config::load(&dir.path().join("sidecar.yaml")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let cc = aesp_sidecar::tls::client_config_from_pem(
+        &std::fs::read(dir.path().join("ca.crt")).unwrap(),
+        Some((
+            &std::fs::read(dir.path().join("acme.crt")).unwrap(),
+            &std::fs::read(dir.path().join("acme.key")).unwrap(),
+        )),
+    )
+    .unwrap();
+    let mut raw = common::RawH2::connect(again.data_addr, cc).await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &auth)],
+            create(),
+        )
+        .await;
+    assert_eq!(r.enterprise_error().unwrap().code, "INVALID_CREDENTIALS");
+    again.shutdown().await;
+    host.shutdown().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}

@@ -16,11 +16,46 @@ use crate::grpc::{Denial, ErrorCode};
 use crate::ids::{PeerKind, PrincipalId, TenantId};
 use crate::proto::aesp;
 use crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityService;
-use crate::store::BindingRecord;
+use crate::store::{BindingRecord, ServiceAccountRecord};
 use tonic::{Request, Response, Status};
 
 pub struct IdentityService {
     pub shared: Shared,
+}
+
+/// Lifetime of a service account's credential when the request names none: 30 days.
+const DEFAULT_TTL: u64 = 30 * 24 * 3600;
+/// The longest a credential may be asked to live: a year.
+const MAX_TTL: u64 = 365 * 24 * 3600;
+
+fn account(r: &ServiceAccountRecord, credential: String) -> aesp::ServiceAccount {
+    aesp::ServiceAccount {
+        principal_id: r.principal_id.to_string(),
+        tenant_id: r.tenant_id.to_string(),
+        display_name: r.display_name.clone(),
+        roles: r.roles.clone(),
+        revoked: r.revoked,
+        created_at: r.created_at,
+        revoked_at: r.revoked_at,
+        credential,
+    }
+}
+
+/// A blocking store call's outcome, or `UNAVAILABLE` (logged) when the store failed.
+fn store_result<T>(
+    c: &super::ManagementCaller,
+    r: Result<Result<T, crate::store::StoreError>, tokio::task::JoinError>,
+) -> Result<T, Status> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, correlation_id = %c.correlation_id, "the control store failed; nothing was changed");
+            Err(Status::unavailable(
+                "the control store cannot record the change; nothing was changed (see the sidecar's log)",
+            ))
+        }
+        Err(e) => Err(Status::internal(e.to_string())),
+    }
 }
 
 fn now() -> u64 {
@@ -36,13 +71,96 @@ impl EnterpriseIdentityService for IdentityService {
         req: Request<aesp::CreateServiceAccountRequest>,
     ) -> Result<Response<aesp::ServiceAccount>, Status> {
         let c = caller(&req)?;
-        Err(self.shared.refuse(
-            &c,
-            Denial::new(
-                ErrorCode::MethodNotAllowed,
-                "CreateServiceAccount is not served in this release",
-            ),
+        let r = req.into_inner();
+        let tenant = id_field(&c, &self.shared, "tenant_id", &r.tenant_id, TenantId::new)?;
+        self.shared.require(&c, "aesp.identity.admin", &tenant)?;
+        let ttl = match r.credential_ttl_seconds {
+            0 => DEFAULT_TTL,
+            n if n > MAX_TTL => {
+                return Err(self.shared.refuse(
+                    &c,
+                    Denial::new(
+                        ErrorCode::MalformedMessage,
+                        format!("credential_ttl_seconds: at most {MAX_TTL} (a year), got {n}"),
+                    )
+                    .detail("field", "credential_ttl_seconds"),
+                ));
+            }
+            n => n,
+        };
+        let principal = PrincipalId::new(&format!(
+            "sa-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
         ))
+        .ok_or_else(|| Status::internal("a generated principal id is not valid"))?;
+        // The roles as bindings of the new principal: checked against the RBAC state first.
+        let binding = Binding {
+            subject: BindingSubject::Principal(principal.clone()),
+            tenant: BindingTenant::Tenant(tenant.clone()),
+            scope: Scope::Tenant,
+            roles: r.roles.clone(),
+        };
+        let next = if r.roles.is_empty() {
+            None
+        } else {
+            Some(
+                self.shared
+                    .authz
+                    .current()
+                    .with_binding(binding.clone())
+                    .map_err(|e| {
+                        self.shared.refuse(
+                            &c,
+                            Denial::new(ErrorCode::MalformedMessage, format!("roles: {e}"))
+                                .detail("field", "roles"),
+                        )
+                    })?,
+            )
+        };
+        let at = now();
+        let exp = at + ttl;
+        let credential = self
+            .shared
+            .own
+            .mint(principal.as_str(), tenant.as_str(), at, exp)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let record = ServiceAccountRecord {
+            principal_id: principal.clone(),
+            tenant_id: tenant.clone(),
+            display_name: r.display_name.clone(),
+            roles: r.roles.clone(),
+            created_at: at,
+            created_by: c.principal.to_string(),
+            revoked: false,
+            revoked_at: 0,
+            revoke_reason: String::new(),
+            credential_expires_at: exp,
+        };
+        let bindings = if r.roles.is_empty() {
+            Vec::new()
+        } else {
+            BindingRecord::from_binding(&binding, c.principal.as_str(), at)
+        };
+        let control = self.shared.control.clone();
+        let rec = record.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            control.put_service_account(&rec)?;
+            bindings.iter().try_for_each(|b| control.add_binding(b))
+        })
+        .await;
+        store_result(&c, stored)?;
+        if let Some(next) = next {
+            self.shared.authz.replace(next);
+        }
+        let mut accounts = self.shared.verifier.accounts();
+        accounts.insert(principal.clone(), false);
+        self.shared.verifier.set_accounts(accounts);
+        tracing::info!(
+            principal = %principal, tenant = %tenant, roles = ?r.roles,
+            created_by = %c.principal, correlation_id = %c.correlation_id,
+            "service account created"
+        );
+        Ok(Response::new(account(&record, credential)))
     }
 
     async fn revoke_service_account(
@@ -50,13 +168,47 @@ impl EnterpriseIdentityService for IdentityService {
         req: Request<aesp::RevokeServiceAccountRequest>,
     ) -> Result<Response<aesp::ServiceAccount>, Status> {
         let c = caller(&req)?;
-        Err(self.shared.refuse(
+        let r = req.into_inner();
+        let principal = id_field(
             &c,
-            Denial::new(
-                ErrorCode::MethodNotAllowed,
-                "RevokeServiceAccount is not served in this release",
-            ),
-        ))
+            &self.shared,
+            "principal_id",
+            &r.principal_id,
+            PrincipalId::new,
+        )?;
+        let control = self.shared.control.clone();
+        let p = principal.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            control.load().map(|s| s.service_account(&p).cloned())
+        })
+        .await;
+        let Some(existing) = store_result(&c, found)? else {
+            return Err(self.shared.refuse(
+                &c,
+                Denial::new(
+                    ErrorCode::MalformedMessage,
+                    format!("no service account {principal}"),
+                )
+                .detail("field", "principal_id"),
+            ));
+        };
+        self.shared
+            .require(&c, "aesp.identity.admin", &existing.tenant_id)?;
+        let control = self.shared.control.clone();
+        let p = principal.clone();
+        let reason = r.reason.clone();
+        let revoked =
+            tokio::task::spawn_blocking(move || control.revoke_service_account(&p, now(), &reason))
+                .await;
+        let record = store_result(&c, revoked)?;
+        let mut accounts = self.shared.verifier.accounts();
+        accounts.insert(principal.clone(), true);
+        self.shared.verifier.set_accounts(accounts);
+        tracing::info!(
+            principal = %principal, revoked_by = %c.principal, reason = %r.reason,
+            correlation_id = %c.correlation_id, "service account revoked"
+        );
+        Ok(Response::new(account(&record, String::new())))
     }
 
     async fn assign_role(

@@ -42,6 +42,9 @@ pub struct Shared {
     pub authz: Arc<Authz>,
     pub recorder: Recorder,
     pub control: Arc<crate::store::ControlStore>,
+    /// The sidecar's own issuer (service accounts' credentials).
+    pub own: Arc<crate::identity::own::OwnIssuer>,
+    pub verifier: Arc<crate::identity::token::Verifier>,
 }
 
 impl Shared {

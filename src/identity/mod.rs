@@ -3,6 +3,7 @@
 //! workload's identity (its certificate) is computed once per connection in
 //! [`crate::listener::identity`]; how the two combine is the pipeline's `authn` check.
 
+pub mod own;
 pub mod token;
 
 pub use token::{Caller, TokenError, Verifier};

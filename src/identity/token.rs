@@ -78,6 +78,10 @@ pub enum TokenError {
     MissingClaim(String),
     #[error("the {claim} claim is not usable: {why}")]
     BadClaim { claim: String, why: String },
+    #[error("service account {0} is revoked")]
+    Revoked(String),
+    #[error("service account {0} does not exist")]
+    UnknownAccount(String),
 }
 
 /// Which claims give what, for one issuer.
@@ -351,6 +355,8 @@ pub struct Verifier {
     issuers: Vec<Issuer>,
     leeway: u64,
     cache: Cache,
+    /// The sidecar's own issuer and its accounts: principal → revoked.
+    own: Option<(String, arc_swap::ArcSwap<HashMap<PrincipalId, bool>>)>,
 }
 
 /// The part after `Bearer ` of an `authorization` header value.
@@ -373,6 +379,49 @@ impl Verifier {
             issuers,
             leeway,
             cache: Cache::default(),
+            own: None,
+        }
+    }
+
+    /// Trusts the sidecar's own issuer, whose tokens are valid only for the accounts of
+    /// `accounts` that are not revoked (see [`Verifier::set_accounts`]).
+    pub fn with_own_issuer(
+        mut self,
+        issuer: Issuer,
+        accounts: HashMap<PrincipalId, bool>,
+    ) -> Verifier {
+        self.own = Some((
+            issuer.issuer.clone(),
+            arc_swap::ArcSwap::from_pointee(accounts),
+        ));
+        self.issuers.push(issuer);
+        self
+    }
+
+    /// The sidecar's accounts now (principal → revoked); takes effect on the next call.
+    pub fn set_accounts(&self, accounts: HashMap<PrincipalId, bool>) {
+        if let Some((_, a)) = &self.own {
+            a.store(Arc::new(accounts));
+        }
+    }
+
+    /// The sidecar's own accounts now.
+    pub fn accounts(&self) -> HashMap<PrincipalId, bool> {
+        self.own
+            .as_ref()
+            .map(|(_, a)| (**a.load()).clone())
+            .unwrap_or_default()
+    }
+
+    /// A caller of the sidecar's own issuer must be a live account.
+    fn live(&self, c: Arc<Caller>) -> Result<Arc<Caller>, TokenError> {
+        match &self.own {
+            Some((iss, accounts)) if *iss == c.issuer => match accounts.load().get(&c.principal) {
+                Some(false) => Ok(c),
+                Some(true) => Err(TokenError::Revoked(c.principal.to_string())),
+                None => Err(TokenError::UnknownAccount(c.principal.to_string())),
+            },
+            _ => Ok(c),
         }
     }
 
@@ -385,11 +434,11 @@ impl Verifier {
     pub fn verify(&self, token: &str, now: u64) -> Result<Arc<Caller>, TokenError> {
         let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self.cache.get(&h, now) {
-            return Ok(c);
+            return self.live(c);
         }
         let c = Arc::new(self.verify_uncached(token, now)?);
         self.cache.put(h, c.clone(), now);
-        Ok(c)
+        self.live(c)
     }
 
     fn verify_uncached(&self, token: &str, now: u64) -> Result<Caller, TokenError> {
