@@ -106,6 +106,9 @@ enum Cmd {
     },
     /// A small GRID client for trying the sidecar. Exits 1 on a denial or a tool error.
     Call(CallArgs),
+    /// Identity administration against a running sidecar's management listener:
+    /// service accounts, role assignments, effective permissions.
+    Identity(IdentityArgs),
 }
 
 /// The connection flags of `aesp call`; they go before or after the operation.
@@ -182,6 +185,199 @@ fn call_token(a: &CallArgs) -> anyhow::Result<Option<String>> {
         Ok(t) => Ok(Some(t.trim().to_string())),
         Err(e) if explicit => Err(anyhow::anyhow!("--token {}: {e}", path.display())),
         Err(_) => Ok(None),
+    }
+}
+
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// The sidecar's management listener.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "URL",
+        default_value = "https://127.0.0.1:9443"
+    )]
+    endpoint: String,
+    /// The CA the sidecar's certificate chains to.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/ca.crt"
+    )]
+    ca: PathBuf,
+    /// The administrator's certificate (by default the demo's platform administrator).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/admin.crt"
+    )]
+    cert: PathBuf,
+    /// The private key of --cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        value_name = "FILE",
+        default_value = ".aesp-dev/admin.key"
+    )]
+    key: PathBuf,
+    /// The name the sidecar's certificate must carry.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        default_value = "localhost"
+    )]
+    domain: String,
+    /// A file holding the bearer token to present; by default the `.jwt` beside --cert.
+    #[arg(long, global = true, help_heading = "Connection", value_name = "FILE")]
+    token: Option<PathBuf>,
+    #[command(subcommand)]
+    op: IdentityOp,
+}
+
+#[derive(Subcommand)]
+enum IdentityOp {
+    /// CreateServiceAccount: prints the new principal and its credential (shown once).
+    CreateSa {
+        /// The tenant the account belongs to.
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        /// A name for people.
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        name: String,
+        /// A role of the RBAC state (repeat for several).
+        #[arg(long = "role", value_name = "ROLE")]
+        roles: Vec<String>,
+        /// Lifetime of the credential; 0 = 30 days.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        ttl: u64,
+    },
+    /// RevokeServiceAccount: its credential is refused from the next call on.
+    RevokeSa {
+        #[arg(long, value_name = "ID")]
+        principal: String,
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        reason: String,
+    },
+    /// AssignRole: bind a principal to a role in a tenant.
+    AssignRole {
+        #[arg(long, value_name = "ID")]
+        principal: String,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
+    /// GetPrincipalPermissions: effective roles and permissions, inherited ones included.
+    Permissions {
+        #[arg(long, value_name = "ID")]
+        principal: String,
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+    },
+}
+
+async fn identity(a: IdentityArgs) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
+    let token = match &a.token {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--token {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::fs::read_to_string(a.cert.with_extension("jwt"))
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
+    let mut c = EnterpriseIdentityServiceClient::new(client::with_token(ch, token.as_deref())?);
+    let out = match a.op {
+        IdentityOp::CreateSa {
+            tenant,
+            name,
+            roles,
+            ttl,
+        } => c
+            .create_service_account(aesp::CreateServiceAccountRequest {
+                tenant_id: tenant,
+                display_name: name,
+                roles,
+                credential_ttl_seconds: ttl,
+            })
+            .await
+            .map(|r| {
+                let sa = r.into_inner();
+                format!(
+                    "principal_id: {}\ntenant_id: {}\nroles: {}\ncredential (shown once; present it as `authorization: Bearer ...`):\n{}",
+                    sa.principal_id,
+                    sa.tenant_id,
+                    sa.roles.join(","),
+                    sa.credential
+                )
+            }),
+        IdentityOp::RevokeSa { principal, reason } => c
+            .revoke_service_account(aesp::RevokeServiceAccountRequest {
+                principal_id: principal,
+                reason,
+            })
+            .await
+            .map(|r| {
+                let sa = r.into_inner();
+                format!("principal_id: {}\nrevoked: {} (at {})", sa.principal_id, sa.revoked, sa.revoked_at)
+            }),
+        IdentityOp::AssignRole {
+            principal,
+            tenant,
+            role,
+        } => c
+            .assign_role(aesp::AssignRoleRequest {
+                principal_id: principal,
+                tenant_id: tenant,
+                role,
+            })
+            .await
+            .map(|r| {
+                let b = r.into_inner();
+                format!(
+                    "{} holds {} in tenant {} (granted by {})",
+                    b.principal_id, b.role, b.tenant_id, b.granted_by
+                )
+            }),
+        IdentityOp::Permissions { principal, tenant } => c
+            .get_principal_permissions(aesp::GetPrincipalPermissionsRequest {
+                principal_id: principal,
+                tenant_id: tenant,
+            })
+            .await
+            .map(|r| {
+                let p = r.into_inner();
+                format!(
+                    "principal_id: {}\ntenant_id: {}\nroles: {}\npermissions:\n  {}",
+                    p.principal_id,
+                    p.tenant_id,
+                    p.roles.join(", "),
+                    p.permissions.join("\n  ")
+                )
+            }),
+    };
+    match out {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
@@ -358,6 +554,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             )
         }
         Cmd::Call(args) => call(args).await,
+        Cmd::Identity(args) => identity(args).await,
     }
 }
 

@@ -587,3 +587,87 @@ fn logs_off_a_terminal_carry_no_colour_codes_and_json_logs_parse() {
     }
     assert!(json.contains("\"listen\":\"127.0.0.1:"), "{json}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aesp_identity_administers_a_running_sidecar() {
+    let stack = common::Stack::start_with("", false).await;
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let d = stack.files.dir.clone();
+    let run = |stem: &str, args: &[&str]| {
+        let out = aesp()
+            .arg("identity")
+            .args(args)
+            .arg("--endpoint")
+            .arg(&ep)
+            .arg("--ca")
+            .arg(d.join("ca.crt"))
+            .arg("--cert")
+            .arg(d.join(format!("{stem}.crt")))
+            .arg("--key")
+            .arg(d.join(format!("{stem}.key")))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(
+            "admin",
+            &["permissions", "--principal", "alice", "--tenant", "acme"],
+        )
+    });
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("grid.session.create"), "{out}");
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(
+            "admin",
+            &[
+                "create-sa",
+                "--tenant",
+                "acme",
+                "--name",
+                "ci",
+                "--role",
+                "client-user",
+            ],
+        )
+    });
+    assert_eq!(code, Some(0), "{out}");
+    let principal = out
+        .lines()
+        .find_map(|l| l.strip_prefix("principal_id: "))
+        .unwrap()
+        .to_string();
+    assert!(principal.starts_with("sa-"));
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(
+            "admin",
+            &["revoke-sa", "--principal", &principal, "--reason", "test"],
+        )
+    });
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("revoked: true"), "{out}");
+    // alice (acme.crt with acme.jwt beside it) may not administer globex.
+    let (code, out) = tokio::task::block_in_place(|| {
+        run(
+            "acme",
+            &[
+                "assign-role",
+                "--principal",
+                "bob",
+                "--tenant",
+                "globex",
+                "--role",
+                "auditor",
+            ],
+        )
+    });
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("AUTHORIZATION_DENIED"), "{out}");
+    stack.stop().await;
+}
