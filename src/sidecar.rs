@@ -156,6 +156,13 @@ impl Sidecar {
         };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if cfg.auth.jwks_refresh_seconds > 0 {
+            tasks.spawn(refresh_keys(
+                verifier.clone(),
+                Duration::from_secs(cfg.auth.jwks_refresh_seconds),
+                shutdown.clone(),
+            ));
+        }
 
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
@@ -264,6 +271,23 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+/// Reads the issuers' JWK set files again every `every`, keeping the keys in force when a
+/// file cannot be read (an IdP outage is not a revocation).
+async fn refresh_keys(verifier: Arc<Verifier>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = jsonwebtoken::get_current_timestamp();
+        for issuer in verifier.issuers() {
+            if let Err(e) = issuer.refresh(now) {
+                tracing::warn!(issuer = %issuer.issuer, error = %e, "cannot read the issuer's keys again; keeping the keys in force");
+            }
+        }
     }
 }
 

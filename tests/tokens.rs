@@ -194,3 +194,43 @@ async fn runtimes_connect_by_certificate_and_a_bad_token_on_them_is_still_refuse
     assert_eq!(stack.host.state.announcements().len(), 1);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_rotated_issuer_key_is_picked_up_without_restart() {
+    use base64::Engine;
+    let stack = Stack::start_with("", false).await;
+    // The IdP publishes a second key (a new kid) beside the first and signs with it.
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key_raw());
+    let path = stack.files.path("issuer.jwks.json");
+    let mut jwks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jwks["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "x": x, "kid": "rotated-2", "alg": "EdDSA",
+        }));
+    std::fs::write(&path, jwks.to_string()).unwrap();
+    let enc = jsonwebtoken::EncodingKey::from_ed_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    h.kid = Some("rotated-2".into());
+    let now = jsonwebtoken::get_current_timestamp();
+    let token = jsonwebtoken::encode(
+        &h,
+        &serde_json::json!({
+            "iss": "https://aesp-demo.local", "aud": "aesp", "sub": "alice", "tenant": "acme",
+            "iat": now, "exp": now + 600,
+        }),
+        &enc,
+    )
+    .unwrap();
+    let auth = format!("Bearer {token}");
+    let r = stack
+        .raw("acme")
+        .await
+        .call(CREATE, &[("authorization", auth.as_str())], create())
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    stack.stop().await;
+}

@@ -6,6 +6,7 @@
 //! auth:
 //!   tokens_required: [client]        # peer kinds that must present a token (default [client])
 //!   leeway_seconds: 30               # clock skew allowed on exp / nbf (default 30)
+//!   jwks_refresh_seconds: 300        # JWK set files read again this often (and on an unknown kid)
 //!   trusted_front_proxies: []        # SPIFFE IDs whose calls may carry callers of any tenant
 //!   issuers:
 //!     - issuer: https://idp.example.com
@@ -34,6 +35,9 @@ use std::path::PathBuf;
 pub struct AuthConfig {
     pub tokens_required: Vec<PeerKind>,
     pub leeway_seconds: u64,
+    /// How often the issuers' JWK set files are read again (rotation); 0 = only on an
+    /// unknown `kid`.
+    pub jwks_refresh_seconds: u64,
     pub trusted_front_proxies: Vec<String>,
     pub issuers: Vec<IssuerConfig>,
 }
@@ -43,6 +47,7 @@ impl Default for AuthConfig {
         AuthConfig {
             tokens_required: vec![PeerKind::Client],
             leeway_seconds: 30,
+            jwks_refresh_seconds: 300,
             trusted_front_proxies: Vec::new(),
             issuers: Vec::new(),
         }
@@ -72,6 +77,7 @@ pub enum KeySource {
 pub(super) struct RawAuth {
     tokens_required: Option<Vec<String>>,
     leeway_seconds: Option<u64>,
+    jwks_refresh_seconds: Option<u64>,
     #[serde(default)]
     trusted_front_proxies: Vec<String>,
     #[serde(default)]
@@ -207,6 +213,7 @@ impl Validator<'_> {
         Ok(AuthConfig {
             tokens_required,
             leeway_seconds: raw.leeway_seconds.unwrap_or(30),
+            jwks_refresh_seconds: raw.jwks_refresh_seconds.unwrap_or(300),
             trusted_front_proxies: raw.trusted_front_proxies,
             issuers,
         })
@@ -234,12 +241,16 @@ impl AuthConfig {
                 field: format!("auth.issuers[{i}].{field}"),
                 problem: e.to_string(),
             })?;
-            issuers.push(Issuer::new(
+            let issuer = Issuer::new(
                 ic.issuer.clone(),
                 ic.audiences.clone(),
                 ic.mapping.clone(),
                 keys,
-            ));
+            );
+            issuers.push(match &ic.keys {
+                KeySource::Jwks(p) => issuer.from_jwks_file(p.clone()),
+                KeySource::Pem { .. } => issuer,
+            });
         }
         Ok(Verifier::new(issuers, self.leeway_seconds))
     }

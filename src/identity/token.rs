@@ -295,7 +295,14 @@ pub struct Issuer {
     pub audiences: Vec<String>,
     pub mapping: ClaimMapping,
     keys: arc_swap::ArcSwap<Vec<VerifyKey>>,
+    /// The JWK set file the keys come from, when they can be read again (rotation).
+    jwks_file: Option<std::path::PathBuf>,
+    /// When the keys were last read (Unix seconds), to rate-limit reads on unknown `kid`s.
+    last_read: std::sync::atomic::AtomicU64,
 }
+
+/// The least time between two reads of an issuer's keys for an unknown `kid`.
+const KID_REFETCH_INTERVAL: u64 = 10;
 
 impl Issuer {
     pub fn new(
@@ -309,6 +316,45 @@ impl Issuer {
             audiences,
             mapping,
             keys: arc_swap::ArcSwap::from_pointee(keys),
+            jwks_file: None,
+            last_read: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Keys that come from `path`, a JWK set file read again on rotation (the first unknown
+    /// `kid` reads it at once, later ones at most every few seconds).
+    pub fn from_jwks_file(self, path: std::path::PathBuf) -> Issuer {
+        Issuer {
+            jwks_file: Some(path),
+            ..self
+        }
+    }
+
+    /// Reads the keys again from their file. On any error the keys in force stay (an
+    /// unreadable or broken file is an outage, not a revocation) and the error is returned.
+    pub fn refresh(&self, now: u64) -> Result<bool, KeyError> {
+        let Some(path) = &self.jwks_file else {
+            return Ok(false);
+        };
+        self.last_read
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        let keys = VerifyKey::load_jwks(path)?;
+        self.set_keys(keys);
+        Ok(true)
+    }
+
+    /// A `kid` this issuer does not know: read the keys again, at most every few seconds.
+    fn refetch_for_unknown_kid(&self, now: u64) -> bool {
+        let last = self.last_read.load(std::sync::atomic::Ordering::Relaxed);
+        if self.jwks_file.is_none() || now < last.saturating_add(KID_REFETCH_INTERVAL) {
+            return false;
+        }
+        match self.refresh(now) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer, error = %e, "cannot read the issuer's keys again; keeping the keys in force");
+                false
+            }
         }
     }
 
@@ -460,7 +506,14 @@ impl Verifier {
             .iter()
             .find(|i| i.issuer == iss)
             .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
-        let keys = issuer.keys();
+        let mut keys = issuer.keys();
+        if let Some(kid) = &header.kid
+            && !keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+            && issuer.refetch_for_unknown_kid(now)
+        {
+            // A new key (rotation): the issuer's keys were read again.
+            keys = issuer.keys();
+        }
         let candidates: Vec<&VerifyKey> = match &header.kid {
             Some(kid) => {
                 let k = keys
@@ -865,6 +918,56 @@ mod tests {
         ));
         v.issuers()[0].set_keys(vec![VerifyKey::from_jwk(&jwk2).unwrap()]);
         assert!(v.verify(&t2, now()).is_ok());
+    }
+
+    #[test]
+    fn a_rotated_key_is_read_from_the_file_and_an_unreadable_file_keeps_the_keys_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let (enc1, jwk1) = es_keys("k1");
+        let (enc2, jwk2) = es_keys("k2");
+        let write = |keys: &[&Jwk]| {
+            std::fs::write(&path, serde_json::json!({ "keys": keys }).to_string()).unwrap()
+        };
+        write(&[&jwk1]);
+        let issuer = Issuer::new(
+            "https://idp.example".into(),
+            vec!["aesp".into()],
+            ClaimMapping::default(),
+            VerifyKey::load_jwks(&path).unwrap(),
+        )
+        .from_jwks_file(path.clone());
+        let v = Verifier::new(vec![issuer], 30);
+        let t1 = sign(&enc1, Algorithm::ES256, Some("k1"), &claims(&[]));
+        let t2 = sign(&enc2, Algorithm::ES256, Some("k2"), &claims(&[]));
+        let t = now();
+        assert!(v.verify(&t1, t).is_ok());
+        // The IdP rotates: the file now has both keys; a token of the new kid is verified.
+        write(&[&jwk1, &jwk2]);
+        assert!(v.verify(&t2, t).is_ok());
+        // The IdP's keys cannot be read (outage): the keys in force still verify, and an
+        // unknown kid is refused, without reading again before the interval.
+        std::fs::remove_file(&path).unwrap();
+        let (enc3, _) = es_keys("k3");
+        let t3 = sign(
+            &enc3,
+            Algorithm::ES256,
+            Some("k3"),
+            &claims(&[("jti", serde_json::json!(1))]),
+        );
+        assert!(matches!(
+            v.verify(&t3, t + 30),
+            Err(TokenError::UnknownKey { .. })
+        ));
+        let t1b = sign(
+            &enc1,
+            Algorithm::ES256,
+            Some("k1"),
+            &claims(&[("jti", serde_json::json!(2))]),
+        );
+        assert!(v.verify(&t1b, t + 31).is_ok(), "cached keys still verify");
+        assert!(v.issuers()[0].refresh(t + 32).is_err());
+        assert_eq!(v.issuers()[0].keys().len(), 2);
     }
 
     #[test]
