@@ -64,6 +64,26 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+impl IdentityService {
+    /// The request's `principal_id` and `tenant_id` as ids, or a refusal naming the field.
+    fn principal_in_tenant(
+        &self,
+        c: &super::ManagementCaller,
+        principal_id: &str,
+        tenant_id: &str,
+    ) -> Result<(PrincipalId, TenantId), Status> {
+        let tenant = id_field(c, &self.shared, "tenant_id", tenant_id, TenantId::new)?;
+        let principal = id_field(
+            c,
+            &self.shared,
+            "principal_id",
+            principal_id,
+            PrincipalId::new,
+        )?;
+        Ok((principal, tenant))
+    }
+}
+
 #[tonic::async_trait]
 impl EnterpriseIdentityService for IdentityService {
     async fn create_service_account(
@@ -152,9 +172,7 @@ impl EnterpriseIdentityService for IdentityService {
         if let Some(next) = next {
             self.shared.authz.replace(next);
         }
-        let mut accounts = self.shared.verifier.accounts();
-        accounts.insert(principal.clone(), false);
-        self.shared.verifier.set_accounts(accounts);
+        self.shared.verifier.set_account(&principal, false);
         tracing::info!(
             principal = %principal, tenant = %tenant, roles = ?r.roles,
             created_by = %c.principal, correlation_id = %c.correlation_id,
@@ -201,9 +219,7 @@ impl EnterpriseIdentityService for IdentityService {
             tokio::task::spawn_blocking(move || control.revoke_service_account(&p, now(), &reason))
                 .await;
         let record = store_result(&c, revoked)?;
-        let mut accounts = self.shared.verifier.accounts();
-        accounts.insert(principal.clone(), true);
-        self.shared.verifier.set_accounts(accounts);
+        self.shared.verifier.set_account(&principal, true);
         tracing::info!(
             principal = %principal, revoked_by = %c.principal, reason = %r.reason,
             correlation_id = %c.correlation_id, "service account revoked"
@@ -217,14 +233,7 @@ impl EnterpriseIdentityService for IdentityService {
     ) -> Result<Response<aesp::RoleBinding>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
-        let tenant = id_field(&c, &self.shared, "tenant_id", &r.tenant_id, TenantId::new)?;
-        let principal = id_field(
-            &c,
-            &self.shared,
-            "principal_id",
-            &r.principal_id,
-            PrincipalId::new,
-        )?;
+        let (principal, tenant) = self.principal_in_tenant(&c, &r.principal_id, &r.tenant_id)?;
         self.shared.require(&c, "aesp.identity.admin", &tenant)?;
         let binding = Binding {
             subject: BindingSubject::Principal(principal.clone()),
@@ -256,16 +265,7 @@ impl EnterpriseIdentityService for IdentityService {
             records.iter().try_for_each(|r| control.add_binding(r))
         })
         .await;
-        match stored {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, correlation_id = %c.correlation_id, "cannot store a role assignment; nothing was changed");
-                return Err(Status::unavailable(
-                    "the control store cannot record the assignment; nothing was changed (see the sidecar's log)",
-                ));
-            }
-            Err(e) => return Err(Status::internal(e.to_string())),
-        }
+        store_result(&c, stored)?;
         self.shared.authz.replace(next);
         tracing::info!(
             principal = %principal, tenant = %tenant, role = %r.role,
@@ -287,14 +287,7 @@ impl EnterpriseIdentityService for IdentityService {
     ) -> Result<Response<aesp::PrincipalPermissions>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
-        let tenant = id_field(&c, &self.shared, "tenant_id", &r.tenant_id, TenantId::new)?;
-        let principal = id_field(
-            &c,
-            &self.shared,
-            "principal_id",
-            &r.principal_id,
-            PrincipalId::new,
-        )?;
+        let (principal, tenant) = self.principal_in_tenant(&c, &r.principal_id, &r.tenant_id)?;
         if !(principal == c.principal && tenant == c.tenant) {
             self.shared.require(&c, "aesp.identity.admin", &tenant)?;
         }

@@ -451,6 +451,17 @@ impl Verifier {
         }
     }
 
+    /// One account of the sidecar's issuer is now live (`revoked` false) or revoked.
+    pub fn set_account(&self, principal: &PrincipalId, revoked: bool) {
+        if let Some((_, a)) = &self.own {
+            a.rcu(|m| {
+                let mut m = (**m).clone();
+                m.insert(principal.clone(), revoked);
+                m
+            });
+        }
+    }
+
     /// The sidecar's own accounts now.
     pub fn accounts(&self) -> HashMap<PrincipalId, bool> {
         self.own
