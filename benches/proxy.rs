@@ -358,7 +358,9 @@ impl Embedded {
         let cfg_c = dir.path().join("sidecar-certonly.yaml");
         std::fs::write(
             &cfg_c,
-            certificates_only(&config_text(&format!("http://{}", host_c.local_addr))),
+            // A state of its own: two sidecars never share a state_dir.
+            certificates_only(&config_text(&format!("http://{}", host_c.local_addr)))
+                .replace("state_dir: state", "state_dir: state-certonly"),
         )?;
         let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
         let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
