@@ -241,7 +241,7 @@ fn config_text(upstream: &str) -> String {
 
 /// `text` with tokens required of nobody (certificates alone), for the token-less path.
 fn certificates_only(text: &str) -> String {
-    match (text.find("\nauth:\n"), text.find("\nrbac:\n")) {
+    match (text.find("\nauth:\n"), text.find("\nstate_dir:")) {
         (Some(a), Some(r)) if a < r => {
             format!("{}\nauth:\n  tokens_required: []{}", &text[..a], &text[r..])
         }
@@ -360,7 +360,7 @@ impl Embedded {
             &cfg_c,
             // A state of its own: two sidecars never share a state_dir.
             certificates_only(&config_text(&format!("http://{}", host_c.local_addr)))
-                .replace("state_dir: state", "state_dir: state-certonly"),
+                + "state_dir: state-certonly\n",
         )?;
         let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
         let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
