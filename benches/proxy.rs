@@ -360,7 +360,7 @@ impl Embedded {
             &cfg_c,
             // A state of its own: two sidecars never share a state_dir.
             certificates_only(&config_text(&format!("http://{}", host_c.local_addr)))
-                + "state_dir: state-certonly\n",
+                .replacen("state_dir: state ", "state_dir: state-certonly ", 1),
         )?;
         let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
         let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
