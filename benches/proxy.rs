@@ -359,8 +359,11 @@ impl Embedded {
         std::fs::write(
             &cfg_c,
             // A state of its own: two sidecars never share a state_dir.
-            certificates_only(&config_text(&format!("http://{}", host_c.local_addr)))
-                .replacen("state_dir: state ", "state_dir: state-certonly ", 1),
+            certificates_only(&config_text(&format!("http://{}", host_c.local_addr))).replacen(
+                "state_dir: state ",
+                "state_dir: state-certonly ",
+                1,
+            ),
         )?;
         let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
         let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
