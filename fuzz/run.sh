@@ -9,7 +9,7 @@ export RUSTC_BOOTSTRAP=1   # cargo-fuzz needs -Z flags; this lets a stable toolc
 secs=${1:-300}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder wire_and_upgrades intercept_body config_and_manifest certificate_identity)
+[ ${#targets[@]} -gt 0 ] || targets=(frame_decoder wire_and_upgrades intercept_body config_and_manifest certificate_identity bearer_token)
 
 cargo fuzz build --fuzz-dir .
 ./target/x86_64-unknown-linux-gnu/release/seed corpus

@@ -11,8 +11,9 @@
 //!   (`demo::certs::Ca`), bytes flipped and optionally cut short;
 //! - 4: `[cn?][fields separated by 0xff, each led by a type byte]`: a certificate made with
 //!   rcgen carrying those URI and DNS SANs and that CN, whose identity must be what the rules
-//!   say (several SPIFFE IDs refused; one SPIFFE ID parsed; otherwise the first subject
-//!   mapping that matches; otherwise unmapped).
+//!   say (X.509-SVID: a URI SAN of scheme `spiffe` in any case requires exactly one URI SAN,
+//!   which must parse; otherwise the first subject mapping that matches; otherwise unmapped;
+//!   and the kind must be one of the configured peer kinds).
 //!
 //! In every mode: no panic; an identity that comes out has a tenant, principal and kind that
 //! are valid segments (`ids::valid_segment`), header values equal to them, and a SPIFFE ID
@@ -21,12 +22,29 @@
 
 use aesp_sidecar::ids::{PeerKind, PrincipalId, TenantId, valid_segment};
 use aesp_sidecar::listener::identity::{
-    IdentityError, PeerIdentity, SpiffeError, SubjectMapping, SubjectMatch, identify, parse_spiffe,
+    IdentityError, IdentityRules, PeerIdentity, SpiffeError, SubjectMapping, SubjectMatch,
+    identify as identify_at, parse_spiffe,
 };
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
 const TD: &str = "aesp.local";
+/// The peer kinds accepted (the default of `identity.peer_kinds`).
+const KINDS: [PeerKind; 3] = [PeerKind::Client, PeerKind::Runtime, PeerKind::Admin];
+
+/// `identify` with the fuzz rules, at a time inside every certificate's validity.
+fn identify(
+    der: &[u8],
+    td: &str,
+    subjects: &[SubjectMapping],
+) -> Result<PeerIdentity, IdentityError> {
+    let rules = IdentityRules {
+        trust_domain: td,
+        subjects,
+        peer_kinds: &KINDS,
+    };
+    identify_at(der, rules, 1_800_000_000)
+}
 
 fn subjects() -> &'static [SubjectMapping] {
     static S: OnceLock<Vec<SubjectMapping>> = OnceLock::new();
@@ -210,39 +228,53 @@ fn made_certificate(data: &[u8]) {
     check_result(&got);
 
     // The rules, independently.
-    let spiffe: Vec<&String> = uris.iter().filter(|u| u.starts_with("spiffe://")).collect();
+    let is_spiffe = |u: &String| {
+        u.split_once(':')
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("spiffe"))
+    };
     let cn = cn.filter(|c| !c.is_empty());
-    match spiffe.len() {
-        0 => {
-            let hit = subjects().iter().find(|m| match &m.by {
-                SubjectMatch::CommonName(w) => cn.as_deref() == Some(w.as_str()),
-                SubjectMatch::DnsSan(w) => dns.iter().any(|d| d == w),
-            });
-            match (hit, &got) {
-                (Some(m), Ok(id)) => {
-                    assert_eq!(id.principal_id, m.principal);
-                    assert_eq!(id.tenant_id, m.tenant);
-                    assert_eq!(id.kind, m.kind);
-                    assert!(id.spiffe_id.is_none());
-                }
-                (None, Err(IdentityError::Unmapped { .. })) => {}
-                _ => panic!("cn {cn:?} dns {dns:?} uris {uris:?}: got {got:?}, mapping {hit:?}"),
+    let kind_ok = |k: &PeerKind| KINDS.contains(k);
+    if uris.iter().any(is_spiffe) {
+        if uris.len() != 1 {
+            match &got {
+                Err(IdentityError::SeveralUris { count, .. }) => assert_eq!(*count, uris.len()),
+                _ => panic!(
+                    "uris {uris:?}: a SPIFFE ID among {} URI SANs, got {got:?}",
+                    uris.len()
+                ),
             }
+            return;
         }
-        1 => match (parse_spiffe(spiffe[0], TD), &got) {
+        match (parse_spiffe(&uris[0], TD), &got) {
             (Ok(p), Ok(id)) => {
+                assert!(kind_ok(&p.kind));
                 assert_eq!(id.principal_id, p.name);
                 assert_eq!(id.tenant_id, p.tenant);
                 assert_eq!(id.kind, p.kind);
-                assert_eq!(id.spiffe_id.as_deref(), Some(spiffe[0].as_str()));
+                assert_eq!(id.spiffe_id.as_deref(), Some(uris[0].as_str()));
+            }
+            (Ok(p), Err(IdentityError::KindNotAllowed { kind })) => {
+                assert!(!kind_ok(&p.kind));
+                assert_eq!(kind, p.kind.as_str());
             }
             (Err(e), Err(IdentityError::Spiffe(g))) => assert_eq!(&e, g),
             (want, _) => panic!("uris {uris:?}: got {got:?}, parse_spiffe says {want:?}"),
-        },
-        n => match &got {
-            Err(IdentityError::SeveralSpiffeIds { count, .. }) => assert_eq!(*count, n),
-            _ => panic!("uris {uris:?}: {n} SPIFFE IDs, got {got:?}"),
-        },
+        }
+        return;
+    }
+    let hit = subjects().iter().find(|m| match &m.by {
+        SubjectMatch::CommonName(w) => cn.as_deref() == Some(w.as_str()),
+        SubjectMatch::DnsSan(w) => dns.iter().any(|d| d == w),
+    });
+    match (hit, &got) {
+        (Some(m), Ok(id)) => {
+            assert_eq!(id.principal_id, m.principal);
+            assert_eq!(id.tenant_id, m.tenant);
+            assert_eq!(id.kind, m.kind);
+            assert!(id.spiffe_id.is_none());
+        }
+        (None, Err(IdentityError::Unmapped { .. })) => {}
+        _ => panic!("cn {cn:?} dns {dns:?} uris {uris:?}: got {got:?}, mapping {hit:?}"),
     }
 }
 

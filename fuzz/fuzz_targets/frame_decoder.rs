@@ -108,8 +108,15 @@ fuzz_target!(|data: &[u8]| {
     for (n, m) in msgs.iter().enumerate() {
         assert!(m.frame.len() >= PREFIX_LEN);
         let declared = u32::from_be_bytes(m.frame[1..5].try_into().unwrap()) as usize;
-        assert_eq!(m.frame.len(), PREFIX_LEN + declared, "frame is prefix + payload");
-        assert!(declared <= max, "message of {declared} bytes over the limit {max}");
+        assert_eq!(
+            m.frame.len(),
+            PREFIX_LEN + declared,
+            "frame is prefix + payload"
+        );
+        assert!(
+            declared <= max,
+            "message of {declared} bytes over the limit {max}"
+        );
         assert_eq!(m.compressed, m.frame[0] == 1);
         assert!(m.frame[0] <= 1);
         assert_eq!(m.payload().len(), declared);
@@ -138,7 +145,11 @@ fuzz_target!(|data: &[u8]| {
         for enc in [Encoding::Identity, Encoding::Gzip, Encoding::Deflate] {
             match message_payload(m, enc, max) {
                 Ok(p) => {
-                    assert!(p.len() <= max, "{enc:?} payload {} over limit {max}", p.len());
+                    assert!(
+                        p.len() <= max,
+                        "{enc:?} payload {} over limit {max}",
+                        p.len()
+                    );
                     if !m.compressed {
                         assert_eq!(p, m.payload());
                     }

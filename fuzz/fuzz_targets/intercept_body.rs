@@ -76,7 +76,13 @@ impl MessageHook for Hook {
 
 /// What the body must produce: the expected bytes of each message in order, and whether the
 /// stream is refused somewhere (after those messages).
-fn model(stream: &[u8], max: usize, enc: Encoding, mode: Mode, request: bool) -> (Vec<Vec<u8>>, bool) {
+fn model(
+    stream: &[u8],
+    max: usize,
+    enc: Encoding,
+    mode: Mode,
+    request: bool,
+) -> (Vec<Vec<u8>>, bool) {
     let mut out = Vec::new();
     let mut pos = 0;
     while stream.len() - pos >= PREFIX_LEN {
@@ -267,13 +273,24 @@ fuzz_target!(|data: &[u8]| {
     let expected_bytes: Vec<u8> = expected.concat();
     if !refused {
         assert!(error.is_none(), "error on a good stream: {error:?}");
-        assert_eq!(got, expected_bytes, "output differs from the expected messages");
+        assert_eq!(
+            got, expected_bytes,
+            "output differs from the expected messages"
+        );
         if mode == Mode::ForwardOnly && (!request || enc == Encoding::Identity) {
             // Nothing to re-encode: the bytes leave exactly as they came.
-            assert_eq!(&got[..], &stream[..], "forward-only must pass the input bytes unchanged");
+            assert_eq!(
+                &got[..],
+                &stream[..],
+                "forward-only must pass the input bytes unchanged"
+            );
         }
         if with_trailers {
-            assert_eq!(trailers.as_ref(), Some(&input_trailers), "trailers pass unchanged");
+            assert_eq!(
+                trailers.as_ref(),
+                Some(&input_trailers),
+                "trailers pass unchanged"
+            );
         } else {
             assert!(trailers.is_none());
         }
@@ -284,7 +301,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if request {
         assert!(error.is_some(), "request side refused without an error");
-        assert!(trailers.is_none(), "request side emitted trailers on a refusal");
+        assert!(
+            trailers.is_none(),
+            "request side emitted trailers on a refusal"
+        );
         assert!(
             expected_bytes.starts_with(&got),
             "request output is not a prefix of the expected bytes"
@@ -297,8 +317,14 @@ fuzz_target!(|data: &[u8]| {
             ));
         }
     } else {
-        assert!(error.is_none(), "response side yields trailers, not errors: {error:?}");
-        assert_eq!(got, expected_bytes, "response side: messages before the refusal");
+        assert!(
+            error.is_none(),
+            "response side yields trailers, not errors: {error:?}"
+        );
+        assert_eq!(
+            got, expected_bytes,
+            "response side: messages before the refusal"
+        );
         let t = trailers.expect("error trailers");
         assert_ne!(t["grpc-status"], "0");
     }

@@ -190,7 +190,10 @@ fn check_apply<B, E>(
     };
     if let Some(b) = &base_in {
         let e = base_err(b).map(base_view);
-        assert!(e.is_some(), "field {field}: patched a message without an error");
+        assert!(
+            e.is_some(),
+            "field {field}: patched a message without an error"
+        );
         let b2 = B::decode(&out[..]).expect("upgraded message no longer decodes (base type)");
         assert_eq!(base_err(&b2).map(base_view), e, "base error changed");
     }
@@ -198,7 +201,11 @@ fn check_apply<B, E>(
         let before = ent_err(ei).map(view).expect("patched without an error");
         let eo = E::decode(&out[..]).expect("upgraded message no longer decodes (enterprise type)");
         let after = ent_err(&eo).map(view).unwrap();
-        assert_eq!((&after.0, &after.1), (&before.0, &before.1), "code/message kept");
+        assert_eq!(
+            (&after.0, &after.1),
+            (&before.0, &before.1),
+            "code/message kept"
+        );
         assert_eq!(after.2, CID);
         assert_eq!(after.3.as_deref(), Some("grid-host"));
     }
@@ -312,7 +319,12 @@ fn check_host_message(p: &ErrorPatch, buf: &[u8]) {
 fn check_requests(payload: &Bytes, esc: &[u8]) {
     for m in GridMethod::ALL {
         if let Ok(r) = upgrade::decode_request(m, payload) {
-            let _ = (r.claims(), r.tool_name(), r.session_id(), r.correlation_id());
+            let _ = (
+                r.claims(),
+                r.tool_name(),
+                r.session_id(),
+                r.correlation_id(),
+            );
             if let upgrade::Request::CreateSession(cs) = &r {
                 let out = match upgrade::upgrade_create_session(payload, esc) {
                     Ok(out) => out,
@@ -323,7 +335,11 @@ fn check_requests(payload: &Bytes, esc: &[u8]) {
                 let up = aesp::EnterpriseCreateSession::decode(out.clone())
                     .expect("upgraded CreateSession no longer decodes");
                 let want = aesp::EnterpriseSecurityContext::decode(esc).unwrap();
-                assert_eq!(up.security_context.as_ref(), Some(&want), "context replaced");
+                assert_eq!(
+                    up.security_context.as_ref(),
+                    Some(&want),
+                    "context replaced"
+                );
                 assert_eq!(up.suggested_session_id, cs.suggested_session_id);
                 assert_eq!(up.ttl_seconds, cs.ttl_seconds);
                 grid::CreateSession::decode(out).expect("not a base CreateSession any more");
@@ -369,7 +385,11 @@ fn check_announce(buf: &[u8]) {
         .expect("the merged records of a decoded announce decode");
     use aesp::enterprise_runtime_message::Kind;
     // The hook's view is the decoder's view.
-    assert_eq!(msg.kind, Some(Kind::Announce(a.clone())), "hook and decoder disagree");
+    assert_eq!(
+        msg.kind,
+        Some(Kind::Announce(a.clone())),
+        "hook and decoder disagree"
+    );
     let out = match upgrade::upgrade_announce(buf, &raw, &a.runtime_id, &f) {
         Ok(out) => out,
         Err(e) if is_group(&e) => return,

@@ -133,10 +133,12 @@ fn messages() -> Vec<(&'static str, Vec<u8>)> {
         (
             "runtime_announce_no_id",
             grid::RuntimeMessage {
-                kind: Some(grid::runtime_message::Kind::Announce(grid::AnnounceRuntime {
-                    runtime_id: String::new(),
-                    ..announce
-                })),
+                kind: Some(grid::runtime_message::Kind::Announce(
+                    grid::AnnounceRuntime {
+                        runtime_id: String::new(),
+                        ..announce
+                    },
+                )),
             }
             .encode_to_vec(),
         ),
@@ -249,14 +251,54 @@ fn main() {
         v.extend_from_slice(s);
         v
     };
-    write(&root, "frame_decoder", "all_one_frame", &fd(6, &[], &stream));
-    write(&root, "frame_decoder", "all_cut_7_1_200", &fd(6, &[7, 1, 200], &stream));
-    write(&root, "frame_decoder", "bytewise", &fd(6, &[1], &stream[..120]));
-    write(&root, "frame_decoder", "gzip", &fd(6, &[3, 50], &[&gz[..], &zl[..]].concat()));
-    write(&root, "frame_decoder", "bomb_limit_1024", &fd(6, &[], &bomb));
-    write(&root, "frame_decoder", "too_large_limit_16", &fd(3, &[], &stream));
-    write(&root, "frame_decoder", "empty_messages", &fd(0, &[2], &[encode_frame(b""), encode_frame(b"")].concat()));
-    write(&root, "frame_decoder", "truncated", &fd(6, &[4], &stream[..stream.len() - 3]));
+    write(
+        &root,
+        "frame_decoder",
+        "all_one_frame",
+        &fd(6, &[], &stream),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "all_cut_7_1_200",
+        &fd(6, &[7, 1, 200], &stream),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "bytewise",
+        &fd(6, &[1], &stream[..120]),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "gzip",
+        &fd(6, &[3, 50], &[&gz[..], &zl[..]].concat()),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "bomb_limit_1024",
+        &fd(6, &[], &bomb),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "too_large_limit_16",
+        &fd(3, &[], &stream),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "empty_messages",
+        &fd(0, &[2], &[encode_frame(b""), encode_frame(b"")].concat()),
+    );
+    write(
+        &root,
+        "frame_decoder",
+        "truncated",
+        &fd(6, &[4], &stream[..stream.len() - 3]),
+    );
 
     // intercept_body: [flags][limit selector][k][k cuts][stream]; selector 5 = 1024 bytes.
     // flags: bit0 response, bits1-2 encoding, bit3 payload-driven hook, bit4 trailers,
@@ -267,20 +309,73 @@ fn main() {
         v.extend_from_slice(s);
         v
     };
-    let small: Vec<u8> = msgs[..6].iter().flat_map(|(_, m)| encode_frame(m).to_vec()).collect();
-    write(&root, "intercept_body", "req_forward", &ib(0b0000_0000, &[], &small));
-    write(&root, "intercept_body", "resp_forward_trailers", &ib(0b0001_0001, &[9, 100], &small));
-    write(&root, "intercept_body", "req_hook_abort_open", &ib(0b0010_1000, &[17], &small));
-    write(&root, "intercept_body", "resp_hook_abort_open", &ib(0b0011_1001, &[], &small));
-    write(&root, "intercept_body", "resp_pre_refused", &ib(0b0110_0001, &[], &small));
-    write(&root, "intercept_body", "req_gzip", &ib(0b0001_0010, &[4], &[&gz[..], &small[..40]].concat()));
-    write(&root, "intercept_body", "resp_deflate", &ib(0b0001_0101, &[], &[&zl[..], &small[..]].concat()));
-    write(&root, "intercept_body", "req_bomb", &ib(0b0000_0010, &[], &bomb));
-    write(&root, "intercept_body", "resp_truncated", &ib(0b0001_0001, &[3], &small[..small.len() - 2]));
+    let small: Vec<u8> = msgs[..6]
+        .iter()
+        .flat_map(|(_, m)| encode_frame(m).to_vec())
+        .collect();
+    write(
+        &root,
+        "intercept_body",
+        "req_forward",
+        &ib(0b0000_0000, &[], &small),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "resp_forward_trailers",
+        &ib(0b0001_0001, &[9, 100], &small),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "req_hook_abort_open",
+        &ib(0b0010_1000, &[17], &small),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "resp_hook_abort_open",
+        &ib(0b0011_1001, &[], &small),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "resp_pre_refused",
+        &ib(0b0110_0001, &[], &small),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "req_gzip",
+        &ib(0b0001_0010, &[4], &[&gz[..], &small[..40]].concat()),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "resp_deflate",
+        &ib(0b0001_0101, &[], &[&zl[..], &small[..]].concat()),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "req_bomb",
+        &ib(0b0000_0010, &[], &bomb),
+    );
+    write(
+        &root,
+        "intercept_body",
+        "resp_truncated",
+        &ib(0b0001_0001, &[3], &small[..small.len() - 2]),
+    );
 
     // config_and_manifest: configs and manifests as an operator writes them.
     let minimal = "tls:\n  cert: s.crt\n  key: s.key\n  client_ca: ca.crt\nupstream:\n  address: http://127.0.0.1:50051\n";
-    write(&root, "config_and_manifest", "config_minimal", minimal.as_bytes());
+    write(
+        &root,
+        "config_and_manifest",
+        "config_minimal",
+        minimal.as_bytes(),
+    );
     write(
         &root,
         "config_and_manifest",
@@ -368,12 +463,24 @@ fn certificate_identity(root: &Path) {
     };
     let leaves = [
         ("der_alice", ca.workload("acme", "client", "alice").unwrap()),
-        ("der_runtime", ca.workload("acme", "runtime", "acme-runtime-1").unwrap()),
+        (
+            "der_runtime",
+            ca.workload("acme", "runtime", "acme-runtime-1").unwrap(),
+        ),
         ("der_cn_only", ca.issue("alice-cn", None, &[], &[]).unwrap()),
-        ("der_dns", ca.issue("nobody", None, &["rt.local"], &[]).unwrap()),
+        (
+            "der_dns",
+            ca.issue("nobody", None, &["rt.local"], &[]).unwrap(),
+        ),
         (
             "der_dotdot",
-            ca.issue("x", Some("spiffe://aesp.local/tenant/../client/alice"), &[], &[]).unwrap(),
+            ca.issue(
+                "x",
+                Some("spiffe://aesp.local/tenant/../client/alice"),
+                &[],
+                &[],
+            )
+            .unwrap(),
         ),
     ];
     for (name, leaf) in leaves {
@@ -381,28 +488,77 @@ fn certificate_identity(root: &Path) {
     }
     // Mode 1: [td][0xff][uri].
     for (name, td, uri) in [
-        ("uri_ok", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice"),
-        ("uri_upper_scheme", "aesp.local", "SPIFFE://aesp.local/tenant/acme/client/alice"),
-        ("uri_dotdot", "aesp.local", "spiffe://aesp.local/tenant/../client/.."),
-        ("uri_trailing_slash", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice/"),
-        ("uri_other_td", "aesp.local", "spiffe://evil.local/tenant/acme/client/alice"),
+        (
+            "uri_ok",
+            "aesp.local",
+            "spiffe://aesp.local/tenant/acme/client/alice",
+        ),
+        (
+            "uri_upper_scheme",
+            "aesp.local",
+            "SPIFFE://aesp.local/tenant/acme/client/alice",
+        ),
+        (
+            "uri_dotdot",
+            "aesp.local",
+            "spiffe://aesp.local/tenant/../client/..",
+        ),
+        (
+            "uri_trailing_slash",
+            "aesp.local",
+            "spiffe://aesp.local/tenant/acme/client/alice/",
+        ),
+        (
+            "uri_other_td",
+            "aesp.local",
+            "spiffe://evil.local/tenant/acme/client/alice",
+        ),
         ("uri_no_path", "aesp.local", "spiffe://aesp.local"),
-        ("uri_query", "aesp.local", "spiffe://aesp.local/tenant/acme/client/alice?x=1"),
-        ("uri_td_with_slash", "a/b", "spiffe://a/b/tenant/acme/client/alice"),
+        (
+            "uri_query",
+            "aesp.local",
+            "spiffe://aesp.local/tenant/acme/client/alice?x=1",
+        ),
+        (
+            "uri_td_with_slash",
+            "a/b",
+            "spiffe://a/b/tenant/acme/client/alice",
+        ),
     ] {
-        write(root, t, name, &with_mode(1, &[td.as_bytes(), uri.as_bytes()].join(&0xff)));
+        write(
+            root,
+            t,
+            name,
+            &with_mode(1, &[td.as_bytes(), uri.as_bytes()].join(&0xff)),
+        );
     }
     // Mode 2: [td][0xff][tenant][0xff][kind][0xff][name], as bytes.
     for (name, segs) in [
-        ("segs_ok", &["aesp.local", "acme", "runtime", "acme-runtime-1"]),
+        (
+            "segs_ok",
+            &["aesp.local", "acme", "runtime", "acme-runtime-1"],
+        ),
         ("segs_empty", &["aesp.local", "", "client", "alice"]),
-        ("segs_long", &["aesp.local", &"x".repeat(129), "client", "alice"]),
+        (
+            "segs_long",
+            &["aesp.local", &"x".repeat(129), "client", "alice"],
+        ),
     ] {
-        write(root, t, name, &with_mode(2, &segs.map(str::as_bytes).join(&0xff)));
+        write(
+            root,
+            t,
+            name,
+            &with_mode(2, &segs.map(str::as_bytes).join(&0xff)),
+        );
     }
     // Mode 3: [which][cut][(offset hi, lo, xor)...].
     write(root, t, "mutate_none", &with_mode(3, &[0, 0]));
-    write(root, t, "mutate_flip", &with_mode(3, &[1, 0, 0x01, 0x10, 0x20]));
+    write(
+        root,
+        t,
+        "mutate_flip",
+        &with_mode(3, &[1, 0, 0x01, 0x10, 0x20]),
+    );
     write(root, t, "mutate_cut", &with_mode(3, &[2, 200]));
     // Mode 4: [cn][0xff][type][string]...: 0 URI as is, 1 spiffe://…, 2 spiffe://aesp.local/tenant/…, 3 DNS.
     let made = |cn: &str, sans: &[(u8, &str)]| {
@@ -415,10 +571,46 @@ fn certificate_identity(root: &Path) {
         }
         v
     };
-    write(root, t, "made_spiffe", &made("x", &[(2, "acme/client/alice")]));
-    write(root, t, "made_two_spiffe", &made("x", &[(2, "acme/client/alice"), (2, "globex/client/bob")]));
-    write(root, t, "made_upper_and_lower", &made("x", &[(0, "SPIFFE://aesp.local/tenant/globex/client/bob"), (2, "acme/client/alice")]));
-    write(root, t, "made_cn_mapping", &made("alice-cn", &[(0, "https://example.com/"), (3, "x.local")]));
-    write(root, t, "made_dns_mapping", &made("nobody", &[(3, "rt.local")]));
-    write(root, t, "made_other_td", &made("x", &[(1, "evil.local/tenant/acme/client/alice")]));
+    write(
+        root,
+        t,
+        "made_spiffe",
+        &made("x", &[(2, "acme/client/alice")]),
+    );
+    write(
+        root,
+        t,
+        "made_two_spiffe",
+        &made("x", &[(2, "acme/client/alice"), (2, "globex/client/bob")]),
+    );
+    write(
+        root,
+        t,
+        "made_upper_and_lower",
+        &made(
+            "x",
+            &[
+                (0, "SPIFFE://aesp.local/tenant/globex/client/bob"),
+                (2, "acme/client/alice"),
+            ],
+        ),
+    );
+    write(
+        root,
+        t,
+        "made_cn_mapping",
+        &made("alice-cn", &[(0, "https://example.com/"), (3, "x.local")]),
+    );
+    write(
+        root,
+        t,
+        "made_dns_mapping",
+        &made("nobody", &[(3, "rt.local")]),
+    );
+    write(
+        root,
+        t,
+        "made_other_td",
+        &made("x", &[(1, "evil.local/tenant/acme/client/alice")]),
+    );
 }
