@@ -1,10 +1,13 @@
-//! The pooled HTTP/2 client to the GRID host: h2c on loopback by default, or TLS 1.3.
+//! The HTTP/2 client to the GRID host: h2c on loopback by default, or TLS 1.3.
 //!
-//! A few long-lived HTTP/2 connections carry every call as streams; calls are spread over
-//! them round-robin. A connection that closed is replaced on next use. Each runtime's
-//! `Connect` stream gets a connection of its own ([`Class::RuntimeStream`]). Taking a connection
-//! is a short std mutex section that clones a handle; connecting happens outside it, under a
-//! per-slot async lock so a burst of calls opens one connection, not one each.
+//! Each client connection has an upstream connection of its own for its calls
+//! ([`Affinity`], [`Class::Call`]), and each runtime's `Connect` stream one of its own
+//! ([`Class::RuntimeStream`]): what one peer leaves unread fills only its own connection's
+//! flow-control windows. A connection that closed is replaced on next use; a request the
+//! closing connection never took is sent once more on a fresh one. A small pool
+//! (`upstream.connections`) serves the readiness probe. Taking a connection is a short std
+//! mutex section that clones a handle; connecting happens outside it, under a per-slot async
+//! lock so a burst of calls opens one connection, not one each.
 
 use crate::config::{Config, ConfigError};
 use crate::proxy::body::ProxyBody;
