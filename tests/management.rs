@@ -82,6 +82,20 @@ async fn permissions_answer_what_enforcement_does_and_only_to_whom_they_may() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), "METHOD_NOT_ALLOWED");
+    let ch = client::channel(&ep, Some(&stack.tls("admin")))
+        .await
+        .unwrap();
+    let e = client::call_raw(
+        ch,
+        "/altar.aesp.v1.EnterpriseIdentityService/DeleteEverything",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        code(&e),
+        "METHOD_NOT_ALLOWED",
+        "an unknown RPC of a served service"
+    );
     let mut anon = identity(&stack, "acme", None).await;
     let e = anon
         .get_principal_permissions(perms("alice", "acme"))

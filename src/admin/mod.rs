@@ -18,12 +18,17 @@ use bytes::Bytes;
 use prost::Message;
 use std::sync::Arc;
 
-/// Path prefixes of the services served here.
-pub const SERVED: [&str; 1] = ["/altar.aesp.v1.EnterpriseIdentityService/"];
+/// The RPCs served here; any other path is `METHOD_NOT_ALLOWED`.
+pub const SERVED: [&str; 4] = [
+    "/altar.aesp.v1.EnterpriseIdentityService/CreateServiceAccount",
+    "/altar.aesp.v1.EnterpriseIdentityService/RevokeServiceAccount",
+    "/altar.aesp.v1.EnterpriseIdentityService/AssignRole",
+    "/altar.aesp.v1.EnterpriseIdentityService/GetPrincipalPermissions",
+];
 
 /// Whether the management listener serves `path`.
 pub fn serves(path: &str) -> bool {
-    SERVED.iter().any(|p| path.starts_with(p))
+    SERVED.contains(&path)
 }
 
 /// The verified caller of a management RPC, put in the request's extensions by the proxy.
