@@ -110,6 +110,18 @@ pub(crate) struct Facts {
     pub overwrote_identity: bool,
 }
 
+/// The effective principal and tenant of a call: the token's caller where there is one (its
+/// tenant where its issuer maps one), else the certificate's.
+pub(crate) fn effective<'a>(
+    id: &'a PeerIdentity,
+    caller: Option<&'a Caller>,
+) -> (&'a PrincipalId, &'a TenantId) {
+    match caller {
+        Some(c) => (&c.principal, c.tenant.as_ref().unwrap_or(&id.tenant_id)),
+        None => (&id.principal_id, &id.tenant_id),
+    }
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -119,12 +131,13 @@ fn unix_now() -> u64 {
 impl Facts {
     /// The effective identity is the token's caller, acting through the certificate.
     fn caller(&mut self, id: &PeerIdentity, caller: Option<&Caller>) {
-        let Some(c) = caller else { return };
-        self.workload = Some(id.principal_id.clone());
-        self.principal_id = Some(c.principal.clone());
-        if let Some(t) = &c.tenant {
-            self.tenant_id = Some(t.clone());
+        if caller.is_none() {
+            return;
         }
+        let (principal, tenant) = effective(id, caller);
+        self.workload = Some(id.principal_id.clone());
+        self.principal_id = Some(principal.clone());
+        self.tenant_id = Some(tenant.clone());
     }
 
     /// The facts of a call about to be decided, or refused before the pipeline could run.
@@ -164,6 +177,11 @@ pub(crate) struct Allowed<'a> {
 }
 
 impl Allowed<'_> {
+    /// The effective principal and tenant of the allowed call.
+    pub fn effective(&self) -> (&PrincipalId, &TenantId) {
+        effective(self.identity, self.caller.as_deref())
+    }
+
     /// A refusal after the pipeline allowed (an upgrade that cannot be written, say): the
     /// same facts, now denied.
     pub fn deny(self, denial: Denial) -> Denied {
@@ -270,14 +288,12 @@ impl Pipeline {
         facts.caller(id, caller.as_deref());
         method::served(input.method, input.route)?;
         claims::consistent(&input.claims, facts, self.overwrite_identity_fields)?;
+        let (principal, tenant) = effective(id, caller.as_deref());
         let who = rbac::Who {
             id,
             caller: caller.as_deref(),
-            principal: caller.as_ref().map_or(&id.principal_id, |c| &c.principal),
-            tenant: caller
-                .as_ref()
-                .and_then(|c| c.tenant.as_ref())
-                .unwrap_or(&id.tenant_id),
+            principal,
+            tenant,
             conn_cache: input.grants,
         };
         let grants = rbac::authorized(

@@ -41,18 +41,10 @@ impl Proxy {
         };
         self.recorder
             .record(crate::decision::Decision::from(&allowed));
+        let (principal, tenant) = allowed.effective();
         let caller = ManagementCaller {
-            principal: allowed
-                .caller
-                .as_ref()
-                .map_or(&allowed.identity.principal_id, |c| &c.principal)
-                .clone(),
-            tenant: allowed
-                .caller
-                .as_ref()
-                .and_then(|c| c.tenant.as_ref())
-                .unwrap_or(&allowed.identity.tenant_id)
-                .clone(),
+            principal: principal.clone(),
+            tenant: tenant.clone(),
             grants: allowed.grants.clone(),
             correlation_id: cid.clone(),
             method: path,
