@@ -15,6 +15,7 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     pub connections_refused: IntCounter,
     pub buffered_bytes: IntGauge,
+    pub config_reload_failures: IntCounter,
     pub upstream_errors: IntCounter,
 }
 
@@ -66,6 +67,11 @@ impl Metrics {
             "Bytes reserved for messages being assembled for inspection (bounded by limits.max_buffered_bytes)",
         )?;
         registry.register(Box::new(buffered_bytes.clone()))?;
+        let config_reload_failures = IntCounter::new(
+            "aesp_config_reload_failures_total",
+            "Reloads of a changed file (rbac.file) refused; the previous state stayed in force",
+        )?;
+        registry.register(Box::new(config_reload_failures.clone()))?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -93,6 +99,7 @@ impl Metrics {
             tls_handshake_failures,
             connections_refused,
             buffered_bytes,
+            config_reload_failures,
             upstream_errors,
         })
     }

@@ -156,6 +156,15 @@ impl Sidecar {
         };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if !cfg.rbac_reload.is_zero() {
+            tasks.spawn(reload_rbac(
+                cfg.clone(),
+                control.clone(),
+                pipeline.authz.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         if cfg.auth.jwks_refresh_seconds > 0 {
             tasks.spawn(refresh_keys(
                 verifier.clone(),
@@ -271,6 +280,49 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+/// Puts a changed `rbac.file` in force (with the bindings assigned through the management
+/// API on top), checked every `rbac.reload_seconds`. A file that does not load keeps the
+/// state in force; the error is logged and counted (`aesp_config_reload_failures_total`).
+async fn reload_rbac(
+    cfg: Arc<Config>,
+    control: Arc<ControlStore>,
+    authz: Arc<Authz>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = stamp(&cfg.rbac_file);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.rbac_reload) => {}
+        }
+        let now = stamp(&cfg.rbac_file);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let (cfg2, control2) = (cfg.clone(), control.clone());
+        let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<Rbac> {
+            let state = control2.load()?;
+            let seed = load_rbac(&cfg2)?;
+            Ok(seed.with_bindings(state.bindings.iter().map(crate::authz::rbac::Binding::from))?)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(rbac)) => {
+                authz.replace(rbac);
+                tracing::info!(file = %cfg.rbac_file.display(), "RBAC file reloaded");
+            }
+            Ok(Err(e)) => {
+                metrics.config_reload_failures.inc();
+                tracing::error!(file = %cfg.rbac_file.display(), error = %format!("{e:#}"), "RBAC file not reloaded; the previous state stays in force");
+            }
+            Err(e) => tracing::error!(error = %e, "RBAC reload task failed"),
+        }
     }
 }
 

@@ -159,3 +159,77 @@ async fn idp_groups_in_a_token_grant_the_roles_the_rbac_file_binds_them_to() {
     assert_eq!(res.error_details.unwrap().code, "TOOL_NOT_FOUND");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_changed_rbac_file_is_put_in_force_and_a_broken_one_keeps_the_last_good_state() {
+    let stack = Stack::start_edited(
+        |cfg| {
+            cfg.replace(
+                "  file: rbac.yaml",
+                "  reload_seconds: 1\n  file: rbac.yaml",
+            )
+        },
+        true,
+    )
+    .await;
+    let mut alice = stack.raw("acme").await;
+    let r = alice
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[],
+            vec![frame(&grid::CreateSession::default().encode_to_vec())],
+        )
+        .await;
+    let session =
+        aesp_sidecar::proto::aesp::EnterpriseCreateSessionAck::decode(&r.messages()[0][..])
+            .unwrap()
+            .session_id;
+    assert_eq!(
+        billing(&mut alice, &session).await.as_deref(),
+        Some("AUTHORIZATION_DENIED")
+    );
+    // The operator binds alice to billing-operator in the file.
+    let path = stack.files.path("rbac.yaml");
+    let good = std::fs::read_to_string(&path).unwrap()
+        + "  - principal: alice\n    tenant: acme\n    roles: [billing-operator]\n";
+    std::fs::write(&path, &good).unwrap();
+    let mut allowed = false;
+    for _ in 0..50 {
+        if billing(&mut alice, &session).await.is_none() {
+            allowed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(allowed, "the changed file was not put in force");
+    // A broken file: the last good state stays, the failure is counted.
+    std::fs::write(&path, good.replace("billing-operator]", "no-such-role]")).unwrap();
+    for _ in 0..50 {
+        if common::counter(&stack.sidecar, "aesp_config_reload_failures_total", &[]) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        common::counter(&stack.sidecar, "aesp_config_reload_failures_total", &[]),
+        1
+    );
+    assert_eq!(
+        billing(&mut alice, &session).await,
+        None,
+        "the last good state stays"
+    );
+    stack.stop().await;
+}
+
+/// A billing tool call of `session`: the sidecar's refusal code, or `None` when it passed.
+async fn billing(raw: &mut common::RawH2, session: &str) -> Option<String> {
+    raw.call(
+        "/altar.grid.v1.GridHost/ExecuteTool",
+        &[],
+        tool_call(session, "billing_refund"),
+    )
+    .await
+    .enterprise_error()
+    .map(|e| e.code)
+}

@@ -42,6 +42,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The RBAC seed file (roles, permissions, bindings; docs/rbac.md).
     pub rbac_file: PathBuf,
+    /// How often `rbac_file` is checked for a change (0: never, read at start only).
+    pub rbac_reload: Duration,
     /// Where the sidecar keeps its state (`control.redb`, its issuer key); created 0700.
     pub state_dir: PathBuf,
     pub runtime: RuntimeConfig,
@@ -217,6 +219,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRbac {
     file: Option<String>,
+    reload_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -403,6 +406,12 @@ impl Validator<'_> {
         let upstream = self.upstream(raw.upstream)?;
         let identity = self.identity(raw.identity)?;
         let auth = self.auth(raw.auth, &identity.peer_kinds)?;
+        let rbac_reload = Duration::from_secs(
+            raw.rbac
+                .as_ref()
+                .and_then(|r| r.reload_seconds)
+                .unwrap_or(5),
+        );
         let rbac_file = match raw.rbac.and_then(|r| r.file) {
             Some(f) if !f.trim().is_empty() => self.resolve(&f),
             _ => {
@@ -465,6 +474,7 @@ impl Validator<'_> {
             identity,
             auth,
             rbac_file,
+            rbac_reload,
             state_dir: match raw.state_dir.as_deref() {
                 None => self.resolve("state"),
                 Some(s) if s.trim().is_empty() => {
