@@ -55,6 +55,19 @@ fn denied(title: String, status: &tonic::Status) -> Step {
     }
 }
 
+/// The step of a call the sidecar is expected to refuse.
+fn expect_denied<T>(title: String, r: Result<T, tonic::Status>) -> Step {
+    match r {
+        Ok(_) => Step {
+            title,
+            allowed: true,
+            error_code: None,
+            detail: "unexpectedly allowed".into(),
+        },
+        Err(s) => denied(title, &s),
+    }
+}
+
 async fn execute(c: &AespGridClient, title: String, tc: grid::ToolCall) -> Step {
     match c.execute_tool(tc).await {
         Ok(view) => {
@@ -85,32 +98,20 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
 
     // 0. Clients present a token: without one, or with a forged one, nothing passes.
     let title = "CreateSession as alice without a token".to_string();
-    match AespGridClient::new(plain.clone())
-        .create_session(grid::CreateSession::default())
-        .await
-    {
-        Ok(_) => steps.push(Step {
-            title,
-            allowed: true,
-            error_code: None,
-            detail: "unexpectedly allowed".into(),
-        }),
-        Err(s) => steps.push(denied(title, &s)),
-    }
+    steps.push(expect_denied(
+        title,
+        AespGridClient::new(plain.clone())
+            .create_session(grid::CreateSession::default())
+            .await,
+    ));
     let title = "CreateSession as alice with a forged token".to_string();
     let forged_token = forge(acme.token);
-    match AespGridClient::with_token(client::with_token(plain, Some(&forged_token))?)
-        .create_session(grid::CreateSession::default())
-        .await
-    {
-        Ok(_) => steps.push(Step {
-            title,
-            allowed: true,
-            error_code: None,
-            detail: "unexpectedly allowed".into(),
-        }),
-        Err(s) => steps.push(denied(title, &s)),
-    }
+    steps.push(expect_denied(
+        title,
+        AespGridClient::with_token(client::with_token(plain, Some(&forged_token))?)
+            .create_session(grid::CreateSession::default())
+            .await,
+    ));
 
     // 1. A session for alice@acme; the sidecar fills in the EnterpriseSecurityContext.
     let session = match alice
@@ -226,26 +227,13 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
         }),
         ..Default::default()
     };
-    match alice.create_session(forged).await {
-        Ok(_) => steps.push(Step {
-            title,
-            allowed: true,
-            error_code: None,
-            detail: "unexpectedly allowed".into(),
-        }),
-        Err(s) => steps.push(denied(title, &s)),
-    }
+    steps.push(expect_denied(title, alice.create_session(forged).await));
 
     let title = "Call /altar.grid.v1.GridHost/DropAllSessions (unknown method)".to_string();
-    match client::call_raw(ch.clone(), "/altar.grid.v1.GridHost/DropAllSessions").await {
-        Ok(()) => steps.push(Step {
-            title,
-            allowed: true,
-            error_code: None,
-            detail: "unexpectedly allowed".into(),
-        }),
-        Err(s) => steps.push(denied(title, &s)),
-    }
+    steps.push(expect_denied(
+        title,
+        client::call_raw(ch.clone(), "/altar.grid.v1.GridHost/DropAllSessions").await,
+    ));
 
     // bob@globex gets a session of his own: the identity comes from his certificate.
     let ch_bob = client::channel(endpoint, Some(globex.tls)).await?;
