@@ -28,20 +28,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// The token check's rules, with every issuer's keys loaded.
-fn token_rules(cfg: &Config) -> Result<TokenRules, ConfigError> {
-    let verifier = if cfg.auth.issuers.is_empty() {
-        None
-    } else {
-        Some(Arc::new(
-            cfg.auth.verifier(&cfg.source.display().to_string())?,
-        ))
-    };
-    Ok(TokenRules {
-        verifier,
+/// The token check's rules around `verifier` (which holds the issuers' keys).
+fn token_rules(cfg: &Config, verifier: Arc<Verifier>) -> TokenRules {
+    TokenRules {
+        verifier: Some(verifier),
         required: cfg.auth.tokens_required.clone(),
         front_proxies: cfg.auth.trusted_front_proxies.clone(),
-    })
+    }
 }
 
 /// The configured issuers plus the sidecar's own (service accounts), with its accounts.
@@ -102,7 +95,7 @@ fn open_control(
 /// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::tls::server_config(cfg)?;
-    token_rules(cfg)?;
+    cfg.auth.verifier(&cfg.source.display().to_string())?;
     load_rbac(cfg)?;
     let up = crate::tls::upstream_client_config(cfg)?;
     Upstream::new(cfg, up)?;
@@ -144,10 +137,7 @@ impl Sidecar {
         let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
-            tokens: TokenRules {
-                verifier: Some(verifier.clone()),
-                ..token_rules(&cfg)?
-            },
+            tokens: token_rules(&cfg, verifier.clone()),
             authz: Arc::new(Authz::new(rbac)),
         };
         let buffered_total = crate::proxy::budget::Total {
