@@ -109,6 +109,60 @@ enum Cmd {
     /// Identity administration against a running sidecar's management listener:
     /// service accounts, role assignments, effective permissions.
     Identity(IdentityArgs),
+    /// The signed audit trail: verify a log or an export, export it, print the public key.
+    #[command(subcommand)]
+    Audit(AuditOp),
+}
+
+#[derive(Subcommand)]
+enum AuditOp {
+    /// Verifies every record (hash chain, signatures, sequence, checkpoints) of an
+    /// `audit.redb` (the live file of a running sidecar, or a copy) or of an export.
+    /// Prints OK with the count and head hash, or the first bad sequence and what is wrong;
+    /// exits 1 on any fault.
+    Verify {
+        /// An audit.redb (`<state_dir>/audit.redb`).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "export",
+            required_unless_present = "export"
+        )]
+        db: Option<PathBuf>,
+        /// An export written by `aesp audit export` (JSON lines).
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// The public key(s) to accept (PEM, as `aesp audit pubkey` prints; several blocks
+        /// for a rotated key). Without it, keys are trusted as the chain introduces them.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
+    },
+    /// Writes every record and checkpoint as JSON lines, each verifiable on its own
+    /// (docs/audit-format.md).
+    Export {
+        #[arg(long, value_name = "FILE")]
+        db: PathBuf,
+        /// The only format: one JSON object a line.
+        #[arg(long, value_name = "FORMAT", default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+        /// Where to write (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Prints the audit public key (PEM) and its key id.
+    Pubkey {
+        /// The sidecar's config: its audit.key_file, or `<state_dir>/audit.key`.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "key",
+            required_unless_present = "key"
+        )]
+        config: Option<PathBuf>,
+        /// A PKCS#8 PEM Ed25519 private key file.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
 }
 
 /// The connection flags of `aesp call`; they go before or after the operation.
@@ -555,6 +609,68 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Call(args) => call(args).await,
         Cmd::Identity(args) => identity(args).await,
+        Cmd::Audit(op) => audit(op),
+    }
+}
+
+fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::audit::offline;
+    match op {
+        AuditOp::Verify { db, export, pubkey } => {
+            let outcome = match (db, export) {
+                (Some(db), _) => offline::verify_db(&db, pubkey.as_deref())?,
+                (None, Some(e)) => offline::verify_export(&e, pubkey.as_deref())?,
+                (None, None) => anyhow::bail!("give --db FILE or --export FILE"),
+            };
+            Ok(match outcome {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(fault) => {
+                    println!("FAILED at {fault}");
+                    ExitCode::from(1)
+                }
+            })
+        }
+        AuditOp::Export { db, format: _, out } => {
+            let n = match out {
+                Some(path) => {
+                    let f = std::fs::File::create(&path)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(f);
+                    let n = offline::export(&db, &mut w)?;
+                    std::io::Write::flush(&mut w)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    n
+                }
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                    let n = offline::export(&db, &mut w)?;
+                    std::io::Write::flush(&mut w)?;
+                    n
+                }
+            };
+            eprintln!("exported {n} records");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditOp::Pubkey { config, key } => {
+            let key = match (key, config) {
+                (Some(k), _) => k,
+                (None, Some(c)) => {
+                    let cfg = Config::load(&c)?;
+                    cfg.audit
+                        .key_file
+                        .clone()
+                        .unwrap_or_else(|| cfg.state_dir.join(aesp_sidecar::audit::key::FILE_NAME))
+                }
+                (None, None) => anyhow::bail!("give --config FILE or --key FILE"),
+            };
+            let (pem, id) = offline::pubkey(&key)?;
+            print!("{pem}");
+            println!("key id: {id}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

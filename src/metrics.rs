@@ -16,6 +16,8 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     pub buffered_bytes: IntGauge,
     pub config_reload_failures: IntCounter,
+    pub audit_records: IntCounter,
+    pub audit_write_failures: IntCounter,
     pub upstream_errors: IntCounter,
 }
 
@@ -72,6 +74,16 @@ impl Metrics {
             "Reloads of a changed file (rbac.file) refused; the previous state stayed in force",
         )?;
         registry.register(Box::new(config_reload_failures.clone()))?;
+        let audit_records = IntCounter::new(
+            "aesp_audit_records_total",
+            "Audit records committed durably to audit.redb",
+        )?;
+        registry.register(Box::new(audit_records.clone()))?;
+        let audit_write_failures = IntCounter::new(
+            "aesp_audit_write_failures_total",
+            "Audit commits that failed (traffic is refused with AUDIT_UNAVAILABLE until a write succeeds)",
+        )?;
+        registry.register(Box::new(audit_write_failures.clone()))?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -100,6 +112,8 @@ impl Metrics {
             connections_refused,
             buffered_bytes,
             config_reload_failures,
+            audit_records,
+            audit_write_failures,
             upstream_errors,
         })
     }

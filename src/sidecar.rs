@@ -108,6 +108,11 @@ pub struct Sidecar {
     pub admin_addr: Option<SocketAddr>,
     pub management_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// The audit trail (`None` when `audit.enabled` is false).
+    pub audit: Option<crate::audit::Audit>,
+    /// Makes every write to `audit.redb` fail while on: a disk-failure drill for the
+    /// fail-closed path (tests use it; nothing in the sidecar turns it on).
+    pub audit_faults: crate::store::audit::FaultSwitch,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -135,6 +140,37 @@ impl Sidecar {
             &format!("aesp-sidecar:{}", cfg.identity.trust_domain),
         )?);
         let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
+        let audit_faults = crate::store::audit::FaultSwitch::default();
+        let audit = if cfg.audit.enabled {
+            let a = crate::audit::Audit::start(
+                &cfg.audit,
+                &cfg.state_dir,
+                audit_faults.clone(),
+                Some(metrics.clone()),
+            )
+            .with_context(|| format!("audit trail in state_dir {}", cfg.state_dir.display()))?;
+            let mut e = crate::audit::event("SIDECAR_STARTED", "INFO");
+            e.attributes
+                .insert("version".into(), env!("CARGO_PKG_VERSION").into());
+            e.attributes
+                .insert("config".into(), cfg.source.display().to_string());
+            e.attributes.insert(
+                "audit_mode".into(),
+                match cfg.audit.mode {
+                    crate::audit::Mode::Sync => "sync",
+                    crate::audit::Mode::Async => "async",
+                }
+                .into(),
+            );
+            a.log(e);
+            Some(a)
+        } else {
+            tracing::warn!(
+                "audit.enabled is false: decisions are logged and counted, not recorded in a signed trail"
+            );
+            None
+        };
+        let recorder = Recorder::new(metrics.clone(), audit.clone());
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
@@ -170,7 +206,7 @@ impl Sidecar {
             role: Role::DataPlane,
             cfg: cfg.clone(),
             pipeline: pipeline.clone(),
-            recorder: Recorder::new(metrics.clone()),
+            recorder: recorder.clone(),
             upstream: upstream.clone(),
             metrics: metrics.clone(),
             buffered_total: buffered_total.clone(),
@@ -187,7 +223,6 @@ impl Sidecar {
             Some(a) => {
                 let l = bind(a, "management_listen").await?;
                 let addr = l.local_addr()?;
-                let recorder = Recorder::new(metrics.clone());
                 let shared = crate::admin::Shared {
                     authz: pipeline.authz.clone(),
                     recorder: recorder.clone(),
@@ -205,7 +240,7 @@ impl Sidecar {
                     role: Role::Management,
                     cfg: cfg.clone(),
                     pipeline: pipeline.clone(),
-                    recorder: Recorder::new(metrics.clone()),
+                    recorder: recorder.clone(),
                     upstream: upstream.clone(),
                     metrics: metrics.clone(),
                     buffered_total: buffered_total.clone(),
@@ -229,6 +264,7 @@ impl Sidecar {
                 tasks.spawn(admin(
                     l,
                     upstream.clone(),
+                    audit.clone(),
                     metrics.clone(),
                     Arc::new(own.jwks_json()),
                     shutdown.clone(),
@@ -250,6 +286,8 @@ impl Sidecar {
             admin_addr,
             management_addr,
             metrics,
+            audit,
+            audit_faults,
             shutdown,
             tasks,
         })
@@ -263,6 +301,9 @@ impl Sidecar {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(a) = &self.audit {
+            a.stop(crate::audit::event("SIDECAR_STOPPED", "INFO")).await;
+        }
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
@@ -361,6 +402,7 @@ pub async fn wait_for_signal() {
 async fn admin(
     listener: TcpListener,
     upstream: Arc<Upstream>,
+    audit: Option<crate::audit::Audit>,
     metrics: Arc<Metrics>,
     jwks: Arc<String>,
     shutdown: CancellationToken,
@@ -375,8 +417,10 @@ async fn admin(
         let metrics = metrics.clone();
         let draining = draining.clone();
         let jwks = jwks.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
+                let audit_ok = audit.as_ref().is_none_or(|a| a.healthy());
                 let upstream = upstream.clone();
                 let metrics = metrics.clone();
                 let draining = draining.clone();
@@ -385,20 +429,26 @@ async fn admin(
                     let (status, ctype, body) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
                         "/readyz" => {
-                            let ready = !draining.load(Ordering::Relaxed)
+                            let host_ok = !draining.load(Ordering::Relaxed)
                                 && matches!(
                                     tokio::time::timeout(Duration::from_secs(2), upstream.probe())
                                         .await,
                                     Ok(Ok(()))
                                 );
-                            if ready {
-                                (StatusCode::OK, "text/plain", "ready\n".to_string())
-                            } else {
-                                (
+                            match (host_ok, audit_ok) {
+                                (true, true) => {
+                                    (StatusCode::OK, "text/plain", "ready\n".to_string())
+                                }
+                                (false, _) => (
                                     StatusCode::SERVICE_UNAVAILABLE,
                                     "text/plain",
                                     "upstream unavailable\n".to_string(),
-                                )
+                                ),
+                                (true, false) => (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "text/plain",
+                                    "audit trail unavailable\n".to_string(),
+                                ),
                             }
                         }
                         "/metrics" => (

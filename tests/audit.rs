@@ -1,0 +1,484 @@
+//! The signed audit trail, checked from outside: records of real calls through the sidecar,
+//! the offline verifier against a tampered `audit.redb` (opened directly with redb), exports,
+//! and failing closed when the store cannot be written.
+
+mod common;
+
+use aesp_sidecar::audit::offline;
+use aesp_sidecar::audit::verify::FaultKind;
+use aesp_sidecar::audit::{self, Audit, AuditConfig};
+use aesp_sidecar::proto::aesp::AuditEvent;
+use aesp_sidecar::store::audit::{AuditReader, FaultSwitch};
+use common::Stack;
+use prost::Message;
+use redb::ReadableTable;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+
+fn records(db: &Path) -> Vec<AuditEvent> {
+    let r = AuditReader::open(db).unwrap();
+    let mut out = Vec::new();
+    r.scan(0, |s| {
+        out.push(s.event.unwrap());
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    out
+}
+
+async fn create(
+    c: &aesp_sidecar::client::AespGridClient,
+    id: &str,
+) -> Result<aesp_sidecar::proto::aesp::EnterpriseCreateSessionAck, tonic::Status> {
+    c.create_session(aesp_sidecar::proto::grid::CreateSession {
+        suggested_session_id: id.into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    })
+    .await
+}
+
+fn aesp() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_aesp"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_decision_is_recorded_with_the_clients_correlation_id_and_the_chain_verifies() {
+    let stack = Stack::start().await;
+    let db = stack.dir.path().join("state/audit.redb");
+    let acme = aesp_sidecar::client::AespGridClient::with_token(stack.channel("acme").await);
+    let session = create(&acme, "s-audit").await.unwrap();
+    assert!(session.error.is_none(), "{session:?}");
+    let call =
+        aesp_sidecar::client::tool_call("s-audit", "echo", &serde_json::json!({"text": "hi"}))
+            .unwrap();
+    let ok = acme.execute_tool(call).await.unwrap();
+    assert!(ok.error_details.is_none(), "{ok:?}");
+    // A call RBAC refuses: its EnterpriseError's correlation id is the record's.
+    let refund = aesp_sidecar::client::tool_call(
+        "s-audit",
+        "billing_refund",
+        &serde_json::json!({"amount": 5}),
+    )
+    .unwrap();
+    let status = acme.execute_tool(refund).await.unwrap_err();
+    let ee = aesp_sidecar::client::enterprise_error(&status).expect("an EnterpriseError");
+    assert_eq!(ee.code, "AUTHORIZATION_DENIED");
+
+    // The live file verifies while the sidecar runs (read-only, beside the writer).
+    let out = aesp()
+        .args(["audit", "verify", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
+
+    let _dir = stack.stop().await;
+    let summary = offline::verify_db(&db, None).unwrap().unwrap();
+    let recs = records(&db);
+    assert_eq!(summary.count as usize, recs.len());
+    assert_eq!(recs[0].event_type, "AUDIT_KEY_ADDED");
+    assert_eq!(recs[1].event_type, "SIDECAR_STARTED");
+    assert_eq!(recs.last().unwrap().event_type, "SIDECAR_STOPPED");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.sequence, i as u64 + 1);
+    }
+    let denied = recs
+        .iter()
+        .find(|r| r.correlation_id == ee.correlation_id)
+        .expect("the denial's record, by the client's correlation id");
+    assert_eq!(denied.decision, "DENY");
+    assert_eq!(denied.event_type, "TOOL_INVOCATION");
+    assert_eq!(denied.reason_code, "AUTHORIZATION_DENIED");
+    assert_eq!(denied.tool_name, "billing_refund");
+    assert_eq!(denied.tenant_id, "acme");
+    assert!(
+        denied.attributes.contains_key("detail.permission"),
+        "{denied:?}"
+    );
+    assert!(recs.iter().any(|r| r.event_type == "TOOL_INVOCATION"
+        && r.decision == "ALLOW"
+        && r.tool_name == "echo"));
+    assert!(
+        recs.iter()
+            .any(|r| r.event_type == "SESSION_CREATE" && r.decision == "ALLOW")
+    );
+    assert!(recs.iter().any(|r| r.event_type == "SESSION_CREATED"
+        && r.decision == "INFO"
+        && r.session_id == "s-audit"));
+    let result = recs
+        .iter()
+        .find(|r| r.event_type == "TOOL_RESULT" && r.tool_name == "echo")
+        .expect("the tool result, its own record");
+    assert_eq!(
+        result.attributes.get("status").map(String::as_str),
+        Some("SUCCESS")
+    );
+    assert!(
+        result.attributes.contains_key("duration_us")
+            && result
+                .attributes
+                .get("response_bytes")
+                .is_some_and(|b| b != "0")
+    );
+    let decision = recs
+        .iter()
+        .find(|r| r.event_type == "TOOL_INVOCATION" && r.tool_name == "echo")
+        .unwrap();
+    assert_eq!(
+        result.correlation_id, decision.correlation_id,
+        "linked by correlation id"
+    );
+    assert!(decision.sequence < result.sequence);
+    assert!(
+        recs.iter().any(|r| r.event_type == "RUNTIME_DISCONNECTED"),
+        "the runtime's stream ended at stop"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r.event_type == "RUNTIME_ANNOUNCE" && r.decision == "ALLOW")
+    );
+    // No record holds a token.
+    let token = stack_token_fragment();
+    for r in &recs {
+        let bytes = r.encode_to_vec();
+        assert!(
+            !bytes.windows(token.len()).any(|w| w == token.as_bytes()),
+            "{r:?}"
+        );
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, buf)
+}
+
+/// "eyJ": the start of every JWT's base64url header.
+fn stack_token_fragment() -> String {
+    "eyJ".to_string()
+}
+
+/// A chain of `n` records written by the real writer, with a checkpoint every 5 records.
+async fn chain(dir: &Path, n: usize) -> PathBuf {
+    let cfg = AuditConfig {
+        checkpoint_every_records: 5,
+        ..Default::default()
+    };
+    let a = Audit::start(&cfg, dir, FaultSwitch::default(), None).unwrap();
+    for i in 0..n {
+        let mut e = audit::event("TOOL_INVOCATION", "ALLOW");
+        e.principal_id = "alice".into();
+        e.tenant_id = "acme".into();
+        e.tool_name = format!("tool{i}");
+        a.commit(e).await.unwrap();
+    }
+    a.stop(audit::event("SIDECAR_STOPPED", "INFO")).await;
+    drop(a);
+    dir.join("audit.redb")
+}
+
+/// Copies the chain at `db` into a fresh directory, changes it with `f` on redb's own
+/// tables, and returns the verdict of the verifier (and of the CLI) on the copy.
+fn tampered(db: &Path, f: impl FnOnce(&mut redb::Table<u64, &[u8]>)) -> (u64, FaultKind, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("audit.redb");
+    std::fs::copy(db, &copy).unwrap();
+    {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        let rdb = b.create(&copy).unwrap();
+        let txn = rdb.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(EVENTS).unwrap();
+            f(&mut t);
+        }
+        txn.commit().unwrap();
+    }
+    let fault = offline::verify_db(&copy, None).unwrap().unwrap_err();
+    let out = aesp()
+        .args(["audit", "verify", "--db"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "verify must fail on {fault}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains(&format!("sequence {}", fault.sequence)),
+        "{text}"
+    );
+    assert!(text.contains(fault.kind.as_str()), "{text}");
+    (fault.sequence, fault.kind, text)
+}
+
+fn get(t: &redb::Table<u64, &[u8]>, k: u64) -> AuditEvent {
+    AuditEvent::decode(t.get(k).unwrap().unwrap().value()).unwrap()
+}
+
+fn put(t: &mut redb::Table<u64, &[u8]>, k: u64, e: &AuditEvent) {
+    t.insert(k, e.encode_to_vec().as_slice()).unwrap();
+}
+
+#[tokio::test]
+async fn the_verifier_names_the_sequence_and_the_kind_of_every_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = chain(dir.path(), 20).await;
+    // Untouched: OK, 1 key record + 20 + the stop = 22, checkpoints included.
+    let ok = offline::verify_db(&db, None).unwrap().unwrap();
+    assert_eq!(ok.count, 22);
+    assert!(ok.checkpoints >= 4, "{ok}");
+
+    // One byte of a field changed in place (the stored bytes, not re-encoded).
+    let (seq, kind, _) = tampered(&db, |t| {
+        let mut raw = t.get(7).unwrap().unwrap().value().to_vec();
+        let at = raw.windows(5).position(|w| w == b"alice").unwrap();
+        raw[at + 4] = b'x';
+        t.insert(7, raw.as_slice()).unwrap();
+    });
+    assert_eq!((seq, kind), (7, FaultKind::Modified));
+
+    // A record deleted.
+    let (seq, kind, _) = tampered(&db, |t| {
+        t.remove(9).unwrap();
+    });
+    assert_eq!((seq, kind), (9, FaultKind::Gap));
+
+    // Two records swapped.
+    let (seq, kind, _) = tampered(&db, |t| {
+        let (a, b) = (get(t, 11), get(t, 12));
+        put(t, 11, &b);
+        put(t, 12, &a);
+    });
+    assert_eq!((seq, kind), (11, FaultKind::Reordered));
+
+    // The tail cut below a checkpoint.
+    let (seq, kind, text) = tampered(&db, |t| {
+        for k in 18..=22 {
+            t.remove(k).unwrap();
+        }
+    });
+    assert_eq!((seq, kind), (18, FaultKind::TailTruncated), "{text}");
+
+    // A record changed and re-signed with another key under that key's id.
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let other_id = aesp_sidecar::audit::key::key_id(&other.verifying_key());
+    let (seq, kind, _) = tampered(&db, |t| {
+        let mut e = get(t, 13);
+        e.decision = "DENY".into();
+        e.key_id = other_id.clone();
+        let prev: [u8; 32] = e.prev_hash.clone().try_into().unwrap();
+        aesp_sidecar::audit::record::seal(&mut e, prev, &other);
+        put(t, 13, &e);
+    });
+    assert_eq!((seq, kind), (13, FaultKind::UnknownKey));
+
+    // The same, keeping the genuine key id: the signature does not verify.
+    let (seq, kind, _) = tampered(&db, |t| {
+        let mut e = get(t, 14);
+        e.decision = "DENY".into();
+        let prev: [u8; 32] = e.prev_hash.clone().try_into().unwrap();
+        aesp_sidecar::audit::record::seal(&mut e, prev, &other);
+        put(t, 14, &e);
+    });
+    assert_eq!((seq, kind), (14, FaultKind::BadSignature));
+
+    // A record changed and re-hashed with the real chain but not re-signable: the next
+    // record's link breaks if only the hash is fixed up.
+    let (seq, kind, _) = tampered(&db, |t| {
+        let mut e = get(t, 15);
+        e.tenant_id = "globex".into();
+        e.hash = aesp_sidecar::audit::record::chain_hash(
+            &e.prev_hash,
+            &aesp_sidecar::audit::record::canonical(&e),
+        )
+        .to_vec();
+        put(t, 15, &e);
+    });
+    assert_eq!((seq, kind), (15, FaultKind::BadSignature));
+}
+
+#[tokio::test]
+async fn an_export_verifies_line_by_line_with_the_pinned_key_and_a_changed_line_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = chain(dir.path(), 12).await;
+    let export = dir.path().join("audit.jsonl");
+    let out = aesp()
+        .args(["audit", "export", "--format", "jsonl", "--db"])
+        .arg(&db)
+        .arg("--out")
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("\"type\":\"record\""))
+            .count(),
+        14
+    );
+    assert!(text.lines().any(|l| l.contains("\"type\":\"checkpoint\"")));
+
+    // The public key, as an operator gets it.
+    let out = aesp()
+        .args(["audit", "pubkey", "--key"])
+        .arg(dir.path().join("audit.key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(printed.contains("-----BEGIN PUBLIC KEY-----") && printed.contains("key id: ed25519:"));
+    let pubkey = dir.path().join("audit.pub");
+    std::fs::write(&pubkey, &printed).unwrap();
+
+    let out = aesp()
+        .args(["audit", "verify", "--export"])
+        .arg(&export)
+        .arg("--pubkey")
+        .arg(&pubkey)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(pinned)"));
+
+    // Pinned to another key: the chain's own key is refused.
+    let other = dir.path().join("other.pub");
+    std::fs::write(
+        &other,
+        aesp_sidecar::audit::key::public_pem(
+            &ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let fault = offline::verify_export(&export, Some(&other))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((fault.sequence, fault.kind), (1, FaultKind::UnknownKey));
+
+    // One field of one line changed.
+    let changed = dir.path().join("changed.jsonl");
+    std::fs::write(
+        &changed,
+        text.replacen("\"tool_name\":\"tool4\"", "\"tool_name\":\"tool5\"", 1),
+    )
+    .unwrap();
+    let fault = offline::verify_export(&changed, Some(&pubkey))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((fault.sequence, fault.kind), (6, FaultKind::Modified));
+    // A line dropped.
+    let dropped: String = text
+        .lines()
+        .filter(|l| !l.contains("\"tool_name\":\"tool2\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&changed, dropped).unwrap();
+    let fault = offline::verify_export(&changed, Some(&pubkey))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((fault.sequence, fault.kind), (4, FaultKind::Gap));
+}
+
+#[tokio::test]
+async fn the_chain_resumes_after_a_restart_and_a_new_key_is_a_recorded_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    chain(dir.path(), 3).await;
+    // Same key: the chain goes on from sequence 6.
+    let db = chain(dir.path(), 2).await;
+    let recs = records(&db);
+    assert_eq!(recs.len(), 5 + 3);
+    assert_eq!(recs[5].sequence, 6);
+    assert_eq!(recs[5].event_type, "TOOL_INVOCATION");
+    // A new key file: rotation recorded, signed by the new key; old records still verify.
+    std::fs::remove_file(dir.path().join("audit.key")).unwrap();
+    let db = chain(dir.path(), 1).await;
+    let recs = records(&db);
+    let rot = &recs[8];
+    assert_eq!(rot.event_type, "AUDIT_KEY_ROTATED");
+    assert_eq!(rot.attributes.get("previous_key_id"), Some(&recs[0].key_id));
+    assert_ne!(rot.key_id, recs[0].key_id);
+    let ok = offline::verify_db(&db, None).unwrap().unwrap();
+    assert_eq!(ok.keys.len(), 2, "{ok}");
+    assert_eq!(ok.count, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_recovers() {
+    let stack = Stack::start().await;
+    let admin = stack.sidecar.admin_addr.unwrap();
+    let acme = aesp_sidecar::client::AespGridClient::with_token(stack.channel("acme").await);
+    assert!(create(&acme, "s-ok").await.unwrap().error.is_none());
+    let sessions = stack.host.state.session_count();
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+
+    stack.sidecar.audit_faults.set(true);
+    let status = create(&acme, "s-refused").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let ee = aesp_sidecar::client::enterprise_error(&status).unwrap();
+    assert_eq!(ee.code, "AUDIT_UNAVAILABLE");
+    let refused_cid = ee.correlation_id.clone();
+    // The host never saw the refused session.
+    assert_eq!(stack.host.state.session_count(), sessions);
+    assert_eq!(http_get(admin, "/readyz").await.0, 503);
+    // Still refused while failing, immediately.
+    let again = create(&acme, "s-refused-2").await.unwrap_err();
+    assert_eq!(
+        aesp_sidecar::client::enterprise_error(&again).unwrap().code,
+        "AUDIT_UNAVAILABLE"
+    );
+
+    stack.sidecar.audit_faults.set(false);
+    let mut back = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if create(&acme, "s-back")
+            .await
+            .is_ok_and(|a| a.error.is_none())
+        {
+            back = true;
+            break;
+        }
+    }
+    assert!(back, "traffic resumes once the store is writable");
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    let db = stack.dir.path().join("state/audit.redb");
+    let _dir = stack.stop().await;
+    offline::verify_db(&db, None).unwrap().unwrap();
+    let recs = records(&db);
+    let refused = recs
+        .iter()
+        .find(|r| r.correlation_id == refused_cid && r.event_type == "SESSION_CREATE")
+        .expect("the refused call's record, kept through the outage");
+    assert_eq!(refused.decision, "DENY");
+    assert_eq!(refused.reason_code, "AUDIT_UNAVAILABLE");
+    assert!(recs.iter().any(|r| r.event_type == "AUDIT_RECOVERED"));
+}
