@@ -198,6 +198,7 @@ impl Sidecar {
                 shutdown.clone(),
             ));
         }
+        fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
 
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
@@ -354,6 +355,38 @@ async fn reload_rbac(
             }
             Err(e) => tracing::error!(error = %e, "RBAC reload task failed"),
         }
+    }
+}
+
+/// Starts keeping the keys of every issuer whose keys are fetched over HTTPS, and waits for
+/// each one's first fetch (bounded by `auth.fetch_timeout_seconds` per request): an IdP that
+/// answers has its keys in force before the listeners open; one that does not is retried in
+/// the background while the sidecar serves (its tokens are refused until its keys arrive).
+async fn fetch_remote_keys(
+    cfg: &Config,
+    verifier: &Arc<Verifier>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    let mut first = Vec::new();
+    for (index, issuer) in verifier.issuers().iter().enumerate() {
+        if issuer.remote().is_none() {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        first.push(rx);
+        tasks.spawn(crate::identity::remote::keep_fresh(
+            verifier.clone(),
+            index,
+            Duration::from_secs(cfg.auth.jwks_refresh_seconds),
+            metrics.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+    }
+    for rx in first {
+        let _ = rx.await;
     }
 }
 

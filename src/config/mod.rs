@@ -918,6 +918,79 @@ mod tests {
     }
 
     #[test]
+    fn keys_over_https_need_an_https_url_and_one_source() {
+        let with = |issuer: &str| {
+            MINIMAL.replace(
+                "  tokens_required: []\n",
+                &format!(
+                    "  fetch_timeout_seconds: 2\n  issuers:\n    - issuer: https://idp\n{issuer}"
+                ),
+            )
+        };
+        let c = parse(&with(
+            "      discovery_url: https://idp/.well-known/openid-configuration\n      ca_file: idp-ca.pem\n",
+        ))
+        .unwrap();
+        assert_eq!(c.auth.fetch_timeout_seconds, 2);
+        match &c.auth.issuers[0].keys {
+            KeySource::Remote {
+                location: crate::identity::remote::Location::Discovery(u),
+                ca_file: Some(ca),
+            } => {
+                assert_eq!(u.path(), "/.well-known/openid-configuration");
+                assert_eq!(ca, Path::new("/etc/aesp/idp-ca.pem"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = parse(&with("      jwks_uri: https://idp:8443/keys\n")).unwrap();
+        assert!(matches!(
+            &c.auth.issuers[0].keys,
+            KeySource::Remote {
+                location: crate::identity::remote::Location::JwksUri(_),
+                ca_file: None
+            }
+        ));
+        for (bad, field, says) in [
+            (
+                "      jwks_uri: http://idp/keys\n",
+                "auth.issuers[0].jwks_uri",
+                "https://",
+            ),
+            (
+                "      discovery_url: http://idp/.well-known/openid-configuration\n",
+                "auth.issuers[0].discovery_url",
+                "plain HTTP",
+            ),
+            (
+                "      jwks_uri: idp/keys\n",
+                "auth.issuers[0].jwks_uri",
+                "https://",
+            ),
+            (
+                "      jwks_uri: https://idp/keys\n      jwks_file: k.json\n",
+                "auth.issuers[0]",
+                "jwks_file, jwks_uri",
+            ),
+            (
+                "      jwks_file: k.json\n      ca_file: ca.pem\n",
+                "auth.issuers[0].ca_file",
+                "only with",
+            ),
+        ] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert_eq!(e.file, "/etc/aesp/sidecar.yaml", "{e}");
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.problem.contains(says), "{e}");
+        }
+        let e = parse(&MINIMAL.replace(
+            "  tokens_required: []\n",
+            "  tokens_required: []\n  fetch_timeout_seconds: 0\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "auth.fetch_timeout_seconds");
+    }
+
+    #[test]
     fn errors_name_file_field_and_expectation() {
         let e = parse(&MINIMAL.replace("http://127.0.0.1:50051", "127.0.0.1")).unwrap_err();
         assert_eq!(e.file, "/etc/aesp/sidecar.yaml");
