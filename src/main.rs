@@ -114,6 +114,50 @@ enum Cmd {
     Audit(AuditOp),
 }
 
+/// The filters of `aesp audit query | tail` (QueryEventsRequest).
+#[derive(clap::Args)]
+struct AuditFilter {
+    /// First sequence (default 1).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// Last sequence (default: no bound).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    to: u64,
+    /// The tenant (default: the caller's own; a platform auditor sees every record).
+    #[arg(long, value_name = "ID", default_value = "")]
+    tenant: String,
+    #[arg(long, value_name = "ID", default_value = "")]
+    principal: String,
+    /// TOOL_INVOCATION, SESSION_CREATE, TOOL_RESULT, ... (docs/audit-format.md).
+    #[arg(long, value_name = "TYPE", default_value = "")]
+    event_type: String,
+    /// ALLOW, DENY, ERROR or INFO.
+    #[arg(long, value_name = "DECISION", default_value = "")]
+    decision: String,
+    #[arg(long, value_name = "NAME", default_value = "")]
+    tool: String,
+    /// At most this many records (0: 1000 for query, no limit for tail).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    limit: u32,
+}
+
+impl AuditFilter {
+    fn request(&self, follow: bool) -> aesp_sidecar::proto::aesp::QueryEventsRequest {
+        aesp_sidecar::proto::aesp::QueryEventsRequest {
+            from_sequence: self.from,
+            to_sequence: self.to,
+            tenant_id: self.tenant.clone(),
+            principal_id: self.principal.clone(),
+            event_type: self.event_type.clone(),
+            decision: self.decision.clone(),
+            tool_name: self.tool.clone(),
+            limit: self.limit,
+            follow,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum AuditOp {
     /// Verifies every record (hash chain, signatures, sequence, checkpoints) of an
@@ -148,6 +192,45 @@ enum AuditOp {
         /// Where to write (default: standard output).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+    /// QueryEvents against a running sidecar: the matching records as JSON lines (the
+    /// export format, so they verify on their own).
+    Query {
+        #[command(flatten)]
+        conn: Management,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+    /// Like `query`, then keeps the stream open and prints new records as they are written.
+    Tail {
+        #[command(flatten)]
+        conn: Management,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+    /// GetComplianceReport for a tenant and period, rendered for people (or JSON), its
+    /// signature checked against --pubkey.
+    Report {
+        #[command(flatten)]
+        conn: Management,
+        /// The tenant (default: the caller's own).
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// Start of the period: Unix seconds, or 0 for the beginning.
+        #[arg(long, value_name = "UNIX_SECONDS", default_value_t = 0)]
+        since: u64,
+        /// End of the period: Unix seconds, or 0 for now.
+        #[arg(long, value_name = "UNIX_SECONDS", default_value_t = 0)]
+        until: u64,
+        /// Only tools carrying this compliance tag (SOC2, HIPAA, ...).
+        #[arg(long, value_name = "TAG", default_value = "")]
+        compliance_tag: String,
+        /// The audit public key (PEM, from `aesp audit pubkey`) the signature must verify with.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
+        /// `text` (for people) or `json`.
+        #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        format: String,
     },
     /// Prints the audit public key (PEM) and its key id.
     Pubkey {
@@ -242,8 +325,9 @@ fn call_token(a: &CallArgs) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// How to reach a running sidecar's management listener (mTLS, plus a token).
 #[derive(clap::Args)]
-struct IdentityArgs {
+struct Management {
     /// The sidecar's management listener.
     #[arg(
         long,
@@ -291,6 +375,12 @@ struct IdentityArgs {
     /// A file holding the bearer token to present; by default the `.jwt` beside --cert.
     #[arg(long, global = true, help_heading = "Connection", value_name = "FILE")]
     token: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct IdentityArgs {
+    #[command(flatten)]
+    conn: Management,
     #[command(subcommand)]
     op: IdentityOp,
 }
@@ -337,23 +427,29 @@ enum IdentityOp {
     },
 }
 
-async fn identity(a: IdentityArgs) -> anyhow::Result<ExitCode> {
-    use aesp_sidecar::proto::aesp;
-    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
-    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
-    let token = match &a.token {
+/// A channel to the management listener, carrying the token (--token, else the `.jwt`
+/// beside --cert).
+async fn management_channel(m: &Management) -> anyhow::Result<client::GridChannel> {
+    let tls = ClientTls::from_files(&m.ca, &m.cert, &m.key, &m.domain)?;
+    let token = match &m.token {
         Some(p) => Some(
             std::fs::read_to_string(p)
                 .with_context(|| format!("--token {}", p.display()))?
                 .trim()
                 .to_string(),
         ),
-        None => std::fs::read_to_string(a.cert.with_extension("jwt"))
+        None => std::fs::read_to_string(m.cert.with_extension("jwt"))
             .ok()
             .map(|t| t.trim().to_string()),
     };
-    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
-    let mut c = EnterpriseIdentityServiceClient::new(client::with_token(ch, token.as_deref())?);
+    let ch = client::channel(&m.endpoint, Some(&tls)).await?;
+    client::with_token(ch, token.as_deref())
+}
+
+async fn identity(a: IdentityArgs) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+    let mut c = EnterpriseIdentityServiceClient::new(management_channel(&a.conn).await?);
     let out = match a.op {
         IdentityOp::CreateSa {
             tenant,
@@ -609,8 +705,86 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Call(args) => call(args).await,
         Cmd::Identity(args) => identity(args).await,
+        Cmd::Audit(AuditOp::Query { conn, filter }) => {
+            audit_query(&conn, filter.request(false)).await
+        }
+        Cmd::Audit(AuditOp::Tail { conn, filter }) => {
+            audit_query(&conn, filter.request(true)).await
+        }
+        Cmd::Audit(AuditOp::Report {
+            conn,
+            tenant,
+            since,
+            until,
+            compliance_tag,
+            pubkey,
+            format,
+        }) => {
+            let req = aesp_sidecar::proto::aesp::ComplianceReportRequest {
+                tenant_id: tenant,
+                since_unix_nanos: since.saturating_mul(1_000_000_000),
+                until_unix_nanos: until.saturating_mul(1_000_000_000),
+                compliance_tag,
+            };
+            audit_report(&conn, req, pubkey.as_deref(), &format).await
+        }
         Cmd::Audit(op) => audit(op),
     }
+}
+
+async fn audit_query(
+    conn: &Management,
+    req: aesp_sidecar::proto::aesp::QueryEventsRequest,
+) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient;
+    let mut c = EnterpriseAuditServiceClient::new(management_channel(conn).await?);
+    let mut stream = match c.query_events(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(e)) => println!("{}", aesp_sidecar::audit::export::record_line(&e)),
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            Err(s) => {
+                println!("{}", client::describe_status(&s));
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+}
+
+async fn audit_report(
+    conn: &Management,
+    req: aesp_sidecar::proto::aesp::ComplianceReportRequest,
+    pubkey: Option<&std::path::Path>,
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient;
+    let mut c = EnterpriseAuditServiceClient::new(management_channel(conn).await?);
+    let r = match c.get_compliance_report(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let signature = match pubkey {
+        None => None,
+        Some(p) => Some(aesp_sidecar::audit::offline::check_report(&r, p)?),
+    };
+    print!(
+        "{}",
+        aesp_sidecar::audit::offline::render_report(&r, signature, format)
+    );
+    Ok(match signature {
+        Some(false) => ExitCode::from(1),
+        _ if !r.chain_verified => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
@@ -653,6 +827,9 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
             };
             eprintln!("exported {n} records");
             Ok(ExitCode::SUCCESS)
+        }
+        AuditOp::Query { .. } | AuditOp::Tail { .. } | AuditOp::Report { .. } => {
+            anyhow::bail!("query, tail and report run against a sidecar (handled above)")
         }
         AuditOp::Pubkey { config, key } => {
             let key = match (key, config) {

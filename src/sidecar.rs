@@ -231,11 +231,18 @@ impl Sidecar {
                     own: own.clone(),
                     verifier: verifier.clone(),
                 };
-                let routes = tonic::service::Routes::new(
+                let mut routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
-                        crate::admin::identity::IdentityService { shared },
+                        crate::admin::identity::IdentityService { shared: shared.clone() },
                     ),
                 );
+                if let Some(a) = &audit {
+                    routes = routes.add_service(
+                        crate::proto::aesp::enterprise_audit_service_server::EnterpriseAuditServiceServer::new(
+                            crate::admin::audit::AuditService { shared, audit: a.clone() },
+                        ),
+                    );
+                }
                 let proxy = Arc::new(Proxy {
                     management: Some(routes),
                     role: Role::Management,

@@ -482,3 +482,254 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
     assert_eq!(refused.reason_code, "AUDIT_UNAVAILABLE");
     assert!(recs.iter().any(|r| r.event_type == "AUDIT_RECOVERED"));
 }
+
+type AuditClient =
+    aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient<
+        aesp_sidecar::client::GridChannel,
+    >;
+
+async fn audit_client(stack: &Stack, stem: &str, token: Option<String>) -> AuditClient {
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = aesp_sidecar::client::channel(&ep, Some(&stack.tls(stem)))
+        .await
+        .unwrap();
+    AuditClient::new(aesp_sidecar::client::with_token(ch, token.as_deref()).unwrap())
+}
+
+async fn collect(
+    c: &mut AuditClient,
+    q: aesp_sidecar::proto::aesp::QueryEventsRequest,
+) -> Result<Vec<AuditEvent>, tonic::Status> {
+    let mut s = c.query_events(q).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await? {
+        out.push(e);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_filters_follow_tenant_scoping_and_a_signed_report() {
+    use aesp_sidecar::proto::aesp::{ComplianceReportRequest, QueryEventsRequest};
+    let stack = Stack::start().await;
+    let acme = aesp_sidecar::client::AespGridClient::with_token(stack.channel("acme").await);
+    let globex = aesp_sidecar::client::AespGridClient::with_token(stack.channel("globex").await);
+    create(&acme, "s-acme").await.unwrap();
+    create(&globex, "s-globex").await.unwrap();
+    let refund =
+        aesp_sidecar::client::tool_call("s-acme", "billing_refund", &serde_json::json!({}))
+            .unwrap();
+    acme.execute_tool(refund).await.unwrap_err();
+
+    // The platform administrator sees every tenant's records, and the sidecar's own.
+    let mut admin = audit_client(&stack, "admin", stack.token("admin")).await;
+    let all = collect(&mut admin, QueryEventsRequest::default())
+        .await
+        .unwrap();
+    assert!(all.iter().any(|e| e.tenant_id == "acme"));
+    assert!(all.iter().any(|e| e.tenant_id == "globex"));
+    assert!(all.iter().any(|e| e.event_type == "SIDECAR_STARTED"));
+    for w in all.windows(2) {
+        assert_eq!(
+            w[1].sequence,
+            w[0].sequence + 1,
+            "unfiltered: every record, in order"
+        );
+    }
+    // Filters.
+    let denies = collect(
+        &mut admin,
+        QueryEventsRequest {
+            tenant_id: "acme".into(),
+            decision: "DENY".into(),
+            event_type: "TOOL_INVOCATION".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(denies.len(), 1, "{denies:?}");
+    assert_eq!(denies[0].tool_name, "billing_refund");
+    let limited = collect(
+        &mut admin,
+        QueryEventsRequest {
+            limit: 2,
+            from_sequence: 3,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        limited.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+
+    // A client without aesp.audit.read: refused.
+    let mut alice = audit_client(&stack, "acme", stack.token("acme")).await;
+    let s = collect(&mut alice, QueryEventsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        aesp_sidecar::client::enterprise_error(&s).unwrap().code,
+        "AUTHORIZATION_DENIED"
+    );
+
+    // A tenant administrator sees its own tenant only, and cannot ask for another.
+    let issuer = aesp_sidecar::demo::tokens::DemoIssuer::ensure(&stack.files.dir).unwrap();
+    let t = issuer
+        .mint("acme-admin", "acme", &[], 600, serde_json::json!({}))
+        .unwrap();
+    let mut acme_admin = audit_client(&stack, "acme", Some(t)).await;
+    let own = collect(&mut acme_admin, QueryEventsRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        !own.is_empty() && own.iter().all(|e| e.tenant_id == "acme"),
+        "{own:?}"
+    );
+    let s = collect(
+        &mut acme_admin,
+        QueryEventsRequest {
+            tenant_id: "globex".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        aesp_sidecar::client::enterprise_error(&s).unwrap().code,
+        "AUTHORIZATION_DENIED"
+    );
+
+    // follow: the stream stays open and brings a record committed later.
+    let head = all.last().unwrap().sequence;
+    let mut follow = admin
+        .query_events(QueryEventsRequest {
+            from_sequence: head + 1,
+            tenant_id: "globex".into(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    create(&globex, "s-later").await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), follow.message())
+        .await
+        .expect("a new record within 5 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.tenant_id, "globex");
+    assert!(next.sequence > head);
+
+    // A change through the management API is recorded with before and after.
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = aesp_sidecar::client::channel(&ep, Some(&stack.tls("admin")))
+        .await
+        .unwrap();
+    let mut ids = aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient::new(
+        aesp_sidecar::client::with_token(ch, stack.token("admin").as_deref()).unwrap(),
+    );
+    ids.assign_role(aesp_sidecar::proto::aesp::AssignRoleRequest {
+        principal_id: "bob".into(),
+        tenant_id: "globex".into(),
+        role: "auditor".into(),
+    })
+    .await
+    .unwrap();
+    let changes = collect(
+        &mut admin,
+        QueryEventsRequest {
+            event_type: "MANAGEMENT_CHANGE".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = changes.last().expect("the role assignment's record");
+    assert_eq!(
+        c.attributes.get("change").map(String::as_str),
+        Some("role_assigned")
+    );
+    assert_eq!(
+        c.attributes.get("target_tenant").map(String::as_str),
+        Some("globex")
+    );
+    assert!(
+        c.attributes["before"].contains("client-user")
+            && !c.attributes["before"].contains("auditor")
+    );
+    assert!(c.attributes["after"].contains("auditor"), "{c:?}");
+
+    // A signed report.
+    let report = admin
+        .get_compliance_report(ComplianceReportRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.chain_verified, "{report:?}");
+    assert!(report.events_by_decision.get("DENY").copied().unwrap_or(0) >= 1);
+    // The refund, alice's query and the tenant admin's query of globex.
+    assert_eq!(
+        report.denials_by_reason.get("AUTHORIZATION_DENIED"),
+        Some(&3)
+    );
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| f.contains("permission tool:billing_refund:execute")),
+        "{:?}",
+        report.findings
+    );
+    let pem = stack.dir.path().join("audit.pub");
+    let key = stack.sidecar.audit.as_ref().unwrap().public_key;
+    std::fs::write(&pem, aesp_sidecar::audit::key::public_pem(&key).unwrap()).unwrap();
+    assert!(offline::check_report(&report, &pem).unwrap());
+    let mut forged = report.clone();
+    forged.total_events += 1;
+    assert!(
+        !offline::check_report(&forged, &pem).unwrap(),
+        "a changed report fails its signature"
+    );
+    // Through the CLI, rendered for people, the signature checked.
+    let out = aesp()
+        .args(["audit", "report", "--tenant", "acme", "--endpoint"])
+        .arg(format!(
+            "https://127.0.0.1:{}",
+            stack.sidecar.management_addr.unwrap().port()
+        ))
+        .arg("--ca")
+        .arg(stack.files.path("ca.crt"))
+        .arg("--cert")
+        .arg(stack.files.path("admin.crt"))
+        .arg("--key")
+        .arg(stack.files.path("admin.key"))
+        .arg("--pubkey")
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("signature valid") && text.contains("chain verified: yes"),
+        "{text}"
+    );
+    drop(follow);
+    stack.stop().await;
+}

@@ -106,6 +106,7 @@ pub struct Audit {
     store: Arc<arc_swap::ArcSwapOption<AuditStore>>,
     pub key_id: Arc<str>,
     pub public_key: ed25519_dalek::VerifyingKey,
+    signer: Arc<ed25519_dalek::SigningKey>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -143,6 +144,7 @@ impl Audit {
             ),
         };
         let public_key = key.public();
+        let signer = Arc::new(key.signing.clone());
         let key_id: Arc<str> = Arc::from(key.id.as_str());
         let store = Arc::new(store);
         let shared = Arc::new(arc_swap::ArcSwapOption::from(Some(store.clone())));
@@ -177,6 +179,7 @@ impl Audit {
             store: shared,
             key_id,
             public_key,
+            signer,
         };
         if last_key.as_deref() != Some(&*audit.key_id) {
             let kind = if last_key.is_some() {
@@ -195,6 +198,17 @@ impl Audit {
             audit.log(e);
         }
         Ok(audit)
+    }
+
+    /// Signs a compliance report with the audit key (fills `key_id` and the signature).
+    pub fn sign_report(&self, r: &mut crate::proto::aesp::ComplianceReport) {
+        use ed25519_dalek::Signer;
+        r.key_id = self.key_id.to_string();
+        r.report_signature = self
+            .signer
+            .sign(&record::report_bytes(r))
+            .to_bytes()
+            .to_vec();
     }
 
     pub fn mode(&self) -> Mode {

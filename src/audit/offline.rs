@@ -120,3 +120,94 @@ pub fn pubkey(key_file: &Path) -> anyhow::Result<(String, String)> {
     let k = super::key::AuditKey::load(key_file)?;
     Ok((super::key::public_pem(&k.public())?, k.id))
 }
+
+/// Whether the report's signature verifies with a key of the PEM file `pubkey` (the one its
+/// `key_id` names).
+pub fn check_report(
+    r: &crate::proto::aesp::ComplianceReport,
+    pubkey: &Path,
+) -> anyhow::Result<bool> {
+    let keys = pinned(Some(pubkey))?;
+    Ok(keys.iter().any(|k| {
+        super::key::key_id(k) == r.key_id
+            && super::record::signature_ok(k, &super::record::report_bytes(r), &r.report_signature)
+    }))
+}
+
+/// A compliance report for people (`text`) or as JSON (`json`); `signature`: whether it was
+/// checked and verified.
+pub fn render_report(
+    r: &crate::proto::aesp::ComplianceReport,
+    signature: Option<bool>,
+    format: &str,
+) -> String {
+    use super::record::hex;
+    let sig = match signature {
+        None => "not checked (give --pubkey, the output of `aesp audit pubkey`)",
+        Some(true) => "valid",
+        Some(false) => "INVALID",
+    };
+    let sorted = |m: &std::collections::HashMap<String, u64>| {
+        let mut v: Vec<_> = m.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        v.sort();
+        v
+    };
+    if format == "json" {
+        return format!(
+            "{}\n",
+            serde_json::json!({
+                "tenant_id": r.tenant_id,
+                "since_unix_nanos": r.since_unix_nanos,
+                "until_unix_nanos": r.until_unix_nanos,
+                "total_events": r.total_events,
+                "events_by_type": r.events_by_type,
+                "events_by_decision": r.events_by_decision,
+                "denials_by_reason": r.denials_by_reason,
+                "chain_verified": r.chain_verified,
+                "first_sequence": r.first_sequence,
+                "last_sequence": r.last_sequence,
+                "head_hash": hex(&r.head_hash),
+                "findings": r.findings,
+                "key_id": r.key_id,
+                "report_signature": hex(&r.report_signature),
+                "generated_at_unix_nanos": r.generated_at_unix_nanos,
+                "signature_check": sig,
+            })
+        );
+    }
+    let mut out = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "Compliance report for tenant {}", r.tenant_id);
+    let _ = writeln!(
+        out,
+        "  period: {} .. {} (Unix ns; 0 = open)",
+        r.since_unix_nanos, r.until_unix_nanos
+    );
+    let _ = writeln!(
+        out,
+        "  events: {} (sequence {}..{})",
+        r.total_events, r.first_sequence, r.last_sequence
+    );
+    for (title, m) in [
+        ("by type", &r.events_by_type),
+        ("by decision", &r.events_by_decision),
+        ("denials by reason", &r.denials_by_reason),
+    ] {
+        let _ = writeln!(out, "  {title}:");
+        for (k, n) in sorted(m) {
+            let _ = writeln!(out, "    {k:<28} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  chain verified: {}  head hash: {}",
+        if r.chain_verified { "yes" } else { "NO" },
+        hex(&r.head_hash)
+    );
+    let _ = writeln!(out, "  findings:");
+    for f in &r.findings {
+        let _ = writeln!(out, "    - {f}");
+    }
+    let _ = writeln!(out, "  signed by {} : signature {sig}", r.key_id);
+    out
+}

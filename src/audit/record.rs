@@ -110,6 +110,40 @@ pub fn checkpoint(
     c
 }
 
+fn put_counts(out: &mut Vec<u8>, m: &std::collections::HashMap<String, u64>) {
+    let mut pairs: Vec<_> = m.iter().collect();
+    pairs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.extend_from_slice(&(pairs.len() as u32).to_be_bytes());
+    for (k, v) in pairs {
+        put_str(out, k);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// The signed bytes of a compliance report: every field but `report_signature`.
+pub fn report_bytes(r: &crate::proto::aesp::ComplianceReport) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(REPORT_TAG);
+    put_str(&mut out, &r.tenant_id);
+    out.extend_from_slice(&r.since_unix_nanos.to_be_bytes());
+    out.extend_from_slice(&r.until_unix_nanos.to_be_bytes());
+    out.extend_from_slice(&r.total_events.to_be_bytes());
+    put_counts(&mut out, &r.events_by_type);
+    put_counts(&mut out, &r.events_by_decision);
+    put_counts(&mut out, &r.denials_by_reason);
+    out.push(u8::from(r.chain_verified));
+    out.extend_from_slice(&r.first_sequence.to_be_bytes());
+    out.extend_from_slice(&r.last_sequence.to_be_bytes());
+    put_bytes(&mut out, &r.head_hash);
+    out.extend_from_slice(&(r.findings.len() as u32).to_be_bytes());
+    for f in &r.findings {
+        put_str(&mut out, f);
+    }
+    put_str(&mut out, &r.key_id);
+    out.extend_from_slice(&r.generated_at_unix_nanos.to_be_bytes());
+    out
+}
+
 /// Whether `sig` is `key`'s Ed25519 signature of `msg`.
 pub fn signature_ok(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> bool {
     let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else {
