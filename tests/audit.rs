@@ -733,3 +733,181 @@ async fn query_filters_follow_tenant_scoping_and_a_signed_report() {
     drop(follow);
     stack.stop().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `aesp serve` as a process of its own, on `port`, until it answers.
+async fn serve(cfg: &Path, port: u16) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_aesp"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("aesp serve did not start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_under_load_every_answered_call_has_its_record_and_the_chain_resumes() {
+    use aesp_sidecar::demo::{certs, host};
+    let dir = tempfile::tempdir().unwrap();
+    let (files, _) = certs::ensure(dir.path()).unwrap();
+    let h = host::spawn(host::HostOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("sidecar.yaml");
+    let text = aesp_sidecar::demo::DEMO_CONFIG
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9443", &format!("127.0.0.1:{}", free_port()))
+        .replace(
+            "http://127.0.0.1:50051",
+            &format!("http://{}", h.local_addr),
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let mut child = serve(&cfg, port).await;
+
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let tls = ClientTlsFiles::of(&files);
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (endpoint, tls, answered, stop) = (
+            endpoint.clone(),
+            tls.clone(),
+            answered.clone(),
+            stop.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let ch = aesp_sidecar::client::channel(&endpoint, Some(&tls.tls))
+                .await
+                .unwrap();
+            let c = aesp_sidecar::client::AespGridClient::with_token(
+                aesp_sidecar::client::with_token(ch, Some(&tls.token)).unwrap(),
+            );
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                i += 1;
+                let cid = format!("w{w}-{i}");
+                let mut req =
+                    tonic::Request::new(aesp_sidecar::proto::grid::CreateSession::default());
+                req.metadata_mut()
+                    .insert("x-aesp-correlation-id", cid.parse().unwrap());
+                // Every third call is refused by RBAC: denials must be durable too.
+                let r = if i % 3 == 0 {
+                    let call = aesp_sidecar::client::tool_call(
+                        "x",
+                        "billing_refund",
+                        &serde_json::json!({}),
+                    )
+                    .unwrap();
+                    let mut d = tonic::Request::new(call);
+                    d.metadata_mut()
+                        .insert("x-aesp-correlation-id", cid.parse().unwrap());
+                    c.execute_tool(d).await.map(|_| ())
+                } else {
+                    c.create_session(req).await.map(|_| ())
+                };
+                match r {
+                    Ok(()) => answered.lock().unwrap().push((cid, true)),
+                    Err(s) if aesp_sidecar::client::enterprise_error(&s).is_some() => {
+                        answered.lock().unwrap().push((cid, false))
+                    }
+                    Err(_) => break, // the sidecar is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 50,
+        "load: {} answered calls",
+        answered.len()
+    );
+
+    // Restart on the same state: the chain resumes after its last record.
+    let mut child = serve(&cfg, port).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    h.shutdown().await;
+
+    let db = dir.path().join("state/audit.redb");
+    let summary = offline::verify_db(&db, None).unwrap().unwrap();
+    let recs = records(&db);
+    assert_eq!(summary.count as usize, recs.len());
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r.event_type == "SIDECAR_STARTED")
+            .count(),
+        2
+    );
+    let recorded: std::collections::HashMap<&str, &AuditEvent> = recs
+        .iter()
+        .filter(|r| r.event_type == "SESSION_CREATE" || r.event_type == "TOOL_INVOCATION")
+        .map(|r| (r.correlation_id.as_str(), r))
+        .collect();
+    let mut denied = 0;
+    for (cid, allowed) in &answered {
+        let r = recorded
+            .get(cid.as_str())
+            .unwrap_or_else(|| panic!("answered call {cid} has no decision record"));
+        assert_eq!(r.decision == "ALLOW", *allowed, "{r:?}");
+        denied += usize::from(!allowed);
+    }
+    assert!(denied > 10, "denials under load: {denied}");
+}
+
+#[derive(Clone)]
+struct ClientTlsFiles {
+    tls: aesp_sidecar::client::ClientTls,
+    token: String,
+}
+
+impl ClientTlsFiles {
+    fn of(files: &aesp_sidecar::demo::certs::DevFiles) -> ClientTlsFiles {
+        ClientTlsFiles {
+            tls: aesp_sidecar::client::ClientTls::from_files(
+                &files.path("ca.crt"),
+                &files.path("acme.crt"),
+                &files.path("acme.key"),
+                "localhost",
+            )
+            .unwrap(),
+            token: std::fs::read_to_string(files.path("acme.jwt"))
+                .unwrap()
+                .trim()
+                .to_string(),
+        }
+    }
+}
