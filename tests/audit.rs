@@ -742,7 +742,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `aesp serve` as a process of its own, on `port`, until it answers.
+/// `aesp serve` as a process of its own, on `port`, until it answers. The caller waits for
+/// the child it gets.
+#[allow(clippy::zombie_processes)]
 async fn serve(cfg: &Path, port: u16) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_aesp"))
         .args(["serve", "--config"])
@@ -815,7 +817,7 @@ async fn after_kill_9_under_load_every_answered_call_has_its_record_and_the_chai
                 req.metadata_mut()
                     .insert("x-aesp-correlation-id", cid.parse().unwrap());
                 // Every third call is refused by RBAC: denials must be durable too.
-                let r = if i % 3 == 0 {
+                let r = if i.is_multiple_of(3) {
                     let call = aesp_sidecar::client::tool_call(
                         "x",
                         "billing_refund",
