@@ -337,47 +337,10 @@ impl Embedded {
         )
         .await?;
 
-        // sidecar: mTLS to the sidecar, h2c from the sidecar to its host.
-        let host_s = host::spawn(loopback_host()).await?;
-        let cfg_path = dir.path().join("sidecar.yaml");
-        std::fs::write(
-            &cfg_path,
-            config_text(&format!("http://{}", host_s.local_addr)),
-        )?;
-        let sidecar = Sidecar::start(Config::load(&cfg_path)?).await?;
-        let sidecar_ep = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
-        let rt_s = start_runtime(
-            sidecar_ep.clone(),
-            Some(runtime_tls(&files)?),
-            "acme-runtime-1",
-        )
-        .await?;
-
-        // sidecar-certonly: the same, clients authenticated by certificate alone (no token).
-        let host_c = host::spawn(loopback_host()).await?;
-        let cfg_c = dir.path().join("sidecar-certonly.yaml");
-        std::fs::write(
-            &cfg_c,
-            // A state of its own: two sidecars never share a state_dir.
-            certificates_only(&config_text(&format!("http://{}", host_c.local_addr))).replacen(
-                "state_dir: state ",
-                "state_dir: state-certonly ",
-                1,
-            ),
-        )?;
-        let sidecar_c = Sidecar::start(Config::load(&cfg_c)?).await?;
-        let certonly_ep = format!("https://127.0.0.1:{}", sidecar_c.data_addr.port());
-        let rt_c = start_runtime(
-            certonly_ep.clone(),
-            Some(runtime_tls(&files)?),
-            "acme-runtime-1",
-        )
-        .await?;
         let acme_token = String::from_utf8(read(&files, "acme.jwt")?)?
             .trim()
             .to_string();
-
-        let specs = vec![
+        let mut specs = vec![
             PathSpec {
                 name: "direct".into(),
                 endpoint: format!("http://{}", host_d.local_addr),
@@ -392,26 +355,52 @@ impl Embedded {
                 token: None,
                 pids: Vec::new(),
             },
-            PathSpec {
-                name: "sidecar-certonly".into(),
-                endpoint: certonly_ep,
-                tls: Some(acme.clone()),
-                token: None,
-                pids: Vec::new(),
-            },
-            PathSpec {
-                name: "sidecar".into(),
-                endpoint: sidecar_ep,
-                tls: Some(acme),
-                token: Some(acme_token),
-                pids: Vec::new(),
-            },
         ];
+        let mut runtimes = vec![rt_d, rt_t];
+        let mut hosts = vec![host_d, host_t];
+        let mut sidecars = Vec::new();
+        // The sidecar paths: mTLS to the sidecar, h2c from it to a host of its own, its
+        // runtime connected through it; each with a state_dir of its own. `sidecar` is the
+        // demo's configuration (tokens, audit sync).
+        let variants: [(&str, bool, &str); 4] = [
+            // (name, token, audit section)
+            ("sidecar-certonly", false, "audit:\n  mode: sync\n"),
+            ("sidecar-audit-off", true, "audit:\n  enabled: false\n"),
+            ("sidecar-audit-async", true, "audit:\n  mode: async\n"),
+            ("sidecar", true, "audit:\n  mode: sync\n"),
+        ];
+        let wanted = env_list("AESP_BENCH_SIDECARS", "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar");
+        for (name, token, audit) in variants {
+            if !wanted.iter().any(|w| w == name) {
+                continue;
+            }
+            let host = host::spawn(loopback_host()).await?;
+            let mut text = config_text(&format!("http://{}", host.local_addr))
+                .replacen("state_dir: state ", &format!("state_dir: state-{name} "), 1)
+                .replacen("audit:\n  mode: sync\n", audit, 1);
+            if !token {
+                text = certificates_only(&text);
+            }
+            let cfg = dir.path().join(format!("{name}.yaml"));
+            std::fs::write(&cfg, text)?;
+            let sidecar = Sidecar::start(Config::load(&cfg)?).await?;
+            let ep = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
+            runtimes.push(start_runtime(ep.clone(), Some(runtime_tls(&files)?), "acme-runtime-1").await?);
+            specs.push(PathSpec {
+                name: name.into(),
+                endpoint: ep,
+                tls: Some(acme.clone()),
+                token: token.then(|| acme_token.clone()),
+                pids: Vec::new(),
+            });
+            sidecars.push(sidecar);
+            hosts.push(host);
+        }
         Ok(Embedded {
             _dir: dir,
-            runtimes: vec![rt_d, rt_t, rt_c, rt_s],
-            sidecars: vec![sidecar_c, sidecar],
-            hosts: vec![host_d, host_t, host_c, host_s],
+            runtimes,
+            sidecars,
+            hosts,
             specs,
         })
     }

@@ -74,10 +74,21 @@ pub fn chain_hash(prev: &[u8], canonical: &[u8]) -> [u8; 32] {
 
 /// Fills `prev_hash`, `hash` and `signature` of `e` (whose `key_id` is already `key`'s).
 pub fn seal(e: &mut AuditEvent, prev: [u8; 32], key: &SigningKey) {
+    link(e, prev);
+    sign(e, key);
+}
+
+/// Fills `prev_hash` and `hash` of `e`; returns the hash (the next record's `prev_hash`).
+pub fn link(e: &mut AuditEvent, prev: [u8; 32]) -> [u8; 32] {
     let hash = chain_hash(&prev, &canonical(e));
     e.prev_hash = prev.to_vec();
-    e.signature = key.sign(&hash).to_bytes().to_vec();
     e.hash = hash.to_vec();
+    hash
+}
+
+/// Fills `signature` of a linked `e`.
+pub fn sign(e: &mut AuditEvent, key: &SigningKey) {
+    e.signature = key.sign(&e.hash).to_bytes().to_vec();
 }
 
 /// The signed bytes of a checkpoint.

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 /// Records kept in memory while the file cannot be written.
 const MAX_RETAINED: usize = 100_000;
 const RETRY: Duration = Duration::from_secs(1);
+/// Groups at least this large are signed on two threads.
+const PARALLEL_SIGNING: usize = 32;
 
 pub(super) struct Writer {
     pub cfg: AuditConfig,
@@ -262,9 +264,21 @@ impl Writer {
             seq += 1;
             e.sequence = seq;
             e.key_id.clone_from(&self.key.id);
-            record::seal(&mut e, prev, &self.key.signing);
-            prev.copy_from_slice(&e.hash);
+            prev = record::link(&mut e, prev);
             events.push(e);
+        }
+        // The chain is sequential (and cheap); the signatures are not: a large group is
+        // signed on two threads.
+        let key = &self.key.signing;
+        if events.len() >= PARALLEL_SIGNING {
+            let half = events.len() / 2;
+            let (a, b) = events.split_at_mut(half);
+            std::thread::scope(|s| {
+                s.spawn(|| a.iter_mut().for_each(|e| record::sign(e, key)));
+                b.iter_mut().for_each(|e| record::sign(e, key));
+            });
+        } else {
+            events.iter_mut().for_each(|e| record::sign(e, key));
         }
         let cp: Option<AuditCheckpoint> = (checkpoint && seq > 0)
             .then(|| record::checkpoint(seq, &prev, now_nanos(), &self.key.id, &self.key.signing));
