@@ -21,7 +21,9 @@
 
 use super::input::{self, FieldType, RecordSchema, VarType};
 use cel::common::ast::{CallExpr, Expr, IdedExpr, LiteralValue, SourceInfo, operators};
-use cel::common::types::{CelBool, CelString, STRING_TYPE, Type};
+use cel::common::types::{
+    CelBool, CelList, CelMap, CelString, LIST_TYPE, MAP_TYPE, STRING_TYPE, Type,
+};
 use cel::common::value::{CowVal, StaticVal, Val};
 use cel::{Context, Env, ExecutionError};
 use std::any::Any;
@@ -138,6 +140,67 @@ fn matches_pattern<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, 
     )))
 }
 
+/// Deepest nesting `anyStringMatches` looks into; deeper is an error (fail closed), never a
+/// silent skip.
+const MAX_SCAN_DEPTH: usize = 128;
+
+/// Whether any string inside `v` (itself, a list's elements, a map's values, at any depth)
+/// satisfies `is_match`.
+fn any_string(
+    v: &dyn Val,
+    is_match: &dyn Fn(&str) -> bool,
+    depth: usize,
+) -> Result<bool, ExecutionError> {
+    if depth > MAX_SCAN_DEPTH {
+        return Err(ExecutionError::function_error(
+            "anyStringMatches",
+            format!("nested deeper than {MAX_SCAN_DEPTH} levels"),
+        ));
+    }
+    if let Some(s) = v.downcast_ref::<CelString>() {
+        return Ok(is_match(s.inner()));
+    }
+    if let Some(m) = v.downcast_ref::<CelMap>() {
+        for x in m.inner().values() {
+            if any_string(x.as_ref(), is_match, depth + 1)? {
+                return Ok(true);
+            }
+        }
+    } else if let Some(l) = v.downcast_ref::<CelList>() {
+        for x in l.inner() {
+            if any_string(x.as_ref(), is_match, depth + 1)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// `map.anyStringMatches(pattern)`, `list.anyStringMatches(pattern)`: whether any string
+/// value inside (map values, list elements, at any depth; not map keys) matches. The pattern
+/// is an `aesp.Pattern` (a literal, compiled at load) or a string (compiled on every call).
+fn any_string_matches<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let (Some(target), Some(pattern)) = (args.first(), args.get(1)) else {
+        return Err(ExecutionError::function_error(
+            "anyStringMatches",
+            "expected a target and a pattern",
+        ));
+    };
+    let found = if let Some(p) = pattern.downcast_ref::<Pattern>() {
+        any_string(target.as_ref(), &|s| p.0.is_match(s), 0)?
+    } else if let Some(p) = pattern.downcast_ref::<CelString>() {
+        let re = regex::Regex::new(p.inner())
+            .map_err(|e| ExecutionError::function_error("anyStringMatches", regex_reason(&e)))?;
+        any_string(target.as_ref(), &|s| re.is_match(s), 0)?
+    } else {
+        return Err(ExecutionError::function_error(
+            "anyStringMatches",
+            "expected a pattern",
+        ));
+    };
+    Ok(CowVal::owned(CelBool::from(found)))
+}
+
 fn build_env() -> Result<Env, cel::DeclarationError> {
     let mut env = Env::stdlib();
     env.add_extension(cel::extensions::strings)?;
@@ -155,8 +218,25 @@ fn build_env() -> Result<Env, cel::DeclarationError> {
         vec![PATTERN_TYPE.to_owned()],
         matches_pattern,
     )?;
+    for (i, target) in [MAP_TYPE, LIST_TYPE].into_iter().enumerate() {
+        for (j, pattern) in [PATTERN_TYPE.to_owned(), STRING_TYPE]
+            .into_iter()
+            .enumerate()
+        {
+            env.add_member_overload(
+                ANY_STRING_MATCHES,
+                &format!("aesp_any_string_matches_{i}_{j}"),
+                target.to_owned(),
+                vec![pattern],
+                any_string_matches,
+            )?;
+        }
+    }
     Ok(env)
 }
+
+/// The member function that scans a map or a list for a matching string.
+pub(crate) const ANY_STRING_MATCHES: &str = "anyStringMatches";
 
 /// The one CEL environment of the process: the standard library, the `strings` and `lists`
 /// extensions, and `matches` on a precompiled pattern. Built once (about 25 µs).
@@ -228,6 +308,7 @@ impl Condition {
         }
         let mut patterns = Vec::new();
         rewrite_patterns(&mut expr, source, &info, &mut patterns)?;
+        flatten_record_fields(&mut expr, &mut Vec::new());
         Ok(Condition { expr, patterns })
     }
 }
@@ -253,7 +334,7 @@ fn rewrite_patterns(
 ) -> Result<(), ConditionError> {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     if let Expr::Call(call) = &mut e.expr
-        && call.func_name == "matches"
+        && (call.func_name == "matches" || call.func_name == ANY_STRING_MATCHES)
     {
         let pattern_arg = match (&call.target, call.args.len()) {
             (Some(_), 1) => call.args.get_mut(0),
@@ -280,6 +361,43 @@ fn rewrite_patterns(
         rewrite_patterns(child, source, info, out)?;
     }
     Ok(())
+}
+
+/// Replaces each `record.field` (`principal.tenant_id`) by one identifier of that name,
+/// which the per-call resolver answers directly: the interpreter's path for a selection
+/// allocates twice per evaluation, an identifier's none. `shadowed` holds the comprehension
+/// variables in scope (a variable named like a record hides it).
+fn flatten_record_fields(e: &mut IdedExpr, shadowed: &mut Vec<String>) {
+    if let Expr::Select(s) = &e.expr
+        && !s.test
+        && let Expr::Ident(var) = &s.operand.expr
+        && !shadowed.contains(var)
+        && let Some(VarType::Record(r)) = input::variable(var)
+        && r.field(&s.field).is_some()
+    {
+        e.expr = Expr::Ident(format!("{var}.{}", s.field));
+        return;
+    }
+    if let Expr::Comprehension(c) = &mut e.expr {
+        flatten_record_fields(&mut c.iter_range, shadowed);
+        flatten_record_fields(&mut c.accu_init, shadowed);
+        let depth = shadowed.len();
+        shadowed.push(c.iter_var.clone());
+        if let Some(v2) = &c.iter_var2 {
+            shadowed.push(v2.clone());
+        }
+        shadowed.push(c.accu_var.clone());
+        flatten_record_fields(&mut c.loop_cond, shadowed);
+        flatten_record_fields(&mut c.loop_step, shadowed);
+        shadowed.truncate(depth);
+        shadowed.push(c.accu_var.clone());
+        flatten_record_fields(&mut c.result, shadowed);
+        shadowed.truncate(depth);
+        return;
+    }
+    for child in children_mut(e) {
+        flatten_record_fields(child, shadowed);
+    }
 }
 
 /// The reason of a regex error on one line (its `Display` repeats the pattern with a caret).
@@ -409,7 +527,8 @@ const TYPE_NAMES: &[&str] = &[
 /// Return types of the functions whose result is known.
 fn function_type(name: &str) -> Ty {
     match name {
-        "matches" | "startsWith" | "endsWith" | "contains" | "hasValue" | "bool" => Ty::Bool,
+        "matches" | "startsWith" | "endsWith" | "contains" | "hasValue" | "bool"
+        | ANY_STRING_MATCHES => Ty::Bool,
         "size" | "int" | "getHours" | "getMinutes" | "getSeconds" | "getMilliseconds"
         | "getDayOfWeek" | "getDayOfMonth" | "getDate" | "getDayOfYear" | "getMonth"
         | "getFullYear" | "indexOf" | "lastIndexOf" => Ty::Int,
@@ -882,6 +1001,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.patterns.len(), 2);
         assert_eq!(c.patterns[0].1.0.as_str(), "x+");
+        let c = Condition::compile("args.anyStringMatches('z')").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.patterns.len(), 1);
+        let e = err("args.anyStringMatches('[')");
+        assert!(e.reason.contains("not a valid regular expression"), "{e}");
         // A pattern that is not a literal is left to the standard `matches`.
         let c = Condition::compile("args.a.matches(args.p)").unwrap_or_else(|e| panic!("{e}"));
         assert!(c.patterns.is_empty());

@@ -322,6 +322,18 @@ impl<'a> Record<'a> {
     }
 }
 
+impl<'a> Record<'a> {
+    /// Field `name`, converted on first read and kept for the rest of the call.
+    fn field_ref(&self, name: &str) -> Option<&(dyn Val + 'a)> {
+        let (i, _) = self.schema.field(name).filter(|(i, _)| *i < MAX_FIELDS)?;
+        Some(
+            self.cells[i]
+                .get_or_init(|| self.source.field(name))
+                .as_ref(),
+        )
+    }
+}
+
 impl Val for Record<'_> {
     fn get_type(&self) -> &Type {
         &self.schema.ty
@@ -362,13 +374,9 @@ impl Indexer for Record<'_> {
                 want: "string".to_owned(),
             })?
             .inner();
-        let (i, _) = self
-            .schema
-            .field(name)
-            .filter(|(i, _)| *i < MAX_FIELDS)
-            .ok_or_else(|| ExecutionError::no_such_key(name))?;
-        let v = self.cells[i].get_or_init(|| self.source.field(name));
-        Ok(CowVal::Borrowed(v.as_ref()))
+        self.field_ref(name)
+            .map(CowVal::Borrowed)
+            .ok_or_else(|| ExecutionError::no_such_key(name))
     }
 
     fn steal<'v>(self: Box<Self>, idx: &dyn Val) -> Result<Box<dyn Val + 'v>, ExecutionError>
@@ -441,7 +449,19 @@ impl VariableResolver for Vars<'_> {
                     )
                 })
                 .as_ref(),
-            _ => return None,
+            // `record.field`, as the condition compiler flattens it.
+            dotted => {
+                let (var, field) = dotted.split_once('.')?;
+                let record = match var {
+                    "principal" => &self.principal,
+                    "tool" => &self.tool,
+                    "runtime" => &self.runtime,
+                    "session" => &self.session,
+                    "request" => &self.request,
+                    _ => return None,
+                };
+                record.field_ref(field)?
+            }
         };
         Some(CowVal::Borrowed(v))
     }
@@ -543,6 +563,12 @@ mod tests {
             "usage.calls == 7.0 && usage['calls'] > 6",
             "principal.roles.exists(r, r == 'auditor') && args.exists(k, k == 'n')",
             "principal.tenant_id.lowerAscii() == 'acme'",
+            // Any string at any depth, map keys excluded; a pattern computed at run time too.
+            "args.anyStringMatches('^t[w]o$') && !args.anyStringMatches('^nested$')",
+            "args.anyStringMatches(args.text) && ['a', ['b']].anyStringMatches('b')",
+            // A comprehension variable named like a record hides the record.
+            "[{'tenant_id': 'zzz'}].exists(principal, principal.tenant_id == 'zzz')",
+            "principal['tenant_id'] == 'acme' && principal.roles[0] == 'client-user'",
         ] {
             assert_eq!(holds(c), Ok(true), "{c}");
         }
@@ -550,6 +576,7 @@ mod tests {
             "principal.tenant_id == 'globex'",
             "'admin' in principal.roles",
             "args.text.matches('(?i)password')",
+            "args.anyStringMatches('AKIA')",
         ] {
             assert_eq!(holds(c), Ok(false), "{c}");
         }

@@ -50,9 +50,13 @@
 //!
 //! # Cost
 //!
-//! One CEL environment for the process ([`condition`]'s, built once); one root scope per set
-//! (holding its compiled patterns); per call, one child scope whose variables borrow the
-//! [`Input`] and are converted to CEL values on first read only (`benches/policy.rs`).
+//! One CEL environment for the process (the standard library, the `strings` and `lists`
+//! extensions, `matches` on a precompiled pattern and `anyStringMatches`, built once); one
+//! root scope per set (holding its compiled patterns); per call, one child scope whose
+//! variables borrow the [`Input`] and are converted to CEL values on first read only.
+//! `record.field` is rewritten at compile time to one identifier that the per-call resolver
+//! answers directly. Ten policies that all apply cost about 5 µs per call
+//! (`benches/policy.rs`, figures in `docs/policies.md`).
 
 mod cases;
 mod condition;
