@@ -147,3 +147,73 @@ impl PolicySource {
         Ok(Some(Arc::new(set)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "policies:\n  - {id: a, effect: DENY, condition: 'true'}\n";
+    const OTHER: &str = "policies:\n  - {id: b, effect: DENY, condition: 'false'}\n";
+    const BROKEN: &str = "policies:\n  - {id: c, effect: DENY, condition: 'nope == 1'}\n";
+
+    #[test]
+    fn reload_hands_back_a_set_only_when_the_files_changed_and_load() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let file = dir.path().join("p.yaml");
+        std::fs::write(&file, GOOD).unwrap_or_else(|e| panic!("{e}"));
+        let (mut source, set) = PolicySource::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.policies()[0].id(), "a");
+        // Unchanged: nothing new.
+        assert!(matches!(source.reload(), Ok(None)));
+        // Broken: an error naming the file, the policy and the position; nothing replaced.
+        std::fs::write(&file, BROKEN).unwrap_or_else(|e| panic!("{e}"));
+        let e = source.reload().map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.contains("p.yaml: policies[0]: policy \"c\": condition 1:1"),
+            "{e}"
+        );
+        // Still broken: still an error (the caller keeps its set and reports again).
+        assert!(source.reload().is_err());
+        // Fixed and changed: the new set.
+        std::fs::write(&file, OTHER).unwrap_or_else(|e| panic!("{e}"));
+        let new = source.reload().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            new.map(|s| s.policies()[0].id().to_string()),
+            Some("b".into())
+        );
+        // A new file in the directory is a change too.
+        std::fs::write(dir.path().join("q.yml"), GOOD).unwrap_or_else(|e| panic!("{e}"));
+        let new = source.reload().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(new.map(|s| s.len()), Some(2));
+    }
+
+    #[test]
+    fn a_missing_path_and_an_unreadable_file_are_errors() {
+        let e = load(Path::new("/nonexistent/policies"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/policies: cannot read"), "{e}");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("bad.yaml"), "policies: [")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("bad.yaml: "), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_example_set_loads() {
+        let set = load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/policies/cel"
+        )))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.len(), 10);
+    }
+
+    #[test]
+    fn a_set_is_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<PolicySet>();
+        shareable::<arc_swap::ArcSwap<PolicySet>>();
+    }
+}
