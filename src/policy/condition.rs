@@ -317,8 +317,7 @@ fn parse_error(source: &str, e: &cel::ParseErrors) -> ConditionError {
     match e.errors.first() {
         Some(first) => {
             let line = usize::try_from(first.pos.0).unwrap_or(1).max(1);
-            // The parser's columns start at 0.
-            let column = usize::try_from(first.pos.1).unwrap_or(0) + 1;
+            let column = usize::try_from(first.pos.1).unwrap_or(1).max(1);
             ConditionError::at(source, line, column, format!("syntax: {}", first.msg))
         }
         None => ConditionError::at(source, 1, 1, "syntax error"),
@@ -935,9 +934,12 @@ mod tests {
     #[test]
     fn a_syntax_error_has_its_position() {
         let e = err("principal.tenant_id == ");
-        assert_eq!(e.line, 1);
-        assert!(e.column >= 20, "{e}");
+        assert_eq!((e.line, e.column), (1, 24), "{e}");
         assert!(e.reason.starts_with("syntax"), "{e}");
+        let e = err("tool.name == 'x' && @y");
+        assert_eq!((e.line, e.column), (1, 21), "{e}");
+        let e = err("(true");
+        assert_eq!((e.line, e.column), (1, 6), "{e}");
         let e = err("true &&\n  (principal.roles");
         assert_eq!(e.line, 2, "{e}");
     }
