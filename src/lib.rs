@@ -17,6 +17,7 @@
 
 pub mod adm;
 pub(crate) mod admin;
+pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;

@@ -112,6 +112,9 @@ enum Cmd {
     /// CEL policies, offline: check files, run test cases against them (docs/policies.md).
     #[command(subcommand)]
     Policy(PolicyOp),
+    /// The signed audit trail: verify a log or an export, export it, print the public key.
+    #[command(subcommand)]
+    Audit(AuditOp),
 }
 
 #[derive(Subcommand)]
@@ -217,6 +220,140 @@ fn policy(op: PolicyOp) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The filters of `aesp audit query | tail` (QueryEventsRequest).
+#[derive(clap::Args)]
+struct AuditFilter {
+    /// First sequence (default 1).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    from: u64,
+    /// Last sequence (default: no bound).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    to: u64,
+    /// The tenant (default: the caller's own; a platform auditor sees every record).
+    #[arg(long, value_name = "ID", default_value = "")]
+    tenant: String,
+    #[arg(long, value_name = "ID", default_value = "")]
+    principal: String,
+    /// TOOL_INVOCATION, SESSION_CREATE, TOOL_RESULT, ... (docs/audit-format.md).
+    #[arg(long, value_name = "TYPE", default_value = "")]
+    event_type: String,
+    /// ALLOW, DENY, ERROR or INFO.
+    #[arg(long, value_name = "DECISION", default_value = "")]
+    decision: String,
+    #[arg(long, value_name = "NAME", default_value = "")]
+    tool: String,
+    /// At most this many records (0: 1000 for query, no limit for tail).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    limit: u32,
+}
+
+impl AuditFilter {
+    fn request(&self, follow: bool) -> aesp_sidecar::proto::aesp::QueryEventsRequest {
+        aesp_sidecar::proto::aesp::QueryEventsRequest {
+            from_sequence: self.from,
+            to_sequence: self.to,
+            tenant_id: self.tenant.clone(),
+            principal_id: self.principal.clone(),
+            event_type: self.event_type.clone(),
+            decision: self.decision.clone(),
+            tool_name: self.tool.clone(),
+            limit: self.limit,
+            follow,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum AuditOp {
+    /// Verifies every record (hash chain, signatures, sequence, checkpoints) of an
+    /// `audit.redb` (the live file of a running sidecar, or a copy) or of an export.
+    /// Prints OK with the count and head hash, or the first bad sequence and what is wrong;
+    /// exits 1 on any fault.
+    Verify {
+        /// An audit.redb (`<state_dir>/audit.redb`).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "export",
+            required_unless_present = "export"
+        )]
+        db: Option<PathBuf>,
+        /// An export written by `aesp audit export` (JSON lines).
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// The public key(s) to accept (PEM, as `aesp audit pubkey` prints; several blocks
+        /// for a rotated key). Without it, keys are trusted as the chain introduces them.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
+    },
+    /// Writes every record and checkpoint as JSON lines, each verifiable on its own
+    /// (docs/audit-format.md).
+    Export {
+        #[arg(long, value_name = "FILE")]
+        db: PathBuf,
+        /// The only format: one JSON object a line.
+        #[arg(long, value_name = "FORMAT", default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+        /// Where to write (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// QueryEvents against a running sidecar: the matching records as JSON lines (the
+    /// export format, so they verify on their own).
+    Query {
+        #[command(flatten)]
+        conn: Management,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+    /// Like `query`, then keeps the stream open and prints new records as they are written.
+    Tail {
+        #[command(flatten)]
+        conn: Management,
+        #[command(flatten)]
+        filter: AuditFilter,
+    },
+    /// GetComplianceReport for a tenant and period, rendered for people (or JSON), its
+    /// signature checked against --pubkey.
+    Report {
+        #[command(flatten)]
+        conn: Management,
+        /// The tenant (default: the caller's own).
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// Start of the period: Unix seconds, or 0 for the beginning.
+        #[arg(long, value_name = "UNIX_SECONDS", default_value_t = 0)]
+        since: u64,
+        /// End of the period: Unix seconds, or 0 for now.
+        #[arg(long, value_name = "UNIX_SECONDS", default_value_t = 0)]
+        until: u64,
+        /// Only tools carrying this compliance tag (SOC2, HIPAA, ...).
+        #[arg(long, value_name = "TAG", default_value = "")]
+        compliance_tag: String,
+        /// The audit public key (PEM, from `aesp audit pubkey`) the signature must verify with.
+        #[arg(long, value_name = "FILE")]
+        pubkey: Option<PathBuf>,
+        /// `text` (for people) or `json`.
+        #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Prints the audit public key (PEM) and its key id.
+    Pubkey {
+        /// The sidecar's config: its audit.key_file, or `<state_dir>/audit.key`.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "key",
+            required_unless_present = "key"
+        )]
+        config: Option<PathBuf>,
+        /// A PKCS#8 PEM Ed25519 private key file.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+}
+
 /// The connection flags of `aesp call`; they go before or after the operation.
 #[derive(clap::Args)]
 struct CallArgs {
@@ -294,8 +431,9 @@ fn call_token(a: &CallArgs) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// How to reach a running sidecar's management listener (mTLS, plus a token).
 #[derive(clap::Args)]
-struct IdentityArgs {
+struct Management {
     /// The sidecar's management listener.
     #[arg(
         long,
@@ -343,6 +481,12 @@ struct IdentityArgs {
     /// A file holding the bearer token to present; by default the `.jwt` beside --cert.
     #[arg(long, global = true, help_heading = "Connection", value_name = "FILE")]
     token: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct IdentityArgs {
+    #[command(flatten)]
+    conn: Management,
     #[command(subcommand)]
     op: IdentityOp,
 }
@@ -389,23 +533,29 @@ enum IdentityOp {
     },
 }
 
-async fn identity(a: IdentityArgs) -> anyhow::Result<ExitCode> {
-    use aesp_sidecar::proto::aesp;
-    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
-    let tls = ClientTls::from_files(&a.ca, &a.cert, &a.key, &a.domain)?;
-    let token = match &a.token {
+/// A channel to the management listener, carrying the token (--token, else the `.jwt`
+/// beside --cert).
+async fn management_channel(m: &Management) -> anyhow::Result<client::GridChannel> {
+    let tls = ClientTls::from_files(&m.ca, &m.cert, &m.key, &m.domain)?;
+    let token = match &m.token {
         Some(p) => Some(
             std::fs::read_to_string(p)
                 .with_context(|| format!("--token {}", p.display()))?
                 .trim()
                 .to_string(),
         ),
-        None => std::fs::read_to_string(a.cert.with_extension("jwt"))
+        None => std::fs::read_to_string(m.cert.with_extension("jwt"))
             .ok()
             .map(|t| t.trim().to_string()),
     };
-    let ch = client::channel(&a.endpoint, Some(&tls)).await?;
-    let mut c = EnterpriseIdentityServiceClient::new(client::with_token(ch, token.as_deref())?);
+    let ch = client::channel(&m.endpoint, Some(&tls)).await?;
+    client::with_token(ch, token.as_deref())
+}
+
+async fn identity(a: IdentityArgs) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+    let mut c = EnterpriseIdentityServiceClient::new(management_channel(&a.conn).await?);
     let out = match a.op {
         IdentityOp::CreateSa {
             tenant,
@@ -662,6 +812,149 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         Cmd::Call(args) => call(args).await,
         Cmd::Identity(args) => identity(args).await,
         Cmd::Policy(op) => policy(op),
+        Cmd::Audit(AuditOp::Query { conn, filter }) => {
+            audit_query(&conn, filter.request(false)).await
+        }
+        Cmd::Audit(AuditOp::Tail { conn, filter }) => {
+            audit_query(&conn, filter.request(true)).await
+        }
+        Cmd::Audit(AuditOp::Report {
+            conn,
+            tenant,
+            since,
+            until,
+            compliance_tag,
+            pubkey,
+            format,
+        }) => {
+            let req = aesp_sidecar::proto::aesp::ComplianceReportRequest {
+                tenant_id: tenant,
+                since_unix_nanos: since.saturating_mul(1_000_000_000),
+                until_unix_nanos: until.saturating_mul(1_000_000_000),
+                compliance_tag,
+            };
+            audit_report(&conn, req, pubkey.as_deref(), &format).await
+        }
+        Cmd::Audit(op) => audit(op),
+    }
+}
+
+async fn audit_query(
+    conn: &Management,
+    req: aesp_sidecar::proto::aesp::QueryEventsRequest,
+) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient;
+    let mut c = EnterpriseAuditServiceClient::new(management_channel(conn).await?);
+    let mut stream = match c.query_events(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(e)) => println!("{}", aesp_sidecar::audit::export::record_line(&e)),
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            Err(s) => {
+                println!("{}", client::describe_status(&s));
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+}
+
+async fn audit_report(
+    conn: &Management,
+    req: aesp_sidecar::proto::aesp::ComplianceReportRequest,
+    pubkey: Option<&std::path::Path>,
+    format: &str,
+) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient;
+    let mut c = EnterpriseAuditServiceClient::new(management_channel(conn).await?);
+    let r = match c.get_compliance_report(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let signature = match pubkey {
+        None => None,
+        Some(p) => Some(aesp_sidecar::audit::offline::check_report(&r, p)?),
+    };
+    print!(
+        "{}",
+        aesp_sidecar::audit::offline::render_report(&r, signature, format)
+    );
+    Ok(match signature {
+        Some(false) => ExitCode::from(1),
+        _ if !r.chain_verified => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::audit::offline;
+    match op {
+        AuditOp::Verify { db, export, pubkey } => {
+            let outcome = match (db, export) {
+                (Some(db), _) => offline::verify_db(&db, pubkey.as_deref())?,
+                (None, Some(e)) => offline::verify_export(&e, pubkey.as_deref())?,
+                (None, None) => anyhow::bail!("give --db FILE or --export FILE"),
+            };
+            Ok(match outcome {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(fault) => {
+                    println!("FAILED at {fault}");
+                    ExitCode::from(1)
+                }
+            })
+        }
+        AuditOp::Export { db, format: _, out } => {
+            let n = match out {
+                Some(path) => {
+                    let f = std::fs::File::create(&path)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(f);
+                    let n = offline::export(&db, &mut w)?;
+                    std::io::Write::flush(&mut w)
+                        .with_context(|| format!("--out {}", path.display()))?;
+                    n
+                }
+                None => {
+                    let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+                    let n = offline::export(&db, &mut w)?;
+                    std::io::Write::flush(&mut w)?;
+                    n
+                }
+            };
+            eprintln!("exported {n} records");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditOp::Query { .. } | AuditOp::Tail { .. } | AuditOp::Report { .. } => {
+            anyhow::bail!("query, tail and report run against a sidecar (handled above)")
+        }
+        AuditOp::Pubkey { config, key } => {
+            let key = match (key, config) {
+                (Some(k), _) => k,
+                (None, Some(c)) => {
+                    let cfg = Config::load(&c)?;
+                    cfg.audit
+                        .key_file
+                        .clone()
+                        .unwrap_or_else(|| cfg.state_dir.join(aesp_sidecar::audit::key::FILE_NAME))
+                }
+                (None, None) => anyhow::bail!("give --config FILE or --key FILE"),
+            };
+            let (pem, id) = offline::pubkey(&key)?;
+            print!("{pem}");
+            println!("key id: {id}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 
 use crate::grid::GridMethod;
 use crate::grpc::ErrorCode;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -16,7 +18,13 @@ pub struct Metrics {
     pub connections_refused: IntCounter,
     pub buffered_bytes: IntGauge,
     pub config_reload_failures: IntCounter,
+    pub audit_records: IntCounter,
+    pub audit_write_failures: IntCounter,
     pub upstream_errors: IntCounter,
+    /// Fetches of an issuer's keys over HTTPS, by issuer and outcome (`ok`, `error`).
+    pub jwks_fetches: IntCounterVec,
+    /// Keys in force per issuer fetched over HTTPS (0 until a first fetch succeeds).
+    pub jwks_keys: IntGaugeVec,
 }
 
 pub const PASSTHROUGH: usize = 5;
@@ -72,6 +80,32 @@ impl Metrics {
             "Reloads of a changed file (rbac.file) refused; the previous state stayed in force",
         )?;
         registry.register(Box::new(config_reload_failures.clone()))?;
+        let audit_records = IntCounter::new(
+            "aesp_audit_records_total",
+            "Audit records committed durably to audit.redb",
+        )?;
+        registry.register(Box::new(audit_records.clone()))?;
+        let audit_write_failures = IntCounter::new(
+            "aesp_audit_write_failures_total",
+            "Audit commits that failed (traffic is refused with AUDIT_UNAVAILABLE until a write succeeds)",
+        )?;
+        registry.register(Box::new(audit_write_failures.clone()))?;
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                "aesp_jwks_fetches_total",
+                "Fetches of a token issuer's keys over HTTPS (discovery document and JWK set), by outcome; after an error the keys in force stay",
+            ),
+            &["issuer", "outcome"],
+        )?;
+        registry.register(Box::new(jwks_fetches.clone()))?;
+        let jwks_keys = IntGaugeVec::new(
+            Opts::new(
+                "aesp_jwks_keys",
+                "Keys in force of a token issuer whose keys are fetched over HTTPS",
+            ),
+            &["issuer"],
+        )?;
+        registry.register(Box::new(jwks_keys.clone()))?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -100,7 +134,11 @@ impl Metrics {
             connections_refused,
             buffered_bytes,
             config_reload_failures,
+            audit_records,
+            audit_write_failures,
             upstream_errors,
+            jwks_fetches,
+            jwks_keys,
         })
     }
 

@@ -108,6 +108,11 @@ pub struct Sidecar {
     pub admin_addr: Option<SocketAddr>,
     pub management_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// The audit trail (`None` when `audit.enabled` is false).
+    pub audit: Option<crate::audit::Audit>,
+    /// Makes every write to `audit.redb` fail while on: a disk-failure drill for the
+    /// fail-closed path (tests use it; nothing in the sidecar turns it on).
+    pub audit_faults: crate::store::audit::FaultSwitch,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -135,6 +140,37 @@ impl Sidecar {
             &format!("aesp-sidecar:{}", cfg.identity.trust_domain),
         )?);
         let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
+        let audit_faults = crate::store::audit::FaultSwitch::default();
+        let audit = if cfg.audit.enabled {
+            let a = crate::audit::Audit::start(
+                &cfg.audit,
+                &cfg.state_dir,
+                audit_faults.clone(),
+                Some(metrics.clone()),
+            )
+            .with_context(|| format!("audit trail in state_dir {}", cfg.state_dir.display()))?;
+            let mut e = crate::audit::event("SIDECAR_STARTED", "INFO");
+            e.attributes
+                .insert("version".into(), env!("CARGO_PKG_VERSION").into());
+            e.attributes
+                .insert("config".into(), cfg.source.display().to_string());
+            e.attributes.insert(
+                "audit_mode".into(),
+                match cfg.audit.mode {
+                    crate::audit::Mode::Sync => "sync",
+                    crate::audit::Mode::Async => "async",
+                }
+                .into(),
+            );
+            a.log(e);
+            Some(a)
+        } else {
+            tracing::warn!(
+                "audit.enabled is false: decisions are logged and counted, not recorded in a signed trail"
+            );
+            None
+        };
+        let recorder = Recorder::new(metrics.clone(), audit.clone());
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
@@ -162,6 +198,7 @@ impl Sidecar {
                 shutdown.clone(),
             ));
         }
+        fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
 
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
@@ -170,7 +207,7 @@ impl Sidecar {
             role: Role::DataPlane,
             cfg: cfg.clone(),
             pipeline: pipeline.clone(),
-            recorder: Recorder::new(metrics.clone()),
+            recorder: recorder.clone(),
             upstream: upstream.clone(),
             metrics: metrics.clone(),
             buffered_total: buffered_total.clone(),
@@ -187,7 +224,6 @@ impl Sidecar {
             Some(a) => {
                 let l = bind(a, "management_listen").await?;
                 let addr = l.local_addr()?;
-                let recorder = Recorder::new(metrics.clone());
                 let shared = crate::admin::Shared {
                     authz: pipeline.authz.clone(),
                     recorder: recorder.clone(),
@@ -195,17 +231,24 @@ impl Sidecar {
                     own: own.clone(),
                     verifier: verifier.clone(),
                 };
-                let routes = tonic::service::Routes::new(
+                let mut routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
-                        crate::admin::identity::IdentityService { shared },
+                        crate::admin::identity::IdentityService { shared: shared.clone() },
                     ),
                 );
+                if let Some(a) = &audit {
+                    routes = routes.add_service(
+                        crate::proto::aesp::enterprise_audit_service_server::EnterpriseAuditServiceServer::new(
+                            crate::admin::audit::AuditService { shared, audit: a.clone() },
+                        ),
+                    );
+                }
                 let proxy = Arc::new(Proxy {
                     management: Some(routes),
                     role: Role::Management,
                     cfg: cfg.clone(),
                     pipeline: pipeline.clone(),
-                    recorder: Recorder::new(metrics.clone()),
+                    recorder: recorder.clone(),
                     upstream: upstream.clone(),
                     metrics: metrics.clone(),
                     buffered_total: buffered_total.clone(),
@@ -229,6 +272,7 @@ impl Sidecar {
                 tasks.spawn(admin(
                     l,
                     upstream.clone(),
+                    audit.clone(),
                     metrics.clone(),
                     Arc::new(own.jwks_json()),
                     shutdown.clone(),
@@ -250,6 +294,8 @@ impl Sidecar {
             admin_addr,
             management_addr,
             metrics,
+            audit,
+            audit_faults,
             shutdown,
             tasks,
         })
@@ -263,6 +309,9 @@ impl Sidecar {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        if let Some(a) = &self.audit {
+            a.stop(crate::audit::event("SIDECAR_STOPPED", "INFO")).await;
+        }
     }
 
     /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
@@ -316,6 +365,38 @@ async fn reload_rbac(
     }
 }
 
+/// Starts keeping the keys of every issuer whose keys are fetched over HTTPS, and waits for
+/// each one's first fetch (bounded by `auth.fetch_timeout_seconds` per request): an IdP that
+/// answers has its keys in force before the listeners open; one that does not is retried in
+/// the background while the sidecar serves (its tokens are refused until its keys arrive).
+async fn fetch_remote_keys(
+    cfg: &Config,
+    verifier: &Arc<Verifier>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    let mut first = Vec::new();
+    for (index, issuer) in verifier.issuers().iter().enumerate() {
+        if issuer.remote().is_none() {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        first.push(rx);
+        tasks.spawn(crate::identity::remote::keep_fresh(
+            verifier.clone(),
+            index,
+            Duration::from_secs(cfg.auth.jwks_refresh_seconds),
+            metrics.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+    }
+    for rx in first {
+        let _ = rx.await;
+    }
+}
+
 /// Reads the issuers' JWK set files again every `every`, keeping the keys in force when a
 /// file cannot be read (an IdP outage is not a revocation).
 async fn refresh_keys(verifier: Arc<Verifier>, every: Duration, shutdown: CancellationToken) {
@@ -361,6 +442,7 @@ pub async fn wait_for_signal() {
 async fn admin(
     listener: TcpListener,
     upstream: Arc<Upstream>,
+    audit: Option<crate::audit::Audit>,
     metrics: Arc<Metrics>,
     jwks: Arc<String>,
     shutdown: CancellationToken,
@@ -375,8 +457,10 @@ async fn admin(
         let metrics = metrics.clone();
         let draining = draining.clone();
         let jwks = jwks.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
+                let audit_ok = audit.as_ref().is_none_or(|a| a.healthy());
                 let upstream = upstream.clone();
                 let metrics = metrics.clone();
                 let draining = draining.clone();
@@ -385,20 +469,26 @@ async fn admin(
                     let (status, ctype, body) = match req.uri().path() {
                         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
                         "/readyz" => {
-                            let ready = !draining.load(Ordering::Relaxed)
+                            let host_ok = !draining.load(Ordering::Relaxed)
                                 && matches!(
                                     tokio::time::timeout(Duration::from_secs(2), upstream.probe())
                                         .await,
                                     Ok(Ok(()))
                                 );
-                            if ready {
-                                (StatusCode::OK, "text/plain", "ready\n".to_string())
-                            } else {
-                                (
+                            match (host_ok, audit_ok) {
+                                (true, true) => {
+                                    (StatusCode::OK, "text/plain", "ready\n".to_string())
+                                }
+                                (false, _) => (
                                     StatusCode::SERVICE_UNAVAILABLE,
                                     "text/plain",
                                     "upstream unavailable\n".to_string(),
-                                )
+                                ),
+                                (true, false) => (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "text/plain",
+                                    "audit trail unavailable\n".to_string(),
+                                ),
                             }
                         }
                         "/metrics" => (

@@ -144,3 +144,35 @@ pub fn client_config_from_pem(
     cc.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cc)
 }
+
+/// The client config for fetching an IdP's keys over HTTPS: the IdP's certificate must chain
+/// to `ca_file` when given, else to the system's roots (the platform's store, read once per
+/// call). TLS 1.2 or 1.3 (an IdP is a third party; rustls offers no weaker version), ALPN
+/// `http/1.1`.
+pub fn idp_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let store = match ca_file {
+        Some(p) => roots(p)?,
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut store = RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none found".to_string(), |e| e.to_string());
+                return Err(format!(
+                    "no CA certificate in the system's store ({why}); set ca_file to the IdP's CA bundle"
+                ));
+            }
+            store
+        }
+    };
+    let mut cc = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cc.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cc))
+}

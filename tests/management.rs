@@ -1,6 +1,7 @@
 //! The management listener (issue: identity, RBAC and the management plane):
 //! `EnterpriseIdentityService` served by the sidecar itself, with the same authentication as
-//! the data plane and RBAC on the tenant each RPC acts on.
+//! the data plane and RBAC on the tenant each RPC acts on. `GetPrincipalPermissions` is
+//! checked against enforcement over generated RBAC states (seeded, replayable).
 
 mod common;
 
@@ -350,4 +351,307 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let status = out[9..12].parse().unwrap();
     let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
+}
+
+// ---------------------------------------------------------------------------------------
+// GetPrincipalPermissions against enforcement, over generated RBAC states.
+
+/// splitmix64: a small seeded generator, so a failing case can be replayed by its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// Permissions roles are drawn from: the GRID operations, tools, and globs over both.
+const PERMISSION_POOL: &[&str] = &[
+    "grid.session.create",
+    "grid.session.destroy",
+    "grid.tool.execute",
+    "tool:echo:execute",
+    "tool:add:execute",
+    "tool:billing_refund:execute",
+    "tool:*:execute",
+    "tool:billing_*:execute",
+    "tool:e*:execute",
+    "grid.session.*",
+    "grid.*",
+    "*.execute",
+    "aesp.audit.read",
+];
+
+/// Tools each principal tries (their permissions are `tool:<name>:execute`).
+const TOOLS: &[&str] = &["echo", "add", "billing_refund", "billing_export", "sleep"];
+
+/// `*` in `glob` matches any run of characters (the engine's documented rule).
+fn glob_matches(glob: &str, s: &str) -> bool {
+    match glob.split_once('*') {
+        None => glob == s,
+        Some((head, rest)) => {
+            let Some(s) = s.strip_prefix(head) else {
+                return false;
+            };
+            (0..=s.len()).any(|i| s.is_char_boundary(i) && glob_matches(rest, &s[i..]))
+        }
+    }
+}
+
+/// The generated RBAC state and, independently of the engine, what it should grant.
+struct Model {
+    /// name, includes (indices of earlier roles: no cycles), permissions
+    roles: Vec<(String, Vec<usize>, Vec<String>)>,
+    /// (principal or None for `kind: client`, tenant or "*", role index)
+    bindings: Vec<(Option<String>, String, usize)>,
+}
+
+impl Model {
+    fn generate(rng: &mut Rng, principals: &[&str]) -> Model {
+        let mut roles = Vec::new();
+        for i in 0..12 {
+            let includes = (0..i).filter(|_| rng.chance(18)).collect();
+            let n = rng.below(4);
+            let mut perms: Vec<String> = (0..n)
+                .map(|_| PERMISSION_POOL[rng.below(PERMISSION_POOL.len())].to_string())
+                .collect();
+            perms.sort();
+            perms.dedup();
+            roles.push((format!("gen-role-{i:02}"), includes, perms));
+        }
+        let mut bindings: Vec<(Option<String>, String, usize)> = Vec::new();
+        for _ in 0..14 {
+            let subject = if rng.chance(10) {
+                None
+            } else {
+                Some(principals[rng.below(principals.len())].to_string())
+            };
+            let tenant = ["acme", "globex", "*"][rng.below(3)].to_string();
+            let role = rng.below(roles.len());
+            let b = (subject, tenant, role);
+            if !bindings.contains(&b) {
+                bindings.push(b);
+            }
+        }
+        Model { roles, bindings }
+    }
+
+    fn yaml(&self) -> String {
+        let mut y = String::from(
+            "roles:\n  - name: platform-admin\n    permissions: [\"aesp.*\"]\n  - name: runtime\n    permissions: [grid.runtime.connect]\n",
+        );
+        for (name, includes, perms) in &self.roles {
+            let inc: Vec<&str> = includes.iter().map(|&i| self.roles[i].0.as_str()).collect();
+            let perms: Vec<String> = perms.iter().map(|p| format!("{p:?}")).collect();
+            y += &format!(
+                "  - name: {name}\n    includes: [{}]\n    permissions: [{}]\n",
+                inc.join(", "),
+                perms.join(", ")
+            );
+        }
+        y += "bindings:\n  - {principal: root, tenant: platform, scope: platform, roles: [platform-admin]}\n  - {kind: runtime, tenant: \"*\", roles: [runtime]}\n";
+        for (subject, tenant, role) in &self.bindings {
+            let who = match subject {
+                Some(p) => format!("principal: {p}"),
+                None => "kind: client".into(),
+            };
+            y += &format!(
+                "  - {{{who}, tenant: {tenant:?}, roles: [{}]}}\n",
+                self.roles[*role].0
+            );
+        }
+        y
+    }
+
+    /// Effective roles (sorted names) and permissions (sorted, globs as written) of a
+    /// client `principal` of `tenant`.
+    fn grants(&self, principal: &str, tenant: &str) -> (Vec<String>, Vec<String>) {
+        let mut held = vec![false; self.roles.len()];
+        let mut todo: Vec<usize> = self
+            .bindings
+            .iter()
+            .filter(|(s, t, _)| {
+                (t == tenant || t == "*") && s.as_deref().is_none_or(|p| p == principal)
+            })
+            .map(|(_, _, r)| *r)
+            .collect();
+        while let Some(r) = todo.pop() {
+            if !held[r] {
+                held[r] = true;
+                todo.extend(self.roles[r].1.iter().copied());
+            }
+        }
+        let mut roles = Vec::new();
+        let mut perms = Vec::new();
+        for (i, (name, _, p)) in self.roles.iter().enumerate() {
+            if held[i] {
+                roles.push(name.clone());
+                perms.extend(p.iter().cloned());
+            }
+        }
+        roles.sort();
+        perms.sort();
+        perms.dedup();
+        (roles, perms)
+    }
+}
+
+/// A call to try: its method, its request messages, the permissions it needs.
+type Attempt = (&'static str, Vec<Vec<u8>>, Vec<String>);
+
+/// [`Stack::raw`] over a socket with Nagle off: the many small calls below do not wait for
+/// delayed ACKs.
+async fn raw_nodelay(stack: &Stack, stem: &str) -> common::RawH2 {
+    let tcp = tokio::net::TcpStream::connect(stack.sidecar.data_addr)
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(stack.client_config(Some(stem))))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+    common::RawH2::over(tls).await
+}
+
+#[tokio::test]
+async fn get_principal_permissions_matches_enforcement_over_generated_rbac_states() {
+    const PRINCIPALS: &[&str] = &["u0", "u1", "u2", "u3", "u4", "u5"];
+    let mut checked_calls = 0;
+    let (mut allowed, mut denied) = (0, 0);
+    for seed in [1u64, 7, 42, 2024, 0xfeed, 0xdead_beef, 31337, 99] {
+        let mut rng = Rng(seed);
+        let mut model = Model::generate(&mut rng, PRINCIPALS);
+        let rbac_dir = tempfile::tempdir().unwrap();
+        let rbac = rbac_dir.path().join("generated-rbac.yaml");
+        std::fs::write(&rbac, model.yaml()).unwrap();
+        let rbac_path = rbac.display().to_string();
+        let stack = Stack::start_edited(
+            move |t| t.replace("  file: rbac.yaml", &format!("  file: {rbac_path}")),
+            false,
+        )
+        .await;
+        let issuer = DemoIssuer::ensure(&stack.files.dir).unwrap();
+        let mut root = identity(&stack, "admin", None).await;
+        // Role assignments through the API on top of the file.
+        for _ in 0..8 {
+            let p = PRINCIPALS[rng.below(PRINCIPALS.len())];
+            let t = ["acme", "globex"][rng.below(2)];
+            let r = rng.below(model.roles.len());
+            let res = root
+                .assign_role(AssignRoleRequest {
+                    principal_id: p.into(),
+                    tenant_id: t.into(),
+                    role: model.roles[r].0.clone(),
+                })
+                .await;
+            let b = (Some(p.to_string()), t.to_string(), r);
+            if model.bindings.contains(&b) {
+                let e = res.unwrap_err();
+                assert!(e.message().contains("already holds"), "seed {seed}: {e:?}");
+            } else {
+                res.unwrap_or_else(|e| panic!("seed {seed}: AssignRole {b:?}: {e:?}"));
+                model.bindings.push(b);
+            }
+        }
+        for tenant in ["acme", "globex"] {
+            let mut raw = raw_nodelay(&stack, tenant).await;
+            for p in PRINCIPALS {
+                let answer = root
+                    .get_principal_permissions(perms(p, tenant))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let ctx = format!("seed {seed}, {p}@{tenant}: {answer:?}");
+                // The answer is what the generated state says, inheritance included.
+                let (roles, permissions) = model.grants(p, tenant);
+                assert_eq!(answer.roles, roles, "{ctx}");
+                assert_eq!(answer.permissions, permissions, "{ctx}");
+                let granted = |perm: &str| answer.permissions.iter().any(|g| glob_matches(g, perm));
+                // And it is what enforcement does, call by call.
+                let token = issuer
+                    .mint(p, tenant, &[], 600, serde_json::json!({}))
+                    .unwrap();
+                let auth = format!("Bearer {token}");
+                let mut attempts: Vec<Attempt> = vec![
+                    (
+                        "/altar.grid.v1.GridHost/CreateSession",
+                        vec![frame(&grid::CreateSession::default().encode_to_vec())],
+                        vec!["grid.session.create".into()],
+                    ),
+                    (
+                        "/altar.grid.v1.GridHost/DestroySession",
+                        vec![frame(
+                            &grid::DestroySession {
+                                session_id: "no-such-session".into(),
+                            }
+                            .encode_to_vec(),
+                        )],
+                        vec!["grid.session.destroy".into()],
+                    ),
+                ];
+                for tool in TOOLS {
+                    let tc =
+                        client::tool_call("no-such-session", tool, &serde_json::json!({})).unwrap();
+                    attempts.push((
+                        "/altar.grid.v1.GridHost/ExecuteTool",
+                        vec![frame(&tc.encode_to_vec())],
+                        vec!["grid.tool.execute".into(), format!("tool:{tool}:execute")],
+                    ));
+                }
+                for (method, body, needed) in attempts {
+                    let sessions = stack.host.state.security_contexts().len();
+                    let r = raw
+                        .call(method, &[("authorization", auth.as_str())], body)
+                        .await;
+                    let missing = needed.iter().find(|n| !granted(n));
+                    let e = r.enterprise_error();
+                    let what = format!("{ctx}: {method} needing {needed:?}: {r:?}");
+                    match missing {
+                        Some(m) => {
+                            let e = e.unwrap_or_else(|| panic!("denial expected, {what}"));
+                            assert_eq!(e.code, "AUTHORIZATION_DENIED", "{what}");
+                            assert_eq!(&e.details["permission"], m, "{what}");
+                            denied += 1;
+                        }
+                        None => {
+                            assert!(
+                                e.as_ref().is_none_or(|e| e.code != "AUTHORIZATION_DENIED"
+                                    && e.code != "INVALID_CREDENTIALS"
+                                    && e.code != "IDENTITY_MISMATCH"),
+                                "allowed expected, {what}"
+                            );
+                            if method.ends_with("CreateSession") {
+                                assert_eq!(r.grpc_status(), Some(0), "{what}");
+                                // The roles the host was told are the same effective roles.
+                                let sc = stack.host.state.security_contexts();
+                                assert_eq!(sc.len(), sessions + 1, "{what}");
+                                assert_eq!(sc.last().unwrap().roles, answer.roles, "{what}");
+                            }
+                            allowed += 1;
+                        }
+                    }
+                    checked_calls += 1;
+                }
+            }
+        }
+        stack.stop().await;
+    }
+    eprintln!("checked {checked_calls} calls: {allowed} allowed, {denied} denied");
+    // The generated states exercised both outcomes, many times.
+    assert!(checked_calls >= 8 * 2 * 6 * 7, "{checked_calls}");
+    assert!(
+        allowed >= 20 && denied >= 20,
+        "allowed {allowed}, denied {denied}"
+    );
 }

@@ -173,6 +173,16 @@ impl EnterpriseIdentityService for IdentityService {
             self.shared.authz.replace(next);
         }
         self.shared.verifier.set_account(&principal, false);
+        self.shared.changed(
+            &c,
+            "service_account_created",
+            &tenant,
+            serde_json::Value::Null,
+            serde_json::json!({
+                "principal_id": principal.as_str(), "tenant_id": tenant.as_str(),
+                "display_name": r.display_name, "roles": r.roles, "credential_expires_at": exp,
+            }),
+        );
         tracing::info!(
             principal = %principal, tenant = %tenant, roles = ?r.roles,
             created_by = %c.principal, correlation_id = %c.correlation_id,
@@ -220,6 +230,13 @@ impl EnterpriseIdentityService for IdentityService {
                 .await;
         let record = store_result(&c, revoked)?;
         self.shared.verifier.set_account(&principal, true);
+        self.shared.changed(
+            &c,
+            "service_account_revoked",
+            &existing.tenant_id,
+            serde_json::json!({"principal_id": principal.as_str(), "revoked": existing.revoked}),
+            serde_json::json!({"principal_id": principal.as_str(), "revoked": true, "reason": r.reason}),
+        );
         tracing::info!(
             principal = %principal, revoked_by = %c.principal, reason = %r.reason,
             correlation_id = %c.correlation_id, "service account revoked"
@@ -266,7 +283,29 @@ impl EnterpriseIdentityService for IdentityService {
         })
         .await;
         store_result(&c, stored)?;
+        let before = self
+            .shared
+            .authz
+            .current()
+            .grants(&Subject {
+                tenant: &tenant,
+                principal: &principal,
+                kind: &PeerKind::Client,
+                groups: &[],
+                roles: &[],
+            })
+            .roles()
+            .to_vec();
         self.shared.authz.replace(next);
+        let mut after = before.clone();
+        after.push(r.role.clone());
+        self.shared.changed(
+            &c,
+            "role_assigned",
+            &tenant,
+            serde_json::json!({"principal_id": principal.as_str(), "roles": before}),
+            serde_json::json!({"principal_id": principal.as_str(), "roles": after}),
+        );
         tracing::info!(
             principal = %principal, tenant = %tenant, role = %r.role,
             granted_by = %c.principal, correlation_id = %c.correlation_id,

@@ -4,9 +4,11 @@
 //! verified caller in the request's extensions; each RPC authorizes itself (RBAC, with the
 //! tenant it acts on) and records its refusals through the same recorder.
 //!
-//! Served today: `EnterpriseIdentityService` ([`identity`]). The other services answer
-//! `METHOD_NOT_ALLOWED` until they land.
+//! Served today: `EnterpriseIdentityService` ([`identity`]) and `EnterpriseAuditService`
+//! ([`audit`], when the audit trail is on). The other services answer `METHOD_NOT_ALLOWED`
+//! until they land.
 
+pub mod audit;
 pub mod identity;
 
 use crate::authz::{Authz, Resolved};
@@ -19,7 +21,9 @@ use prost::Message;
 use std::sync::Arc;
 
 /// The RPCs served here; any other path is `METHOD_NOT_ALLOWED`.
-pub const SERVED: [&str; 4] = [
+pub const SERVED: [&str; 6] = [
+    "/altar.aesp.v1.EnterpriseAuditService/QueryEvents",
+    "/altar.aesp.v1.EnterpriseAuditService/GetComplianceReport",
     "/altar.aesp.v1.EnterpriseIdentityService/CreateServiceAccount",
     "/altar.aesp.v1.EnterpriseIdentityService/RevokeServiceAccount",
     "/altar.aesp.v1.EnterpriseIdentityService/AssignRole",
@@ -84,6 +88,29 @@ impl Shared {
             );
         }
         Err(self.refuse(caller, d))
+    }
+
+    /// Records a change made through the management API: `MANAGEMENT_CHANGE`, what changed
+    /// (`change`), on which tenant, and the state before and after (JSON).
+    pub fn changed(
+        &self,
+        caller: &ManagementCaller,
+        change: &str,
+        tenant: &TenantId,
+        before: serde_json::Value,
+        after: serde_json::Value,
+    ) {
+        let mut e = crate::audit::event("MANAGEMENT_CHANGE", "INFO");
+        e.principal_id = caller.principal.to_string();
+        e.tenant_id = caller.tenant.to_string();
+        e.method.clone_from(&caller.method);
+        e.correlation_id.clone_from(&caller.correlation_id);
+        let a = &mut e.attributes;
+        a.insert("change".into(), change.into());
+        a.insert("target_tenant".into(), tenant.to_string());
+        a.insert("before".into(), before.to_string());
+        a.insert("after".into(), after.to_string());
+        self.recorder.event(e);
     }
 
     /// Records `denial` as a refusal of `caller`'s call and turns it into a status.

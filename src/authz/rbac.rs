@@ -662,6 +662,11 @@ impl Grants {
         self.own.sorted()
     }
 
+    /// Whether `permission` holds on every tenant (a platform binding grants it).
+    pub fn platform_allows(&self, permission: &str) -> bool {
+        self.platform.allows(permission)
+    }
+
     /// Permissions that hold on every tenant (from platform bindings), sorted.
     pub fn platform_permissions(&self) -> Vec<String> {
         self.platform.sorted()

@@ -46,6 +46,8 @@ pub struct Config {
     pub rbac_reload: Duration,
     /// Where the sidecar keeps its state (`control.redb`, its issuer key); created 0700.
     pub state_dir: PathBuf,
+    /// The audit trail (`state_dir/audit.redb`; docs/audit-format.md).
+    pub audit: crate::audit::AuditConfig,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -207,12 +209,27 @@ struct RawConfig {
     rbac: Option<RawRbac>,
     state_dir: Option<String>,
     #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     passthrough: Vec<String>,
     shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    enabled: Option<bool>,
+    mode: Option<String>,
+    key_file: Option<String>,
+    batch_max_records: Option<u64>,
+    batch_max_delay_ms: Option<u64>,
+    checkpoint_every_records: Option<u64>,
+    checkpoint_every_seconds: Option<u64>,
+    queue: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -440,6 +457,7 @@ impl Validator<'_> {
         };
 
         let limits = self.limits(raw.limits)?;
+        let audit = self.audit(raw.audit)?;
 
         let mut passthrough = HashSet::new();
         for (i, m) in raw.passthrough.iter().enumerate() {
@@ -485,10 +503,55 @@ impl Validator<'_> {
                 }
                 Some(s) => self.resolve(s),
             },
+            audit,
             runtime,
             limits,
             passthrough,
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.unwrap_or(20)),
+        })
+    }
+
+    fn audit(&self, raw: RawAudit) -> Result<crate::audit::AuditConfig, ConfigError> {
+        use crate::audit::{AuditConfig, Mode};
+        let d = AuditConfig::default();
+        let mode = match raw.mode.as_deref() {
+            None | Some("sync") => Mode::Sync,
+            Some("async") => Mode::Async,
+            Some(other) => {
+                return Err(self.err(
+                    "audit.mode",
+                    format!("expected sync (a call goes on once its record is durable) or async (records written in the background), got {other:?}"),
+                ));
+            }
+        };
+        let batch = self.positive(
+            "audit.batch_max_records",
+            raw.batch_max_records,
+            d.batch_max_records as u64,
+        )?;
+        if batch > 10_000 {
+            return Err(self.err(
+                "audit.batch_max_records",
+                format!("expected at most 10000, got {batch}"),
+            ));
+        }
+        Ok(AuditConfig {
+            enabled: raw.enabled.unwrap_or(true),
+            mode,
+            key_file: raw.key_file.as_deref().map(|f| self.resolve(f)),
+            batch_max_records: batch as usize,
+            batch_max_delay: Duration::from_millis(raw.batch_max_delay_ms.unwrap_or(0).min(1000)),
+            checkpoint_every_records: self.positive(
+                "audit.checkpoint_every_records",
+                raw.checkpoint_every_records,
+                d.checkpoint_every_records,
+            )?,
+            checkpoint_every: Duration::from_secs(self.positive(
+                "audit.checkpoint_every_seconds",
+                raw.checkpoint_every_seconds,
+                d.checkpoint_every.as_secs(),
+            )?),
+            queue: self.positive("audit.queue", raw.queue, d.queue as u64)? as usize,
         })
     }
 
@@ -852,6 +915,79 @@ mod tests {
         }
         let e = parse(&MINIMAL.replace("[]", "[robot]")).unwrap_err();
         assert_eq!(e.field, "auth.tokens_required[0]");
+    }
+
+    #[test]
+    fn keys_over_https_need_an_https_url_and_one_source() {
+        let with = |issuer: &str| {
+            MINIMAL.replace(
+                "  tokens_required: []\n",
+                &format!(
+                    "  fetch_timeout_seconds: 2\n  issuers:\n    - issuer: https://idp\n{issuer}"
+                ),
+            )
+        };
+        let c = parse(&with(
+            "      discovery_url: https://idp/.well-known/openid-configuration\n      ca_file: idp-ca.pem\n",
+        ))
+        .unwrap();
+        assert_eq!(c.auth.fetch_timeout_seconds, 2);
+        match &c.auth.issuers[0].keys {
+            KeySource::Remote {
+                location: crate::identity::remote::Location::Discovery(u),
+                ca_file: Some(ca),
+            } => {
+                assert_eq!(u.path(), "/.well-known/openid-configuration");
+                assert_eq!(ca, Path::new("/etc/aesp/idp-ca.pem"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = parse(&with("      jwks_uri: https://idp:8443/keys\n")).unwrap();
+        assert!(matches!(
+            &c.auth.issuers[0].keys,
+            KeySource::Remote {
+                location: crate::identity::remote::Location::JwksUri(_),
+                ca_file: None
+            }
+        ));
+        for (bad, field, says) in [
+            (
+                "      jwks_uri: http://idp/keys\n",
+                "auth.issuers[0].jwks_uri",
+                "https://",
+            ),
+            (
+                "      discovery_url: http://idp/.well-known/openid-configuration\n",
+                "auth.issuers[0].discovery_url",
+                "plain HTTP",
+            ),
+            (
+                "      jwks_uri: idp/keys\n",
+                "auth.issuers[0].jwks_uri",
+                "https://",
+            ),
+            (
+                "      jwks_uri: https://idp/keys\n      jwks_file: k.json\n",
+                "auth.issuers[0]",
+                "jwks_file, jwks_uri",
+            ),
+            (
+                "      jwks_file: k.json\n      ca_file: ca.pem\n",
+                "auth.issuers[0].ca_file",
+                "only with",
+            ),
+        ] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert_eq!(e.file, "/etc/aesp/sidecar.yaml", "{e}");
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.problem.contains(says), "{e}");
+        }
+        let e = parse(&MINIMAL.replace(
+            "  tokens_required: []\n",
+            "  tokens_required: []\n  fetch_timeout_seconds: 0\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "auth.fetch_timeout_seconds");
     }
 
     #[test]

@@ -1,24 +1,57 @@
-//! The one place a decision is recorded: logged, counted, and (with the audit release)
-//! written to the audit trail. Every allow and every refusal of the data plane comes here,
-//! whichever part of the proxy made it.
+//! The one place a decision is recorded: logged, counted, and written to the audit trail.
+//! Every allow and every refusal of the data plane comes here, whichever part of the proxy
+//! made it.
+//!
+//! [`Recorder::record`] queues the audit record without waiting (refusals mid-stream, the
+//! management API's own refusals); [`Recorder::durable`] waits, in audit mode `sync`, until
+//! the record is durable: the proxy calls it before a call is forwarded or answered, and an
+//! `Err` refuses the call with `AUDIT_UNAVAILABLE` (fail closed).
 
 use super::{Decision, Stage};
-use crate::grid::Route;
+use crate::audit::{Audit, AuditError};
+use crate::grid::{GridMethod, Route};
+use crate::grpc::Denial;
 use crate::metrics::{self, Metrics};
+use crate::proto::aesp::AuditEvent;
 use std::sync::Arc;
 
 #[derive(Clone)]
 pub(crate) struct Recorder {
     metrics: Arc<Metrics>,
+    audit: Option<Audit>,
 }
 
 impl Recorder {
-    pub fn new(metrics: Arc<Metrics>) -> Recorder {
-        Recorder { metrics }
+    pub fn new(metrics: Arc<Metrics>, audit: Option<Audit>) -> Recorder {
+        Recorder { metrics, audit }
     }
 
+    pub fn audit(&self) -> Option<&Audit> {
+        self.audit.as_ref()
+    }
+
+    /// Logs and counts `d`, and queues its audit record.
     pub fn record<'d>(&self, d: impl Into<Decision<'d>>) {
         let d = d.into();
+        self.local(d);
+        if let Some(a) = &self.audit {
+            a.log(audit_event(d));
+        }
+    }
+
+    /// Logs and counts `d`, and writes its audit record: in mode `sync` it returns once the
+    /// record is durable. `Err`: it could not be written; the call must be refused.
+    pub async fn durable<'d>(&self, d: impl Into<Decision<'d>>) -> Result<(), AuditError> {
+        let d = d.into();
+        self.local(d);
+        match &self.audit {
+            Some(a) => a.commit(audit_event(d)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Logs and counts `d` only (its audit record is kept by the writer already).
+    pub fn local(&self, d: Decision<'_>) {
         let (facts, denial) = match d {
             Decision::Allow(f) => (f, None),
             Decision::Deny(f, den) => (f, Some(den)),
@@ -47,6 +80,76 @@ impl Recorder {
         };
         self.metrics.record(slot, denial.map(|d| d.code));
     }
+
+    /// Queues a record that is not a decision (a session created, a runtime gone, a change
+    /// made through the management API, ...).
+    pub fn event(&self, e: AuditEvent) {
+        if let Some(a) = &self.audit {
+            a.log(e);
+        }
+    }
+}
+
+/// The audit event type of a decision.
+fn event_type(stage: Stage, route: Route, allowed: bool) -> &'static str {
+    match (stage, route) {
+        (Stage::Response, _) => "RESPONSE_REFUSED",
+        (Stage::Message, _) if allowed => "RUNTIME_ANNOUNCE",
+        (Stage::Message, _) => "RUNTIME_MESSAGE",
+        (Stage::Call, Route::Grid(m)) => match m {
+            GridMethod::CreateSession => "SESSION_CREATE",
+            GridMethod::DestroySession => "SESSION_DESTROY",
+            GridMethod::ExecuteTool | GridMethod::ExecuteToolStream => "TOOL_INVOCATION",
+            GridMethod::Connect => "RUNTIME_CONNECT",
+        },
+        (Stage::Call, Route::Passthrough) => "PASSTHROUGH_CALL",
+        (Stage::Call, Route::Management) => "MANAGEMENT_CALL",
+        (Stage::Call, Route::Unknown) => "CALL",
+    }
+}
+
+/// The audit record of a decision: what the pipeline saw, and the refusal's code, message
+/// and details. Never a credential: facts hold identities, not tokens.
+fn audit_event(d: Decision<'_>) -> AuditEvent {
+    let (facts, denial): (_, Option<&Denial>) = match d {
+        Decision::Allow(f) => (f, None),
+        Decision::Deny(f, den) => (f, Some(den)),
+    };
+    let mut e = crate::audit::event(
+        event_type(facts.stage, facts.route, denial.is_none()),
+        if denial.is_some() { "DENY" } else { "ALLOW" },
+    );
+    e.principal_id = facts
+        .principal_id
+        .as_ref()
+        .map_or_else(String::new, |p| p.to_string());
+    e.tenant_id = facts
+        .tenant_id
+        .as_ref()
+        .map_or_else(String::new, |t| t.to_string());
+    e.method.clone_from(&facts.method);
+    e.tool_name = facts.tool_name.clone().unwrap_or_default();
+    e.session_id = facts.session_id.clone().unwrap_or_default();
+    e.correlation_id.clone_from(&facts.correlation_id);
+    e.matched_policies.clone_from(&facts.matched_policies);
+    let a = &mut e.attributes;
+    if let Some(k) = &facts.peer_kind {
+        a.insert("peer_kind".into(), k.as_str().to_string());
+    }
+    if let Some(w) = &facts.workload {
+        a.insert("workload".into(), w.to_string());
+    }
+    if facts.overwrote_identity {
+        a.insert("overwrote_identity".into(), "true".into());
+    }
+    if let Some(den) = denial {
+        e.reason_code = den.code.as_str().to_string();
+        a.insert("reason".into(), den.message.clone());
+        for (k, v) in &den.details {
+            a.insert(format!("detail.{k}"), v.clone());
+        }
+    }
+    e
 }
 
 fn slot(route: Route) -> usize {

@@ -40,9 +40,11 @@ auth:
     - issuer: https://aesp-demo.local  # the demo's own issuer (issuer.key); tokens: acme.jwt, globex.jwt, admin.jwt
       audiences: [aesp]
       jwks_file: issuer.jwks.json
-state_dir: state                  # control.redb (assigned roles, service accounts), created 0700
+state_dir: state                  # control.redb (roles, service accounts), audit.redb and audit.key; created 0700
 rbac:
   file: rbac.yaml                 # roles, permissions and who holds them (docs/rbac.md); deny unless a binding allows
+audit:
+  mode: sync                      # a call goes on once its signed decision record is durable (docs/audit-format.md)
 runtime:
   security_zone: demo-zone
   deployment_environment: DEV
@@ -304,6 +306,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Vec<scenario::Step>> {
         println!(
             "\n  The host received CreateSession with EnterpriseSecurityContext{{principal_id: {:?}, tenant_id: {:?}, organization_id: {:?}}}",
             sc.principal_id, sc.tenant_id, sc.organization_id
+        );
+    }
+
+    if let Some(head) = sidecar
+        .audit
+        .as_ref()
+        .and_then(|a| a.store())
+        .and_then(|s| s.head().ok().flatten())
+    {
+        let db = dir.join("state").join(crate::store::audit::FILE_NAME);
+        println!(
+            "\n  Audit trail: every decision above is a signed, hash-chained record in {}\n    head: sequence {}, hash {}, key {}\n    verify it: {} audit verify --db {}",
+            db.display(),
+            head.sequence,
+            crate::audit::record::hex(&head.hash),
+            head.key_id,
+            program(),
+            shell_word(&db.display().to_string()),
         );
     }
 

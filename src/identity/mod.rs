@@ -4,6 +4,7 @@
 //! [`crate::listener::identity`]; how the two combine is the pipeline's `authn` check.
 
 pub mod own;
+pub mod remote;
 pub mod token;
 
 pub use token::{Caller, TokenError, Verifier};

@@ -15,6 +15,11 @@
 //! - the claim mapping must find a principal (and, where configured, a tenant) that is a
 //!   valid id.
 //!
+//! An issuer's keys come from a JWK set file (read again on rotation), a PEM file, or an
+//! IdP over HTTPS (a `jwks_uri` or a discovery document, fetched off the request path by
+//! [`crate::identity::remote`]). Whatever their origin, a refresh that fails keeps the keys
+//! in force, and the cached path never looks at keys at all.
+//!
 //! Token values are never logged nor kept: the cache is keyed by their hash.
 
 use crate::ids::{PrincipalId, TenantId};
@@ -64,6 +69,8 @@ pub enum TokenError {
     UnknownIssuer(String),
     #[error("issuer {issuer:?} has no key {kid:?}")]
     UnknownKey { issuer: String, kid: String },
+    #[error("issuer {0:?} has no keys yet: its JWK set could not be fetched")]
+    NoKeys(String),
     #[error("algorithm {alg} is not allowed for the key that verifies this token")]
     AlgorithmNotAllowed { alg: String },
     #[error("the signature does not verify")]
@@ -297,6 +304,8 @@ pub struct Issuer {
     keys: arc_swap::ArcSwap<Vec<VerifyKey>>,
     /// The JWK set file the keys come from, when they can be read again (rotation).
     jwks_file: Option<std::path::PathBuf>,
+    /// Where the keys are fetched over HTTPS, when they are ([`crate::identity::remote`]).
+    remote: Option<crate::identity::remote::RemoteKeys>,
     /// When the keys were last read (Unix seconds), to rate-limit reads on unknown `kid`s.
     last_read: std::sync::atomic::AtomicU64,
 }
@@ -317,6 +326,7 @@ impl Issuer {
             mapping,
             keys: arc_swap::ArcSwap::from_pointee(keys),
             jwks_file: None,
+            remote: None,
             last_read: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -328,6 +338,20 @@ impl Issuer {
             jwks_file: Some(path),
             ..self
         }
+    }
+
+    /// Keys fetched over HTTPS by [`crate::identity::remote::keep_fresh`] (at start, on
+    /// schedule, and when a token names an unknown `kid`).
+    pub fn from_remote(self, remote: crate::identity::remote::RemoteKeys) -> Issuer {
+        Issuer {
+            remote: Some(remote),
+            ..self
+        }
+    }
+
+    /// Where the keys are fetched, when they come from an IdP over HTTPS.
+    pub fn remote(&self) -> Option<&crate::identity::remote::RemoteKeys> {
+        self.remote.as_ref()
     }
 
     /// Reads the keys again from their file. On any error the keys in force stay (an
@@ -344,7 +368,13 @@ impl Issuer {
     }
 
     /// A `kid` this issuer does not know: read the keys again, at most every few seconds.
+    /// Keys fetched over HTTPS are not fetched here (never on the request path): the fetch
+    /// task is woken, and the token is refused until the new keys are in.
     fn refetch_for_unknown_kid(&self, now: u64) -> bool {
+        if let Some(r) = &self.remote {
+            r.wake();
+            return false;
+        }
         let last = self.last_read.load(std::sync::atomic::Ordering::Relaxed);
         if self.jwks_file.is_none() || now < last.saturating_add(KID_REFETCH_INTERVAL) {
             return false;
@@ -518,6 +548,11 @@ impl Verifier {
             .find(|i| i.issuer == iss)
             .ok_or_else(|| TokenError::UnknownIssuer(iss.to_string()))?;
         let mut keys = issuer.keys();
+        if keys.is_empty() {
+            // An IdP that could not be reached yet: ask for a fetch, refuse the token.
+            issuer.refetch_for_unknown_kid(now);
+            return Err(TokenError::NoKeys(iss.to_string()));
+        }
         if let Some(kid) = &header.kid
             && !keys.iter().any(|k| k.kid.as_deref() == Some(kid))
             && issuer.refetch_for_unknown_kid(now)

@@ -35,7 +35,7 @@ impl Proxy {
             &cid,
         )) {
             Ok(a) => a,
-            Err(denied) => return self.refuse(denied),
+            Err(denied) => return self.refuse(denied).await,
         };
         let esc = conn.security_context(method.path(), &allowed);
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
@@ -46,6 +46,7 @@ impl Proxy {
             authorization: parts.headers.get(http::header::AUTHORIZATION).cloned(),
             announced: false,
             refused_announce: None,
+            runtime_id: String::new(),
         };
         let req_body = InterceptBody::new(
             body,
@@ -73,7 +74,7 @@ impl Proxy {
             Err(e) => match abort_rx.try_recv() {
                 // The runtime's side refused (and its hook recorded) before the host answered.
                 Ok(denial) => denial_response(&denial, &cid),
-                Err(_) => self.upstream_down(allowed, e),
+                Err(_) => self.failed(allowed, e).await,
             },
         }
     }

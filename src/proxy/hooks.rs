@@ -25,10 +25,140 @@ pub(super) struct ErrorHook {
     pub facts: Facts,
     pub patch: ErrorPatch,
     pub field: u32,
+    /// What the response said, recorded when it ends.
+    pub outcome: Outcome,
+}
+
+/// What the host answered to an allowed call, recorded once, when the response ends (or
+/// is abandoned): `SESSION_CREATED`, `SESSION_DESTROYED` or `TOOL_RESULT` (status, error
+/// code, duration, bytes each way), linked to the decision by its correlation id.
+pub(super) struct Outcome {
+    pub recorder: Recorder,
+    pub method: GridMethod,
+    pub facts: Facts,
+    pub started: std::time::Instant,
+    pub request_bytes: usize,
+    pub response_bytes: usize,
+    pub messages: u64,
+    pub error_code: Option<String>,
+    pub invocation_id: String,
+    pub session_id: Option<String>,
+    /// The sidecar refused the response (the code).
+    pub refused: Option<&'static str>,
+}
+
+impl Outcome {
+    pub fn new(
+        recorder: Recorder,
+        method: GridMethod,
+        facts: &Facts,
+        request_bytes: usize,
+    ) -> Outcome {
+        Outcome {
+            recorder,
+            method,
+            facts: facts.clone(),
+            started: std::time::Instant::now(),
+            request_bytes,
+            response_bytes: 0,
+            messages: 0,
+            error_code: None,
+            invocation_id: String::new(),
+            session_id: None,
+            refused: None,
+        }
+    }
+
+    /// Notes one response message (fields read at the wire level, nothing decoded whole).
+    fn observe(&mut self, payload: &[u8]) {
+        self.messages += 1;
+        self.response_bytes += payload.len();
+        let error_field = self.method.response_error_field();
+        for f in wire::fields(payload).flatten() {
+            match (self.method, f.number, f.wire_type) {
+                (_, n, 2) if n == error_field => {
+                    let code = wire::fields(f.value)
+                        .flatten()
+                        .find(|g| g.number == 1 && g.wire_type == 2)
+                        .map(|g| String::from_utf8_lossy(g.value).into_owned())
+                        .unwrap_or_default();
+                    self.error_code = Some(if code.is_empty() {
+                        "UNKNOWN".into()
+                    } else {
+                        code
+                    });
+                }
+                (GridMethod::CreateSession, 1, 2) => {
+                    self.session_id = Some(String::from_utf8_lossy(f.value).into_owned());
+                }
+                (GridMethod::ExecuteTool | GridMethod::ExecuteToolStream, 1, 2)
+                    if self.invocation_id.is_empty() =>
+                {
+                    self.invocation_id = String::from_utf8_lossy(f.value).into_owned();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        if self.recorder.audit().is_none() {
+            return;
+        }
+        let (kind, ok_decision) = match self.method {
+            GridMethod::CreateSession => ("SESSION_CREATED", "INFO"),
+            GridMethod::DestroySession => ("SESSION_DESTROYED", "INFO"),
+            GridMethod::ExecuteTool | GridMethod::ExecuteToolStream => ("TOOL_RESULT", "INFO"),
+            GridMethod::Connect => return,
+        };
+        let failed = self.error_code.is_some() || self.refused.is_some() || self.messages == 0;
+        let mut e = crate::audit::event(kind, if failed { "ERROR" } else { ok_decision });
+        let f = &self.facts;
+        e.principal_id = f
+            .principal_id
+            .as_ref()
+            .map_or_else(String::new, |p| p.to_string());
+        e.tenant_id = f
+            .tenant_id
+            .as_ref()
+            .map_or_else(String::new, |t| t.to_string());
+        e.method.clone_from(&f.method);
+        e.tool_name = f.tool_name.clone().unwrap_or_default();
+        e.session_id = self
+            .session_id
+            .clone()
+            .or_else(|| f.session_id.clone())
+            .unwrap_or_default();
+        e.correlation_id.clone_from(&f.correlation_id);
+        e.invocation_id = std::mem::take(&mut self.invocation_id);
+        if let Some(code) = self.refused {
+            e.reason_code = code.to_string();
+        } else if let Some(code) = &self.error_code {
+            e.reason_code.clone_from(code);
+        } else if self.messages == 0 {
+            e.reason_code = "NO_RESPONSE".into();
+        }
+        let a = &mut e.attributes;
+        a.insert(
+            "status".into(),
+            if failed { "ERROR" } else { "SUCCESS" }.into(),
+        );
+        a.insert(
+            "duration_us".into(),
+            self.started.elapsed().as_micros().to_string(),
+        );
+        a.insert("request_bytes".into(), self.request_bytes.to_string());
+        a.insert("response_bytes".into(), self.response_bytes.to_string());
+        a.insert("messages".into(), self.messages.to_string());
+        self.recorder.event(e);
+    }
 }
 
 impl MessageHook for ErrorHook {
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
+        self.outcome.observe(payload);
         match self.patch.apply(payload, self.field) {
             Ok(Some(up)) => Ok(Verdict::Replace(up)),
             Ok(None) => Ok(Verdict::Forward),
@@ -40,6 +170,7 @@ impl MessageHook for ErrorHook {
     }
 
     fn refused(&mut self, denial: &Denial) {
+        self.outcome.refused = Some(denial.code.as_str());
         self.recorder
             .record(crate::decision::Decision::Deny(&self.facts, denial));
     }
@@ -95,9 +226,35 @@ pub(super) struct RuntimeHook {
     pub announced: bool,
     /// The pipeline's facts of a refused announcement, for the record.
     pub refused_announce: Option<Facts>,
+    /// The announced runtime id.
+    pub runtime_id: String,
+}
+
+impl Drop for RuntimeHook {
+    /// The runtime's `Connect` ended (closed, refused or cut): `RUNTIME_DISCONNECTED`.
+    fn drop(&mut self) {
+        if self.announced {
+            let e = self.runtime_event("RUNTIME_DISCONNECTED");
+            self.proxy.recorder.event(e);
+        }
+    }
 }
 
 impl RuntimeHook {
+    /// A record about this runtime's stream (not a decision).
+    fn runtime_event(&self, kind: &str) -> crate::proto::aesp::AuditEvent {
+        let mut e = crate::audit::event(kind, "INFO");
+        if let Ok(id) = self.conn.identity() {
+            e.principal_id = id.principal_id.to_string();
+            e.tenant_id = id.tenant_id.to_string();
+        }
+        e.method = GridMethod::Connect.path().to_string();
+        e.correlation_id.clone_from(&self.correlation_id);
+        e.attributes
+            .insert("runtime_id".into(), self.runtime_id.clone());
+        e
+    }
+
     fn bad(what: impl std::fmt::Display) -> Denial {
         Denial::malformed(format!("not a valid altar.grid.v1.RuntimeMessage: {what}"))
     }
@@ -145,6 +302,11 @@ impl RuntimeHook {
             .map_err(Denial::malformed)?;
         p.recorder.record(&allowed);
         self.announced = true;
+        self.runtime_id = if a.runtime_id.is_empty() {
+            id.principal_id.to_string()
+        } else {
+            a.runtime_id.clone()
+        };
         tracing::info!(
             runtime_id = if a.runtime_id.is_empty() { id.principal_id.as_str() } else { a.runtime_id.as_str() },
             tenant = %id.tenant_id,
@@ -182,6 +344,16 @@ impl MessageHook for RuntimeHook {
             return Err(Denial::malformed(
                 "the first message on GridRuntime/Connect must be announce",
             ));
+        }
+        if kind.number == 2 && self.proxy.recorder.audit().is_some() {
+            // Already checked to decode above.
+            let f = crate::proto::grid::FulfillTools::decode(kind.merged().as_slice())
+                .unwrap_or_default();
+            let mut e = self.runtime_event("FULFILLMENT");
+            e.session_id = f.session_id;
+            e.attributes
+                .insert("tools".into(), f.tool_contract_names.join(","));
+            self.proxy.recorder.event(e);
         }
         Ok(Verdict::Forward)
     }

@@ -31,16 +31,24 @@ impl Proxy {
             &cid,
         )) {
             Ok(a) => a,
-            Err(denied) => return self.refuse(denied),
+            Err(denied) => return self.refuse(denied).await,
         };
         let Some(routes) = self.management.clone() else {
-            return self.refuse(allowed.deny(crate::grpc::Denial::new(
-                crate::grpc::ErrorCode::MethodNotAllowed,
-                "this listener serves no management API",
-            )));
+            return self
+                .refuse(allowed.deny(crate::grpc::Denial::new(
+                    crate::grpc::ErrorCode::MethodNotAllowed,
+                    "this listener serves no management API",
+                )))
+                .await;
         };
-        self.recorder
-            .record(crate::decision::Decision::from(&allowed));
+        if self
+            .recorder
+            .durable(crate::decision::Decision::from(&allowed))
+            .await
+            .is_err()
+        {
+            return self.failed(allowed, super::Failed::Audit).await;
+        }
         let (principal, tenant) = allowed.effective();
         let caller = ManagementCaller {
             principal: principal.clone(),

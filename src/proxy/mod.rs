@@ -140,6 +140,25 @@ fn authorization(h: &http::HeaderMap) -> Option<&[u8]> {
         .map(HeaderValue::as_bytes)
 }
 
+/// Why an allowed call did not reach the host.
+pub(crate) enum Failed {
+    /// The audit trail could not record the allow (fail closed).
+    Audit,
+    Upstream(UpstreamError),
+}
+
+/// The refusal of a call whose decision cannot be recorded.
+pub(crate) fn audit_unavailable() -> Denial {
+    Denial::new(
+        ErrorCode::AuditUnavailable,
+        "the audit trail cannot record this call, so it is refused (fail closed)",
+    )
+    .detail(
+        "retry",
+        "the sidecar accepts calls again as soon as its audit store is writable",
+    )
+}
+
 /// A trailers-only gRPC response carrying `denial`.
 fn denial_response(denial: &Denial, correlation_id: &str) -> Response<ProxyBody> {
     let mut resp = Response::new(body::empty());
@@ -218,14 +237,16 @@ impl Proxy {
         // A connection without a usable identity gets nothing but the refusal, whatever it
         // calls; its request body is never read.
         if let Err(why) = conn.identity() {
-            return self.refuse(Denied::early(
-                Stage::Call,
-                &path,
-                route,
-                None,
-                &cid,
-                crate::decision::unauthenticated(why),
-            ));
+            return self
+                .refuse(Denied::early(
+                    Stage::Call,
+                    &path,
+                    route,
+                    None,
+                    &cid,
+                    crate::decision::unauthenticated(why),
+                ))
+                .await;
         }
 
         // A GRID call must be protobuf, on the bare method path.
@@ -247,14 +268,16 @@ impl Proxy {
                 None
             };
             if let Some(denial) = refusal {
-                return self.refuse(Denied::early(
-                    Stage::Call,
-                    &path,
-                    route,
-                    conn.identity().ok(),
-                    &cid,
-                    denial,
-                ));
+                return self
+                    .refuse(Denied::early(
+                        Stage::Call,
+                        &path,
+                        route,
+                        conn.identity().ok(),
+                        &cid,
+                        denial,
+                    ))
+                    .await;
             }
         }
 
@@ -267,15 +290,17 @@ impl Proxy {
             None => Encoding::Identity,
             Some(Some(e)) => e,
             Some(None) if matches!(route, Route::Grid(_)) => {
-                return self.refuse(Denied::early(
-                    Stage::Call,
-                    &path,
-                    route,
-                    conn.identity().ok(),
-                    &cid,
-                    Denial::malformed("unsupported grpc-encoding")
-                        .detail("supported", crate::grpc::frame::ACCEPT_ENCODING),
-                ));
+                return self
+                    .refuse(Denied::early(
+                        Stage::Call,
+                        &path,
+                        route,
+                        conn.identity().ok(),
+                        &cid,
+                        Denial::malformed("unsupported grpc-encoding")
+                            .detail("supported", crate::grpc::frame::ACCEPT_ENCODING),
+                    ))
+                    .await;
             }
             // Pass-through and refused calls are not inspected.
             Some(None) => Encoding::Identity,
@@ -292,21 +317,42 @@ impl Proxy {
     }
 
     /// Records a refusal and answers it (trailers-only). The only way a refusal made before
-    /// the host was involved reaches the peer.
-    fn refuse(&self, denied: Denied) -> Response<ProxyBody> {
-        self.recorder.record(&denied);
+    /// the host was involved reaches the peer. In audit mode `sync` the answer waits until
+    /// the refusal's record is durable; a refusal stays a refusal if it cannot be written.
+    async fn refuse(&self, denied: Denied) -> Response<ProxyBody> {
+        let _ = self.recorder.durable(&denied).await;
         denial_response(&denied.denial, &denied.facts.correlation_id)
     }
 
-    /// Records the allow and sends the call to the host. The only way to the host.
+    /// Records the allow and sends the call to the host. The only way to the host: in audit
+    /// mode `sync`, only once the allow's record is durable.
     async fn forward(
         &self,
         allowed: &Allowed<'_>,
         req: Request<ProxyBody>,
         class: Class<'_>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        self.recorder.record(Decision::from(allowed));
-        self.upstream.send(req, class).await
+    ) -> Result<Response<Incoming>, Failed> {
+        self.recorder
+            .durable(Decision::from(allowed))
+            .await
+            .map_err(|_| Failed::Audit)?;
+        self.upstream
+            .send(req, class)
+            .await
+            .map_err(Failed::Upstream)
+    }
+
+    /// An allowed call that could not be forwarded: refused, recorded.
+    async fn failed(&self, allowed: Allowed<'_>, f: Failed) -> Response<ProxyBody> {
+        match f {
+            Failed::Upstream(e) => self.upstream_down(allowed, e).await,
+            Failed::Audit => {
+                let denied = allowed.deny(audit_unavailable());
+                // The writer keeps this call's record, marked refused: count and log only.
+                self.recorder.local(Decision::from(&denied));
+                denial_response(&denied.denial, &denied.facts.correlation_id)
+            }
+        }
     }
 
     /// The upstream request of an allowed call: the client's metadata minus what the
@@ -348,7 +394,7 @@ impl Proxy {
     }
 
     /// The host could not take an allowed call: `UPSTREAM_UNAVAILABLE`, recorded.
-    fn upstream_down(&self, allowed: Allowed<'_>, e: UpstreamError) -> Response<ProxyBody> {
+    async fn upstream_down(&self, allowed: Allowed<'_>, e: UpstreamError) -> Response<ProxyBody> {
         self.metrics.upstream_errors.inc();
         tracing::warn!(
             method = %allowed.facts.method,
@@ -365,7 +411,7 @@ impl Proxy {
             .detail("reason", e.public_reason()),
         );
         denied.facts.stage = Stage::Response;
-        self.refuse(denied)
+        self.refuse(denied).await
     }
 
     /// The host's response, its messages handed to `hook` on the way back.

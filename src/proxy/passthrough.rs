@@ -35,7 +35,7 @@ impl Proxy {
         );
         let allowed = match self.pipeline.decide(&input) {
             Ok(a) => a,
-            Err(denied) => return self.refuse(denied),
+            Err(denied) => return self.refuse(denied).await,
         };
         let esc = conn.security_context(&path, &allowed);
         let up = self.upstream_request(
@@ -51,7 +51,7 @@ impl Proxy {
             .await
         {
             Ok(resp) => passthrough_response(resp, &cid),
-            Err(e) => self.upstream_down(allowed, e),
+            Err(e) => self.failed(allowed, e).await,
         }
     }
 }

@@ -4,7 +4,7 @@
 //! intercepted message by message on its way back.
 
 use super::budget::Reservation;
-use super::hooks::ErrorHook;
+use super::hooks::{ErrorHook, Outcome};
 use super::{ConnInfo, Proxy, body, headers};
 use crate::decision::{DecisionInput, Denied, Facts, Stage};
 use crate::grid::upgrade::{self, ErrorPatch};
@@ -89,14 +89,16 @@ impl Proxy {
             Ok(x) => x,
             Err(denial) => {
                 let id = conn.identity().ok();
-                return self.refuse(Denied::early(
-                    Stage::Call,
-                    path,
-                    route,
-                    id,
-                    &header_cid,
-                    denial,
-                ));
+                return self
+                    .refuse(Denied::early(
+                        Stage::Call,
+                        path,
+                        route,
+                        id,
+                        &header_cid,
+                        denial,
+                    ))
+                    .await;
             }
         };
 
@@ -120,7 +122,7 @@ impl Proxy {
             correlation_id: &cid,
         }) {
             Ok(a) => a,
-            Err(denied) => return self.refuse(denied),
+            Err(denied) => return self.refuse(denied).await,
         };
 
         let esc = conn.security_context(path, &allowed);
@@ -138,7 +140,7 @@ impl Proxy {
             None if msg.compressed => encode_frame(&payload),
             None => msg.frame,
             Some(Ok(p)) => encode_frame(&p),
-            Some(Err(denial)) => return self.refuse(allowed.deny(denial)),
+            Some(Err(denial)) => return self.refuse(allowed.deny(denial)).await,
         };
 
         let up = self.upstream_request(&parts, &allowed, &esc, &cid, body::full(frame), true);
@@ -147,6 +149,8 @@ impl Proxy {
             .await
         {
             Ok(resp) => {
+                let outcome =
+                    Outcome::new(self.recorder.clone(), method, &allowed.facts, payload.len());
                 let hook = ErrorHook {
                     recorder: self.recorder.clone(),
                     facts: Facts {
@@ -155,10 +159,11 @@ impl Proxy {
                     },
                     patch: ErrorPatch::new(&cid),
                     field: method.response_error_field(),
+                    outcome,
                 };
                 self.intercepted_response(&conn, resp, &cid, hook, None)
             }
-            Err(e) => self.upstream_down(allowed, e),
+            Err(e) => self.failed(allowed, e).await,
         }
     }
 }

@@ -656,7 +656,7 @@ fn builder() -> redb::Builder {
 }
 
 /// Creates `dir` (and missing parents) with mode 0700 if it is missing.
-fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
+pub(super) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => return Ok(()),
         Ok(_) => {

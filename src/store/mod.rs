@@ -19,6 +19,7 @@
 //!   away or overwrites a file it cannot read.
 //! - A store never holds a credential: only metadata about it.
 
+pub mod audit;
 pub mod control;
 
 pub use control::{BindingRecord, ControlState, ControlStore, ServiceAccountRecord};

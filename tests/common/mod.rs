@@ -255,12 +255,14 @@ impl Stack {
         call.await.unwrap()
     }
 
-    pub async fn stop(self) {
+    /// Stops everything; the directory (certificates, `state/`) is handed back, still there.
+    pub async fn stop(self) -> tempfile::TempDir {
         if let Some(rt) = self.runtime {
             rt.shutdown().await;
         }
         self.sidecar.shutdown().await;
         self.host.shutdown().await;
+        self.dir
     }
 }
 

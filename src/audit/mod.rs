@@ -1,0 +1,298 @@
+//! The audit trail: every decision and every significant event as one signed, hash-chained
+//! record in `state_dir/audit.redb`. The format (the exact bytes hashed and signed) is
+//! `docs/audit-format.md`.
+//!
+//! - [`record`]: canonical bytes, chain hash, signatures, checkpoints;
+//! - [`key`]: the Ed25519 signing key (a PKCS#8 PEM file, or `state_dir/audit.key`);
+//! - [`writer`]: the one thread that owns the chain (group commit, checkpoints, fail closed);
+//! - [`verify`]: the verifier, naming the first fault by sequence and kind;
+//! - [`export`]: JSON lines, each record verifiable on its own.
+//!
+//! [`Audit`] is the handle the rest of the sidecar holds: [`Audit::commit`] for a decision
+//! that must be durable before the call goes on (mode `sync`), [`Audit::log`] for everything
+//! recorded without holding anything up.
+
+pub mod export;
+pub mod key;
+pub mod offline;
+pub mod record;
+pub mod verify;
+mod writer;
+
+use crate::proto::aesp::AuditEvent;
+use crate::store::audit::{AuditStore, FaultSwitch};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// When a call may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A call is forwarded (or answered) only once its decision record is durable.
+    Sync,
+    /// Records are queued and written in the background: a crash loses those not yet
+    /// committed (at most one group, and what was queued behind it).
+    Async,
+}
+
+/// The `audit` section of the configuration.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    pub mode: Mode,
+    /// A PKCS#8 PEM Ed25519 private key; `None`: `state_dir/audit.key`, created if missing.
+    pub key_file: Option<PathBuf>,
+    pub batch_max_records: usize,
+    pub batch_max_delay: Duration,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_every: Duration,
+    /// Records queued before callers wait (back-pressure).
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            mode: Mode::Sync,
+            key_file: None,
+            batch_max_records: 256,
+            batch_max_delay: Duration::ZERO,
+            checkpoint_every_records: 1000,
+            checkpoint_every: Duration::from_secs(10),
+            queue: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit trail cannot record the decision")]
+    Unavailable,
+}
+
+enum Msg {
+    Record(Box<writer::Pending>),
+    Stop(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A new record of `event_type` with `decision`, stamped now.
+pub fn event(event_type: &str, decision: &str) -> AuditEvent {
+    AuditEvent {
+        timestamp_unix_nanos: now_nanos(),
+        event_type: event_type.to_string(),
+        decision: decision.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The running audit trail.
+#[derive(Clone)]
+pub struct Audit {
+    tx: std::sync::mpsc::Sender<Msg>,
+    permits: Arc<tokio::sync::Semaphore>,
+    mode: Mode,
+    healthy: Arc<AtomicBool>,
+    head: tokio::sync::watch::Receiver<u64>,
+    store: Arc<arc_swap::ArcSwapOption<AuditStore>>,
+    pub key_id: Arc<str>,
+    pub public_key: ed25519_dalek::VerifyingKey,
+    signer: Arc<ed25519_dalek::SigningKey>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("mode", &self.mode)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Audit {
+    /// Opens `state_dir/audit.redb`, loads (or creates) the key, resumes the chain and starts
+    /// the writer. A new key (first start, or a key file that changed) is recorded first.
+    pub fn start(
+        cfg: &AuditConfig,
+        state_dir: &Path,
+        faults: FaultSwitch,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> anyhow::Result<Audit> {
+        let key = key::AuditKey::load_or_create(cfg.key_file.as_deref(), state_dir)?;
+        let store = AuditStore::open(state_dir, faults.clone())?;
+        let head = store.head()?;
+        let (seq, prev, last_key) = match &head {
+            None => (0, record::GENESIS, None),
+            Some(h) => (
+                h.sequence,
+                <[u8; 32]>::try_from(h.hash.as_slice()).with_context(|| {
+                    format!(
+                        "{}: the last record's hash is not 32 bytes: run `aesp audit verify --db` on it",
+                        store.path().display()
+                    )
+                })?,
+                Some(h.key_id.clone()),
+            ),
+        };
+        let public_key = key.public();
+        let signer = Arc::new(key.signing.clone());
+        let key_id: Arc<str> = Arc::from(key.id.as_str());
+        let store = Arc::new(store);
+        let shared = Arc::new(arc_swap::ArcSwapOption::from(Some(store.clone())));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (head_tx, head_rx) = tokio::sync::watch::channel(seq);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = writer::Writer {
+            cfg: cfg.clone(),
+            dir: state_dir.to_path_buf(),
+            faults,
+            key,
+            store: Some(store),
+            shared: shared.clone(),
+            healthy: healthy.clone(),
+            head: head_tx,
+            metrics,
+            seq,
+            prev,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        };
+        std::thread::Builder::new()
+            .name("aesp-audit-writer".into())
+            .spawn(move || w.run(rx))
+            .context("cannot start the audit writer")?;
+        let audit = Audit {
+            tx,
+            permits: Arc::new(tokio::sync::Semaphore::new(cfg.queue.max(1))),
+            mode: cfg.mode,
+            healthy,
+            head: head_rx,
+            store: shared,
+            key_id,
+            public_key,
+            signer,
+        };
+        if last_key.as_deref() != Some(&*audit.key_id) {
+            let kind = if last_key.is_some() {
+                "AUDIT_KEY_ROTATED"
+            } else {
+                "AUDIT_KEY_ADDED"
+            };
+            let mut e = event(kind, "INFO");
+            e.attributes.insert(
+                "public_key".into(),
+                record::hex(audit.public_key.as_bytes()),
+            );
+            if let Some(prev) = last_key {
+                e.attributes.insert("previous_key_id".into(), prev);
+            }
+            audit.log(e);
+        }
+        Ok(audit)
+    }
+
+    /// Signs a compliance report with the audit key (fills `key_id` and the signature).
+    pub fn sign_report(&self, r: &mut crate::proto::aesp::ComplianceReport) {
+        use ed25519_dalek::Signer;
+        r.key_id = self.key_id.to_string();
+        r.report_signature = self
+            .signer
+            .sign(&record::report_bytes(r))
+            .to_bytes()
+            .to_vec();
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether the last write succeeded (readiness).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The sequence of the last durable record, changing as records are committed.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    /// The store, for reads (`None` while the file is being reopened after a failure).
+    pub fn store(&self) -> Option<Arc<AuditStore>> {
+        self.store.load_full()
+    }
+
+    /// Queues `e` without waiting (never lost: beyond the queue size it is queued anyway).
+    pub fn log(&self, e: AuditEvent) {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        let _ = self.tx.send(Msg::Record(Box::new(writer::Pending {
+            event: e,
+            done: None,
+            permit,
+        })));
+    }
+
+    /// Queues `e`, waiting for room (back-pressure); in mode `sync` also waits until it is
+    /// durable. `Err`: the trail cannot record it, and the call must be refused.
+    pub async fn commit(&self, e: AuditEvent) -> Result<(), AuditError> {
+        if !self.healthy() && self.mode == Mode::Sync {
+            // Failing closed: the writer still keeps the record for when the disk is back.
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            let _ = self.tx.send(Msg::Record(Box::new(writer::Pending {
+                event: e,
+                done: Some(tx),
+                permit: None,
+            })));
+            return Err(AuditError::Unavailable);
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| AuditError::Unavailable)?;
+        match self.mode {
+            Mode::Async => {
+                self.tx
+                    .send(Msg::Record(Box::new(writer::Pending {
+                        event: e,
+                        done: None,
+                        permit: Some(permit),
+                    })))
+                    .map_err(|_| AuditError::Unavailable)?;
+                Ok(())
+            }
+            Mode::Sync => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.tx
+                    .send(Msg::Record(Box::new(writer::Pending {
+                        event: e,
+                        done: Some(tx),
+                        permit: Some(permit),
+                    })))
+                    .map_err(|_| AuditError::Unavailable)?;
+                match rx.await {
+                    Ok(Ok(_)) => Ok(()),
+                    _ => Err(AuditError::Unavailable),
+                }
+            }
+        }
+    }
+
+    /// Records the stop, writes a last checkpoint and waits for the writer to finish.
+    pub async fn stop(&self, e: AuditEvent) {
+        self.log(e);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Msg::Stop(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}
