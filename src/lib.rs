@@ -30,6 +30,7 @@ pub mod identity;
 pub mod ids;
 pub mod listener;
 pub mod metrics;
+pub mod policy;
 pub mod proto;
 pub mod proxy;
 pub mod sidecar;

@@ -109,9 +109,115 @@ enum Cmd {
     /// Identity administration against a running sidecar's management listener:
     /// service accounts, role assignments, effective permissions.
     Identity(IdentityArgs),
+    /// CEL policies, offline: check files, run test cases against them (docs/policies.md).
+    #[command(subcommand)]
+    Policy(PolicyOp),
     /// The signed audit trail: verify a log or an export, export it, print the public key.
     #[command(subcommand)]
     Audit(AuditOp),
+}
+
+#[derive(Subcommand)]
+enum PolicyOp {
+    /// Validate a policy file or a directory of them: every error with its file, policy and
+    /// position (exit 1), or a summary of the policies.
+    Lint {
+        /// A policy YAML file, or a directory of them (*.yaml, *.yml).
+        #[arg(value_name = "DIR|FILE")]
+        path: PathBuf,
+    },
+    /// Run policy test cases (an input and the expected decision each) offline; exit 1 on
+    /// any mismatch.
+    Test {
+        /// The test cases (YAML), e.g. policies/policy-tests.yaml.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// The policies to test, instead of the file's `policies:`.
+        #[arg(long, value_name = "DIR|FILE")]
+        policies: Option<PathBuf>,
+    },
+}
+
+/// `aesp policy lint|test`.
+fn policy(op: PolicyOp) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::policy::{self, CaseFile, Mode};
+    let load = |path: &std::path::Path| match policy::load(path) {
+        Ok(set) => Ok(set),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            Err(ExitCode::from(1))
+        }
+    };
+    match op {
+        PolicyOp::Lint { path } => {
+            let set = match load(&path) {
+                Ok(set) => set,
+                Err(code) => return Ok(code),
+            };
+            let files = policy::files(&path)?.len();
+            let dry = set
+                .policies()
+                .iter()
+                .filter(|p| p.spec().mode == Mode::DryRun)
+                .count();
+            let disabled = set.policies().iter().filter(|p| !p.spec().enabled).count();
+            println!(
+                "{}: ok: {files} file(s), {} policies ({dry} dry run, {disabled} disabled)",
+                path.display(),
+                set.len()
+            );
+            for p in set.policies() {
+                let s = p.spec();
+                println!(
+                    "  {:<28} {:<5} {:<7} tenant={:<8} tools={}",
+                    s.id,
+                    s.effect.as_str(),
+                    s.mode.as_str(),
+                    if s.tenant.is_empty() { "*" } else { &s.tenant },
+                    if s.tools.is_empty() {
+                        "*".to_string()
+                    } else {
+                        s.tools.join(",")
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyOp::Test { file, policies } => {
+            let cases = CaseFile::load(&file).map_err(anyhow::Error::msg)?;
+            let Some(path) = policies.or_else(|| cases.policies_path(&file)) else {
+                anyhow::bail!(
+                    "{}: names no `policies:`; pass --policies DIR|FILE",
+                    file.display()
+                );
+            };
+            let set = match load(&path) {
+                Ok(set) => set,
+                Err(code) => return Ok(code),
+            };
+            let reports = policy::run_cases(&set, &cases.cases);
+            for r in &reports {
+                if r.passed {
+                    println!("PASS  {} ({})", r.name, r.got);
+                } else {
+                    println!("FAIL  {}: {}", r.name, r.mismatch);
+                    if !r.explanation.is_empty() {
+                        println!("      {}", r.explanation);
+                    }
+                }
+            }
+            let failed = reports.iter().filter(|r| !r.passed).count();
+            println!("{} passed, {failed} failed", reports.len() - failed);
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
 }
 
 /// The filters of `aesp audit query | tail` (QueryEventsRequest).
@@ -605,7 +711,7 @@ fn init_logs(filter: Option<&str>, default: &str, format: LogFormat) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
-        Cmd::Demo { .. } | Cmd::Call(_) => "warn",
+        Cmd::Demo { .. } | Cmd::Call(_) | Cmd::Policy(_) => "warn",
         _ => "info",
     };
     init_logs(cli.log.as_deref(), default_log, cli.log_format);
@@ -705,6 +811,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Call(args) => call(args).await,
         Cmd::Identity(args) => identity(args).await,
+        Cmd::Policy(op) => policy(op),
         Cmd::Audit(AuditOp::Query { conn, filter }) => {
             audit_query(&conn, filter.request(false)).await
         }
