@@ -75,12 +75,17 @@ async fn main() -> anyhow::Result<()> {
         batch_max_records: 1,
         ..Default::default()
     };
-    println!("audit writer, mode sync, records/s (durable and signed; 2 cores shared with the callers)");
+    println!(
+        "audit writer, mode sync, records/s (durable and signed; 2 cores shared with the callers)"
+    );
     println!("  Ed25519 signatures/s, one core (the ceiling):   {sign_rate:>10.0}");
     let one1 = writer_rate(&ungrouped, 1, secs).await?;
     println!("  one commit per record, 1 caller:               {one1:>10.0}");
     let one = writer_rate(&ungrouped, 64, secs).await?;
-    println!("  one commit per record, 64 callers:             {one:>10.0}   ({:.2}x of the ceiling)", one / sign_rate);
+    println!(
+        "  one commit per record, 64 callers:             {one:>10.0}   ({:.2}x of the ceiling)",
+        one / sign_rate
+    );
     for callers in [1, 64, 512] {
         let r = writer_rate(&grouped, callers, secs).await?;
         println!(

@@ -369,7 +369,10 @@ impl Embedded {
             ("sidecar-audit-async", true, "audit:\n  mode: async\n"),
             ("sidecar", true, "audit:\n  mode: sync\n"),
         ];
-        let wanted = env_list("AESP_BENCH_SIDECARS", "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar");
+        let wanted = env_list(
+            "AESP_BENCH_SIDECARS",
+            "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar",
+        );
         for (name, token, audit) in variants {
             if !wanted.iter().any(|w| w == name) {
                 continue;
@@ -385,7 +388,9 @@ impl Embedded {
             std::fs::write(&cfg, text)?;
             let sidecar = Sidecar::start(Config::load(&cfg)?).await?;
             let ep = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
-            runtimes.push(start_runtime(ep.clone(), Some(runtime_tls(&files)?), "acme-runtime-1").await?);
+            runtimes.push(
+                start_runtime(ep.clone(), Some(runtime_tls(&files)?), "acme-runtime-1").await?,
+            );
             specs.push(PathSpec {
                 name: name.into(),
                 endpoint: ep,
