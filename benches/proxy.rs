@@ -362,25 +362,39 @@ impl Embedded {
         // The sidecar paths: mTLS to the sidecar, h2c from it to a host of its own, its
         // runtime connected through it; each with a state_dir of its own. `sidecar` is the
         // demo's configuration (tokens, audit sync).
-        let variants: [(&str, bool, &str); 4] = [
-            // (name, token, audit section)
-            ("sidecar-certonly", false, "audit:\n  mode: sync\n"),
-            ("sidecar-audit-off", true, "audit:\n  enabled: false\n"),
-            ("sidecar-audit-async", true, "audit:\n  mode: async\n"),
-            ("sidecar", true, "audit:\n  mode: sync\n"),
+        let variants: [(&str, bool, &str, &str); 4] = [
+            // (name, token, audit setting of the demo's config replaced, by)
+            ("sidecar-certonly", false, "", ""),
+            (
+                "sidecar-audit-off",
+                true,
+                "audit:\n",
+                "audit:\n  enabled: false\n",
+            ),
+            (
+                "sidecar-audit-async",
+                true,
+                "  mode: sync ",
+                "  mode: async ",
+            ),
+            ("sidecar", true, "", ""),
         ];
         let wanted = env_list(
             "AESP_BENCH_SIDECARS",
             "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar",
         );
-        for (name, token, audit) in variants {
+        for (name, token, from, to) in variants {
             if !wanted.iter().any(|w| w == name) {
                 continue;
             }
             let host = host::spawn(loopback_host()).await?;
             let mut text = config_text(&format!("http://{}", host.local_addr))
                 .replacen("state_dir: state ", &format!("state_dir: state-{name} "), 1)
-                .replacen("audit:\n  mode: sync\n", audit, 1);
+                .replacen(from, to, usize::from(!from.is_empty()));
+            anyhow::ensure!(
+                from.is_empty() || text.contains(to),
+                "{name}: the demo's config no longer has {from:?} to change"
+            );
             if !token {
                 text = certificates_only(&text);
             }

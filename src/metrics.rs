@@ -19,6 +19,7 @@ pub struct Metrics {
     pub buffered_bytes: IntGauge,
     pub config_reload_failures: IntCounter,
     pub audit_records: IntCounter,
+    pub policy_dry_run_denials: IntCounter,
     pub audit_write_failures: IntCounter,
     pub upstream_errors: IntCounter,
     /// Fetches of an issuer's keys over HTTPS, by issuer and outcome (`ok`, `error`).
@@ -85,6 +86,11 @@ impl Metrics {
             "Audit records committed durably to audit.redb",
         )?;
         registry.register(Box::new(audit_records.clone()))?;
+        let policy_dry_run_denials = IntCounter::new(
+            "aesp_policy_dry_run_denials_total",
+            "Would-be denials of policies in dry_run mode (recorded, not enforced)",
+        )?;
+        registry.register(Box::new(policy_dry_run_denials.clone()))?;
         let audit_write_failures = IntCounter::new(
             "aesp_audit_write_failures_total",
             "Audit commits that failed (traffic is refused with AUDIT_UNAVAILABLE until a write succeeds)",
@@ -135,6 +141,7 @@ impl Metrics {
             buffered_bytes,
             config_reload_failures,
             audit_records,
+            policy_dry_run_denials,
             audit_write_failures,
             upstream_errors,
             jwks_fetches,

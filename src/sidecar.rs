@@ -91,12 +91,68 @@ fn open_control(
     Ok((Arc::new(store), state, rbac))
 }
 
+/// The policy files of `policies.path`, loaded and compiled; an error names the file, the
+/// policy and the position of a bad condition.
+fn open_policies(
+    cfg: &Config,
+) -> Result<Option<(crate::policy::PolicySource, Arc<crate::policy::PolicySet>)>, ConfigError> {
+    let Some(path) = &cfg.policies else {
+        return Ok(None);
+    };
+    crate::policy::PolicySource::open(path)
+        .map(Some)
+        .map_err(|e| ConfigError {
+            file: cfg.source.display().to_string(),
+            field: "policies.path".into(),
+            problem: e.to_string(),
+        })
+}
+
+/// Puts changed policy files in force, checked every `policies.reload_seconds`; files that
+/// do not load keep the set in force (logged, `aesp_config_reload_failures_total`).
+async fn reload_policies(
+    mut source: crate::policy::PolicySource,
+    every: Duration,
+    into: Arc<arc_swap::ArcSwap<crate::policy::PolicySet>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let (r, s) = match tokio::task::spawn_blocking(move || {
+            let r = source.reload();
+            (r, source)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(_) => return,
+        };
+        source = s;
+        match r {
+            Ok(None) => {}
+            Ok(Some(set)) => {
+                tracing::info!(path = %source.path().display(), policies = set.len(), "policies reloaded");
+                into.store(set);
+            }
+            Err(e) => {
+                metrics.config_reload_failures.inc();
+                tracing::error!(path = %source.path().display(), error = %e, "policy files not reloaded: the policies in force stay");
+            }
+        }
+    }
+}
+
 /// Validates everything `serve` would need (config and every TLS and key file) without
 /// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::tls::server_config(cfg)?;
     cfg.auth.verifier(&cfg.source.display().to_string())?;
     load_rbac(cfg)?;
+    open_policies(cfg)?;
     let up = crate::tls::upstream_client_config(cfg)?;
     Upstream::new(cfg, up)?;
     Ok(())
@@ -171,10 +227,17 @@ impl Sidecar {
             None
         };
         let recorder = Recorder::new(metrics.clone(), audit.clone());
+        let policies = open_policies(&cfg)?;
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
             authz: Arc::new(Authz::new(rbac)),
+            policies: Arc::new(arc_swap::ArcSwap::new(
+                policies
+                    .as_ref()
+                    .map_or_else(Default::default, |(_, set)| set.clone()),
+            )),
+            organization_id: Arc::from(cfg.identity.organization_id.as_str()),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -187,6 +250,17 @@ impl Sidecar {
                 cfg.clone(),
                 control.clone(),
                 pipeline.authz.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some((source, _)) = policies
+            && !cfg.policies_reload.is_zero()
+        {
+            tasks.spawn(reload_policies(
+                source,
+                cfg.policies_reload,
+                pipeline.policies.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             ));

@@ -50,6 +50,8 @@ pub fn parse_public_pems(text: &str) -> anyhow::Result<Vec<VerifyingKey>> {
 /// The signing key and its id.
 pub struct AuditKey {
     pub signing: SigningKey,
+    /// The same key, as aws-lc signs with it (the writer's hot path).
+    pub fast: aws_lc_rs::signature::Ed25519KeyPair,
     pub id: String,
 }
 
@@ -60,9 +62,14 @@ impl std::fmt::Debug for AuditKey {
 }
 
 impl AuditKey {
-    fn new(signing: SigningKey) -> AuditKey {
+    fn new(signing: SigningKey) -> anyhow::Result<AuditKey> {
         let id = key_id(&signing.verifying_key());
-        AuditKey { signing, id }
+        let fast = aws_lc_rs::signature::Ed25519KeyPair::from_seed_and_public_key(
+            signing.as_bytes(),
+            signing.verifying_key().as_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("the audit key is not a valid Ed25519 key: {e}"))?;
+        Ok(AuditKey { signing, fast, id })
     }
 
     /// Reads a PKCS#8 PEM Ed25519 private key.
@@ -75,7 +82,7 @@ impl AuditKey {
                 path.display()
             )
         })?;
-        Ok(AuditKey::new(k))
+        AuditKey::new(k)
     }
 
     /// `file` if configured, else `state_dir/audit.key`, created (0600) if missing.

@@ -48,6 +48,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The audit trail (`state_dir/audit.redb`; docs/audit-format.md).
     pub audit: crate::audit::AuditConfig,
+    /// CEL policies on tool invocations (a file or a directory; docs/policies.md); `None`:
+    /// RBAC alone decides.
+    pub policies: Option<PathBuf>,
+    /// How often the policy files are checked for a change (0: read at start only).
+    pub policies_reload: Duration,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -210,6 +215,7 @@ struct RawConfig {
     state_dir: Option<String>,
     #[serde(default)]
     audit: RawAudit,
+    policies: Option<RawPolicies>,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -217,6 +223,13 @@ struct RawConfig {
     #[serde(default)]
     passthrough: Vec<String>,
     shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicies {
+    path: Option<String>,
+    reload_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -458,6 +471,22 @@ impl Validator<'_> {
 
         let limits = self.limits(raw.limits)?;
         let audit = self.audit(raw.audit)?;
+        let policies_reload = Duration::from_secs(
+            raw.policies
+                .as_ref()
+                .and_then(|p| p.reload_seconds)
+                .unwrap_or(5),
+        );
+        let policies = match raw.policies.map(|p| p.path) {
+            None => None,
+            Some(Some(p)) if !p.trim().is_empty() => Some(self.resolve(&p)),
+            Some(_) => {
+                return Err(self.err(
+                    "policies.path",
+                    "expected a policy file or a directory of them (format: docs/policies.md; the repository ships policies/cel/)",
+                ));
+            }
+        };
 
         let mut passthrough = HashSet::new();
         for (i, m) in raw.passthrough.iter().enumerate() {
@@ -504,6 +533,8 @@ impl Validator<'_> {
                 Some(s) => self.resolve(s),
             },
             audit,
+            policies,
+            policies_reload,
             runtime,
             limits,
             passthrough,
@@ -540,7 +571,9 @@ impl Validator<'_> {
             mode,
             key_file: raw.key_file.as_deref().map(|f| self.resolve(f)),
             batch_max_records: batch as usize,
-            batch_max_delay: Duration::from_millis(raw.batch_max_delay_ms.unwrap_or(0).min(1000)),
+            batch_max_delay: raw
+                .batch_max_delay_ms
+                .map_or(d.batch_max_delay, |ms| Duration::from_millis(ms.min(1000))),
             checkpoint_every_records: self.positive(
                 "audit.checkpoint_every_records",
                 raw.checkpoint_every_records,

@@ -18,6 +18,7 @@
 mod authn;
 mod claims;
 mod method;
+mod policy;
 mod rbac;
 mod record;
 mod token;
@@ -48,8 +49,12 @@ pub(crate) struct DecisionInput<'a> {
     pub grants: &'a GrantsCache,
     pub claims: Claims,
     pub tool_name: Option<&'a str>,
+    /// The tool call's arguments (for the CEL policies).
+    pub args: Option<&'a prost_types::Struct>,
     pub session_id: Option<&'a str>,
     pub correlation_id: &'a str,
+    /// The peer's address (`ip:port`).
+    pub source: &'a str,
 }
 
 impl<'a> DecisionInput<'a> {
@@ -70,8 +75,10 @@ impl<'a> DecisionInput<'a> {
             grants,
             claims: Claims::default(),
             tool_name: None,
+            args: None,
             session_id: None,
             correlation_id,
+            source: "",
         }
     }
 }
@@ -104,8 +111,10 @@ pub(crate) struct Facts {
     pub correlation_id: String,
     pub tool_name: Option<String>,
     pub session_id: Option<String>,
-    /// Rules that matched (policy ids, bindings); empty until policies exist.
+    /// Policies that matched (CEL policy ids).
     pub matched_policies: Vec<String>,
+    /// Policies in `dry_run` mode that would have denied (recorded, not enforced).
+    pub dry_run_denied: Vec<String>,
     /// A claimed identity field disagreed and was overwritten (config allows it).
     pub overwrote_identity: bool,
 }
@@ -160,6 +169,7 @@ impl Facts {
             tool_name: None,
             session_id: None,
             matched_policies: Vec::new(),
+            dry_run_denied: Vec::new(),
             overwrote_identity: false,
         }
     }
@@ -249,6 +259,10 @@ pub(crate) struct Pipeline {
     pub overwrite_identity_fields: bool,
     pub tokens: TokenRules,
     pub authz: Arc<Authz>,
+    /// The CEL policies in force (swapped whole on reload).
+    pub policies: Arc<arc_swap::ArcSwap<crate::policy::PolicySet>>,
+    /// `identity.organization_id`, for the `principal` of the policies.
+    pub organization_id: Arc<str>,
 }
 
 impl Pipeline {
@@ -303,6 +317,26 @@ impl Pipeline {
             input.method,
             input.tool_name,
         )?;
+        if let Some(tool) = input.tool_name {
+            policy::evaluate(
+                &self.policies.load(),
+                &policy::Call {
+                    id,
+                    caller: caller.as_deref(),
+                    principal,
+                    tenant,
+                    grants: &grants,
+                    organization_id: &self.organization_id,
+                    tool,
+                    args: input.args,
+                    session_id: input.session_id.unwrap_or(""),
+                    method: input.method,
+                    source: input.source,
+                    correlation_id: input.correlation_id,
+                },
+                facts,
+            )?;
+        }
         Ok(Verified {
             identity: id,
             caller,
@@ -345,6 +379,8 @@ mod tests {
             overwrite_identity_fields: false,
             tokens: TokenRules::default(),
             authz: Arc::new(Authz::new(rbac)),
+            policies: Default::default(),
+            organization_id: Arc::from(""),
         };
         let cache = GrantsCache::default();
         // (identity, route, claims) -> expected code; `None` = allowed.
@@ -396,8 +432,10 @@ mod tests {
                 grants: &cache,
                 claims,
                 tool_name: None,
+                args: None,
                 session_id: Some("s1"),
                 correlation_id: "c",
+                source: "",
             };
             match (strict.decide(&input), want) {
                 (Ok(a), None) => {

@@ -79,6 +79,16 @@ impl Recorder {
             Stage::Call | Stage::Message => Some(slot(facts.route)),
         };
         self.metrics.record(slot, denial.map(|d| d.code));
+        if !facts.dry_run_denied.is_empty() {
+            tracing::info!(
+                method = %facts.method, principal, tenant, tool,
+                correlation_id = %facts.correlation_id, policies = ?facts.dry_run_denied,
+                "dry-run policy would deny (not enforced)"
+            );
+            self.metrics
+                .policy_dry_run_denials
+                .inc_by(facts.dry_run_denied.len() as u64);
+        }
     }
 
     /// Queues a record that is not a decision (a session created, a runtime gone, a change
@@ -141,6 +151,9 @@ fn audit_event(d: Decision<'_>) -> AuditEvent {
     }
     if facts.overwrote_identity {
         a.insert("overwrote_identity".into(), "true".into());
+    }
+    if !facts.dry_run_denied.is_empty() {
+        a.insert("dry_run_would_deny".into(), facts.dry_run_denied.join(","));
     }
     if let Some(den) = denial {
         e.reason_code = den.code.as_str().to_string();

@@ -57,6 +57,14 @@ impl Request {
         }
     }
 
+    /// The tool call's arguments, if any.
+    pub fn args(&self) -> Option<&prost_types::Struct> {
+        match self {
+            Request::ToolCall(tc) => tc.function_call.as_ref().and_then(|f| f.args.as_ref()),
+            _ => None,
+        }
+    }
+
     pub fn session_id(&self) -> Option<&str> {
         match self {
             Request::CreateSession(_) => None,

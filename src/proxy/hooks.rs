@@ -279,8 +279,10 @@ impl RuntimeHook {
                 tenant_id: (!a.tenant_id.is_empty()).then(|| a.tenant_id.clone()),
             },
             tool_name: None,
+            args: None,
             session_id: None,
             correlation_id: &self.correlation_id,
+            source: &self.conn.source,
         });
         let mut allowed = match decided {
             Ok(a) => a,

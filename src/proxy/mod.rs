@@ -73,6 +73,8 @@ pub(crate) struct ConnInfo {
     pub grants: crate::authz::GrantsCache,
     /// This connection's own upstream connection, for its calls.
     pub upstream: crate::upstream::Affinity,
+    /// The peer's address, `ip:port`.
+    pub source: String,
 }
 
 impl ConnInfo {
@@ -99,6 +101,7 @@ impl ConnInfo {
             ),
             grants: crate::authz::GrantsCache::default(),
             upstream: crate::upstream::Affinity::default(),
+            source: remote.to_string(),
         }
     }
 

@@ -118,8 +118,10 @@ impl Proxy {
             grants: &conn.grants,
             claims: request.claims(),
             tool_name: request.tool_name(),
+            args: request.args(),
             session_id: request.session_id(),
             correlation_id: &cid,
+            source: &conn.source,
         }) {
             Ok(a) => a,
             Err(denied) => return self.refuse(denied).await,
