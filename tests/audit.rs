@@ -158,22 +158,6 @@ async fn every_decision_is_recorded_with_the_clients_correlation_id_and_the_chai
     }
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, buf)
-}
-
 /// "eyJ": the start of every JWT's base64url header.
 fn stack_token_fragment() -> String {
     "eyJ".to_string()
@@ -438,7 +422,7 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
     let acme = aesp_sidecar::client::AespGridClient::with_token(stack.channel("acme").await);
     assert!(create(&acme, "s-ok").await.unwrap().error.is_none());
     let sessions = stack.host.state.session_count();
-    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(common::http_get(admin, "/readyz").await.0, 200);
 
     stack.sidecar.audit_faults.set(true);
     let status = create(&acme, "s-refused").await.unwrap_err();
@@ -448,7 +432,7 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
     let refused_cid = ee.correlation_id.clone();
     // The host never saw the refused session.
     assert_eq!(stack.host.state.session_count(), sessions);
-    assert_eq!(http_get(admin, "/readyz").await.0, 503);
+    assert_eq!(common::http_get(admin, "/readyz").await.0, 503);
     // Still refused while failing, immediately.
     let again = create(&acme, "s-refused-2").await.unwrap_err();
     assert_eq!(
@@ -469,7 +453,7 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
         }
     }
     assert!(back, "traffic resumes once the store is writable");
-    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+    assert_eq!(common::http_get(admin, "/readyz").await.0, 200);
     let db = stack.dir.path().join("state/audit.redb");
     let _dir = stack.stop().await;
     offline::verify_db(&db, None).unwrap().unwrap();

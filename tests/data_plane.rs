@@ -825,25 +825,9 @@ async fn an_unreachable_host_is_upstream_unavailable() {
     assert!(!told.contains(&port.to_string()), "{told}");
     // Readiness reports the host down, liveness stays up.
     let admin = sidecar.admin_addr.unwrap();
-    assert_eq!(http_get(admin, "/healthz").await.0, 200);
-    assert_eq!(http_get(admin, "/readyz").await.0, 503);
+    assert_eq!(common::http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(common::http_get(admin, "/readyz").await.0, 503);
     sidecar.shutdown().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, buf)
 }
 
 #[tokio::test]
@@ -855,8 +839,8 @@ async fn metrics_and_health_are_served() {
         .unwrap();
     let _ = client::call_raw(stack.channel("acme").await, "/x.Y/Z").await;
     let admin = stack.sidecar.admin_addr.unwrap();
-    assert_eq!(http_get(admin, "/readyz").await.0, 200);
-    let (code, body) = http_get(admin, "/metrics").await;
+    assert_eq!(common::http_get(admin, "/readyz").await.0, 200);
+    let (code, body) = common::http_get(admin, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
         body.contains(

@@ -245,7 +245,7 @@ async fn a_service_account_works_until_revoked_on_the_very_next_call_and_after_a
 
     // The credential is signed by the sidecar's own key, published on the admin port.
     let (status, jwks) =
-        http_get(stack.sidecar.admin_addr.unwrap(), "/.well-known/jwks.json").await;
+        common::http_get(stack.sidecar.admin_addr.unwrap(), "/.well-known/jwks.json").await;
     assert_eq!(status, 200);
     let kid = jsonwebtoken::decode_header(&sa.credential)
         .unwrap()
@@ -338,19 +338,6 @@ async fn a_service_account_works_until_revoked_on_the_very_next_call_and_after_a
     assert_eq!(r.enterprise_error().unwrap().code, "INVALID_CREDENTIALS");
     again.shutdown().await;
     host.shutdown().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
 }
 
 // ---------------------------------------------------------------------------------------

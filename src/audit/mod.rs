@@ -127,7 +127,10 @@ impl Audit {
         faults: FaultSwitch,
         metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> anyhow::Result<Audit> {
-        let key = key::AuditKey::load_or_create(cfg.key_file.as_deref(), state_dir)?;
+        let key = Arc::new(key::AuditKey::load_or_create(
+            cfg.key_file.as_deref(),
+            state_dir,
+        )?);
         let store = AuditStore::open(state_dir, faults.clone())?;
         let head = store.head()?;
         let (seq, prev, last_key) = match &head {
@@ -144,10 +147,7 @@ impl Audit {
             ),
         };
         let public_key = key.public();
-        let signer = Arc::new(key::AuditKey::load_or_create(
-            cfg.key_file.as_deref(),
-            state_dir,
-        )?);
+        let signer = key.clone();
         let key_id: Arc<str> = Arc::from(key.id.as_str());
         let store = Arc::new(store);
         let shared = Arc::new(arc_swap::ArcSwapOption::from(Some(store.clone())));

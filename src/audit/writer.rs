@@ -26,11 +26,32 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Groups at least this large are signed on two threads.
 const PARALLEL_SIGNING: usize = 32;
 
+/// A record the file cannot take now: its waiter is told (the call is refused, and its
+/// record says so) and the record is kept for when the file is writable again, up to
+/// [`MAX_RETAINED`] (beyond, it is counted as lost).
+fn refuse_and_keep(p: Pending, retained: &mut Vec<AuditEvent>, lost: &mut u64) {
+    let mut e = p.event;
+    if let Some(tx) = p.done {
+        if e.decision == "ALLOW" {
+            e.attributes
+                .insert("original_decision".into(), "ALLOW".into());
+            e.decision = "DENY".into();
+            e.reason_code = "AUDIT_UNAVAILABLE".into();
+        }
+        let _ = tx.send(Err(AuditError::Unavailable));
+    }
+    if retained.len() < MAX_RETAINED {
+        retained.push(e);
+    } else {
+        *lost += 1;
+    }
+}
+
 pub(super) struct Writer {
     pub cfg: AuditConfig,
     pub dir: PathBuf,
     pub faults: FaultSwitch,
-    pub key: AuditKey,
+    pub key: Arc<AuditKey>,
     pub store: Option<Arc<AuditStore>>,
     pub shared: Arc<arc_swap::ArcSwapOption<AuditStore>>,
     pub healthy: Arc<AtomicBool>,
@@ -99,22 +120,7 @@ impl Writer {
             if let Some((since, _)) = outage {
                 // Failing: tell the waiters now, keep their records for later.
                 for p in batch.drain(..) {
-                    let mut e = p.event;
-                    if let Some(tx) = p.done {
-                        // The call is refused: its record says so.
-                        if e.decision == "ALLOW" {
-                            e.attributes
-                                .insert("original_decision".into(), "ALLOW".into());
-                            e.decision = "DENY".into();
-                            e.reason_code = "AUDIT_UNAVAILABLE".into();
-                        }
-                        let _ = tx.send(Err(AuditError::Unavailable));
-                    }
-                    if retained.len() < MAX_RETAINED {
-                        retained.push(e);
-                    } else {
-                        lost += 1;
-                    }
+                    refuse_and_keep(p, &mut retained, &mut lost);
                 }
                 if !self.recover() {
                     if let Some(s) = stop.take() {
@@ -182,17 +188,7 @@ impl Writer {
                     self.healthy.store(false, Ordering::SeqCst);
                     outage = Some((Instant::now(), 0));
                     for p in batch.drain(..) {
-                        let mut e = p.event;
-                        if let Some(tx) = p.done {
-                            if e.decision == "ALLOW" {
-                                e.attributes
-                                    .insert("original_decision".into(), "ALLOW".into());
-                                e.decision = "DENY".into();
-                                e.reason_code = "AUDIT_UNAVAILABLE".into();
-                            }
-                            let _ = tx.send(Err(AuditError::Unavailable));
-                        }
-                        retained.push(e);
+                        refuse_and_keep(p, &mut retained, &mut lost);
                     }
                     // redb refuses every operation after a failed write: reopen later.
                     self.store = None;

@@ -441,3 +441,21 @@ pub fn counter(sidecar: &Sidecar, name: &str, labels: &[(&str, &str)]) -> u64 {
 pub fn denials(sidecar: &Sidecar, code: &str) -> u64 {
     counter(sidecar, "aesp_denials_total", &[("code", code)])
 }
+
+/// `GET path` on the admin port (plain HTTP/1.1): the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
