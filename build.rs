@@ -14,7 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["proto"])?;
     // `build_transport(false)`: GridRuntime has an RPC named `Connect`, which collides with the
     // generated client's transport constructor `connect`. Clients are built with `new(channel)`.
+    // `Schema.properties` as a BTreeMap: its encoding is then canonical (entries in key
+    // order), which the pinned digest of a governed declaration relies on.
     tonic_prost_build::configure()
+        .btree_map(".altar.adm.v1.Schema.properties")
         .build_transport(false)
         .compile_fds(fds)?;
     Ok(())

@@ -12,7 +12,7 @@
 //! `contracts[2] (add): parameters.properties.b.type: expected one of STRING, NUMBER, INTEGER,
 //! BOOLEAN, ARRAY, OBJECT, got "FLOAT"` or `args.items[2].name: expected STRING, got number`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -384,7 +384,7 @@ fn schema_from_doc(doc: &SchemaDoc, path: &str, depth: usize) -> Result<Schema, 
         }
     }
 
-    let mut properties = std::collections::HashMap::new();
+    let mut properties = std::collections::BTreeMap::new();
     if let Some(UniqueMap(props)) = &doc.properties {
         for (key, sub) in props {
             let sub_path = format!("{path}.properties.{key}");
@@ -568,9 +568,8 @@ fn validate_schema(schema: &Schema, path: &str, depth: usize) -> Result<(), Decl
     Ok(())
 }
 
-fn sorted_keys<V>(map: &std::collections::HashMap<String, V>) -> Vec<&str> {
-    let set: BTreeSet<&str> = map.keys().map(String::as_str).collect();
-    set.into_iter().collect()
+fn sorted_keys<V>(map: &std::collections::BTreeMap<String, V>) -> Vec<&str> {
+    map.keys().map(String::as_str).collect()
 }
 
 // ------------------------------------------------------------------------------------ args
@@ -585,12 +584,43 @@ pub fn validate_args(
     decl: &FunctionDeclaration,
     args: Option<&prost_types::Struct>,
 ) -> Result<(), ArgError> {
+    validate(decl, args, Extra::Accept)
+}
+
+/// [`validate_args`] as the sidecar applies it to a governed contract: the same rules, and a
+/// key an OBJECT's `properties` do not declare is refused, at every depth (the approved
+/// declaration is the whole of what may reach the host).
+pub fn validate_args_strict(
+    decl: &FunctionDeclaration,
+    args: Option<&prost_types::Struct>,
+) -> Result<(), ArgError> {
+    validate(decl, args, Extra::Refuse)
+}
+
+/// What an OBJECT does with a key its `properties` do not declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    Accept,
+    Refuse,
+}
+
+fn validate(
+    decl: &FunctionDeclaration,
+    args: Option<&prost_types::Struct>,
+    extra: Extra,
+) -> Result<(), ArgError> {
     let empty = prost_types::Struct::default();
     let args = args.unwrap_or(&empty);
     match &decl.parameters {
-        Some(schema) => check_object(schema, &args.fields, "args", 1),
-        // No declared parameters: an empty OBJECT, which accepts any keys.
-        None => Ok(()),
+        Some(schema) => check_object(schema, &args.fields, "args", 1, extra),
+        // No declared parameters: an empty OBJECT; it accepts any keys unless strict.
+        None => match (extra, args.fields.keys().next()) {
+            (Extra::Refuse, Some(key)) => Err(arg_err(
+                &child_path("args", key),
+                "the contract declares no parameters",
+            )),
+            _ => Ok(()),
+        },
     }
 }
 
@@ -631,6 +661,7 @@ fn check_value(
     value: &prost_types::Value,
     path: &str,
     depth: usize,
+    extra: Extra,
 ) -> Result<(), ArgError> {
     if depth > MAX_DEPTH {
         return Err(arg_err(
@@ -714,7 +745,7 @@ fn check_value(
             };
             if let Some(items) = &schema.items {
                 for (i, element) in list.values.iter().enumerate() {
-                    check_value(items, element, &format!("{path}[{i}]"), depth + 1)?;
+                    check_value(items, element, &format!("{path}[{i}]"), depth + 1, extra)?;
                 }
             }
             Ok(())
@@ -723,7 +754,7 @@ fn check_value(
             let Some(Kind::StructValue(object)) = kind else {
                 return Err(mismatch());
             };
-            check_object(schema, &object.fields, path, depth)
+            check_object(schema, &object.fields, path, depth, extra)
         }
         SchemaType::Unspecified => Err(mismatch()),
     }
@@ -734,6 +765,7 @@ fn check_object(
     fields: &BTreeMap<String, prost_types::Value>,
     path: &str,
     depth: usize,
+    extra: Extra,
 ) -> Result<(), ArgError> {
     if depth > MAX_DEPTH {
         return Err(arg_err(
@@ -757,8 +789,20 @@ fn check_object(
     }
     // BTreeMap: deterministic order, so the first error reported is stable.
     for (key, value) in fields {
-        if let Some(sub) = schema.properties.get(key) {
-            check_value(sub, value, &child_path(path, key), depth + 1)?;
+        match schema.properties.get(key) {
+            Some(sub) => check_value(sub, value, &child_path(path, key), depth + 1, extra)?,
+            None if extra == Extra::Refuse => {
+                let known = sorted_keys(&schema.properties);
+                return Err(arg_err(
+                    &child_path(path, key),
+                    if known.is_empty() {
+                        "not declared: this object declares no properties".to_string()
+                    } else {
+                        format!("not declared: expected one of {}", known.join(", "))
+                    },
+                ));
+            }
+            None => {}
         }
     }
     Ok(())

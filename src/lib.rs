@@ -24,6 +24,7 @@ pub mod config;
 pub(crate) mod decision;
 #[doc(hidden)]
 pub mod demo;
+pub mod governance;
 pub mod grid;
 pub mod grpc;
 pub mod identity;

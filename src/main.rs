@@ -115,6 +115,9 @@ enum Cmd {
     /// The signed audit trail: verify a log or an export, export it, print the public key.
     #[command(subcommand)]
     Audit(AuditOp),
+    /// Governed tool contracts against a running sidecar: submit, import a host's manifest,
+    /// approve, reject, list (docs/governance.md).
+    Tool(ToolArgs),
 }
 
 #[derive(Subcommand)]
@@ -836,6 +839,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             audit_report(&conn, req, pubkey.as_deref(), &format).await
         }
         Cmd::Audit(op) => audit(op),
+        Cmd::Tool(args) => tool(args).await,
     }
 }
 
@@ -1138,5 +1142,215 @@ async fn call(a: CallArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(st) => Ok(failed(&a, tls.as_ref(), st).await),
+    }
+}
+
+#[derive(clap::Args)]
+struct ToolArgs {
+    #[command(flatten)]
+    conn: Management,
+    #[command(subcommand)]
+    op: ToolOp,
+}
+
+#[derive(Subcommand)]
+enum ToolOp {
+    /// SubmitToolContract for every contract of a file in the seed format
+    /// (policies/tool-contracts.yaml): each becomes a PENDING revision.
+    Submit {
+        /// The contracts (declarations inline or from the manifest the file names).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Submits every declaration of a GRID host's manifest as a PENDING contract: putting
+    /// the sidecar in front of a new host is "import, review, approve".
+    Import {
+        /// The host's manifest (ADM FunctionDeclarations, YAML or JSON).
+        #[arg(long, value_name = "FILE")]
+        manifest: PathBuf,
+        /// The tenant the contracts are for; empty = shared by every tenant.
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// The risk assessment to submit them with (LOW, MEDIUM, HIGH); reviewers change it
+        /// by submitting a new revision.
+        #[arg(long, value_name = "RISK", default_value = "HIGH")]
+        risk: String,
+        /// A compliance tag (repeat for several).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// A role a caller must hold (repeat for several; all are required).
+        #[arg(long = "required-role", value_name = "ROLE")]
+        required_roles: Vec<String>,
+    },
+    /// ApproveToolContract: puts the pending revision in force (not by its submitter).
+    Approve(ReviewArgs),
+    /// RejectToolContract: the pending revision never runs; the approved one stays.
+    Reject(ReviewArgs),
+    /// ListToolContracts: the newest revision of each contract, and the approved one in
+    /// force when they differ.
+    List {
+        /// The tenant; empty = your own (shared contracts included); `*` = every tenant.
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// Only PENDING, APPROVED or REJECTED revisions.
+        #[arg(long, value_name = "STATUS", default_value = "")]
+        status: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ReviewArgs {
+    /// The tool.
+    tool: String,
+    /// The revision reviewed (the pending one; see `aesp tool list`).
+    #[arg(long, value_name = "N")]
+    revision: u64,
+    /// Why (required; recorded with the review).
+    #[arg(long, value_name = "TEXT")]
+    comment: String,
+    /// The contract's tenant; empty = the shared contract.
+    #[arg(long, value_name = "ID", default_value = "")]
+    tenant: String,
+}
+
+/// One line per contract revision.
+fn contract_line(c: &aesp_sidecar::proto::aesp::EnterpriseToolContract) -> String {
+    let digest = aesp_sidecar::governance::hex(&c.declaration_sha256);
+    format!(
+        "{:<10} {:<16} {:>3} {:<9} {:<6} {:<20} {:<20} {:<12} {} {}",
+        if c.tenant_id.is_empty() {
+            "*shared*"
+        } else {
+            &c.tenant_id
+        },
+        c.declaration.as_ref().map_or("", |d| d.name.as_str()),
+        c.revision,
+        c.approval_status,
+        c.risk_assessment,
+        if c.compliance_tags.is_empty() {
+            "-".to_string()
+        } else {
+            c.compliance_tags.join(",")
+        },
+        if c.required_roles.is_empty() {
+            "-".to_string()
+        } else {
+            c.required_roles.join(",")
+        },
+        digest.get(..12).unwrap_or(&digest),
+        c.submitted_by,
+        if c.approved_by.is_empty() {
+            String::new()
+        } else {
+            format!("approved by {}", c.approved_by)
+        },
+    )
+}
+
+async fn tool(a: ToolArgs) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_governance_service_client::EnterpriseGovernanceServiceClient;
+    // Read the files before connecting: a bad file is an error about the file.
+    let to_submit: Vec<aesp::EnterpriseToolContract> = match &a.op {
+        ToolOp::Submit { file } => {
+            let mut v: Vec<_> = aesp_sidecar::governance::seed::load(file)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .into_iter()
+                .collect();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v.into_iter().map(|(_, c)| c).collect()
+        }
+        ToolOp::Import {
+            manifest,
+            tenant,
+            risk,
+            tags,
+            required_roles,
+        } => aesp_sidecar::adm::load_manifest(manifest)
+            .with_context(|| format!("--manifest {}", manifest.display()))?
+            .into_iter()
+            .map(|d| aesp::EnterpriseToolContract {
+                declaration: Some(d),
+                risk_assessment: risk.to_ascii_uppercase(),
+                compliance_tags: tags.clone(),
+                required_roles: required_roles.clone(),
+                tenant_id: tenant.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut c = EnterpriseGovernanceServiceClient::new(management_channel(&a.conn).await?);
+    let out: Result<String, tonic::Status> = match a.op {
+        ToolOp::Submit { .. } | ToolOp::Import { .. } => {
+            let mut lines = Vec::new();
+            let mut failed = None;
+            for contract in to_submit {
+                match c
+                    .submit_tool_contract(aesp::SubmitToolContractRequest {
+                        contract: Some(contract),
+                    })
+                    .await
+                {
+                    Ok(r) => lines.push(format!("submitted: {}", contract_line(&r.into_inner()))),
+                    Err(s) => {
+                        failed = Some(s);
+                        break;
+                    }
+                }
+            }
+            if !lines.is_empty() {
+                println!("{}", lines.join("\n"));
+            }
+            match failed {
+                None => Ok(format!(
+                    "{} contract(s) PENDING: a second principal holding aesp.governance.approve reviews each (aesp tool approve TOOL --revision N --comment ...)",
+                    lines.len()
+                )),
+                Some(s) => Err(s),
+            }
+        }
+        ToolOp::Approve(r) => c
+            .approve_tool_contract(aesp::ReviewToolContractRequest {
+                tool_name: r.tool,
+                tenant_id: r.tenant,
+                revision: r.revision,
+                comment: r.comment,
+            })
+            .await
+            .map(|x| format!("approved: {}", contract_line(&x.into_inner()))),
+        ToolOp::Reject(r) => c
+            .reject_tool_contract(aesp::ReviewToolContractRequest {
+                tool_name: r.tool,
+                tenant_id: r.tenant,
+                revision: r.revision,
+                comment: r.comment,
+            })
+            .await
+            .map(|x| format!("rejected: {}", contract_line(&x.into_inner()))),
+        ToolOp::List { tenant, status } => c
+            .list_tool_contracts(aesp::ListToolContractsRequest {
+                tenant_id: tenant,
+                approval_status: status,
+            })
+            .await
+            .map(|x| {
+                let mut lines = vec![format!(
+                    "{:<10} {:<16} {:>3} {:<9} {:<6} {:<20} {:<20} {:<12} SUBMITTED_BY",
+                    "TENANT", "TOOL", "REV", "STATUS", "RISK", "TAGS", "REQUIRED_ROLES", "SHA256"
+                )];
+                lines.extend(x.into_inner().contracts.iter().map(contract_line));
+                lines.join("\n")
+            }),
+    };
+    match out {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            Ok(ExitCode::from(1))
+        }
     }
 }

@@ -146,6 +146,70 @@ async fn reload_policies(
     }
 }
 
+/// The contract registry: the seed file, the host manifest, and the API's contracts from
+/// the control store (`None` when only checking the configuration).
+fn open_governance(
+    cfg: &Config,
+    control: Option<Arc<ControlStore>>,
+) -> Result<crate::governance::Registry, ConfigError> {
+    if cfg.governance.contracts.is_none() {
+        tracing::warn!(
+            "governance.contracts is not set: every tool call is TOOL_NOT_APPROVED until a contract is approved through EnterpriseGovernanceService (docs/governance.md)"
+        );
+    }
+    crate::governance::Registry::open(cfg.governance.clone(), control).map_err(|problem| {
+        let field = if problem.starts_with("governance.host_manifest") {
+            "governance.host_manifest"
+        } else {
+            "governance.contracts"
+        };
+        ConfigError {
+            file: cfg.source.display().to_string(),
+            field: field.into(),
+            problem: problem
+                .strip_prefix(&format!("{field}: "))
+                .unwrap_or(&problem)
+                .to_string(),
+        }
+    })
+}
+
+/// Reads the contract seed file and the host manifest again every
+/// `governance.reload_seconds`; a file that does not load keeps what is in force (logged,
+/// `aesp_config_reload_failures_total`).
+async fn reload_governance(
+    registry: Arc<crate::governance::Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let every = registry.config().reload;
+    // A file that stays broken is reported (and counted) once, not on every check.
+    let mut last_error = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let r = registry.clone();
+        let outcome = match tokio::task::spawn_blocking(move || r.reload()).await {
+            Ok(o) => o,
+            Err(_) => return,
+        };
+        match outcome {
+            Ok(true) => tracing::info!("governance files reloaded"),
+            Ok(false) => {}
+            Err(e) if last_error.as_ref() != Some(&e) => {
+                metrics.config_reload_failures.inc();
+                tracing::error!(error = %e, "governance file not reloaded: what it held stays in force");
+                last_error = Some(e);
+                continue;
+            }
+            Err(_) => continue,
+        }
+        last_error = None;
+    }
+}
+
 /// Validates everything `serve` would need (config and every TLS and key file) without
 /// serving.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
@@ -153,6 +217,7 @@ pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     cfg.auth.verifier(&cfg.source.display().to_string())?;
     load_rbac(cfg)?;
     open_policies(cfg)?;
+    open_governance(cfg, None)?;
     let up = crate::tls::upstream_client_config(cfg)?;
     Upstream::new(cfg, up)?;
     Ok(())
@@ -228,6 +293,7 @@ impl Sidecar {
         };
         let recorder = Recorder::new(metrics.clone(), audit.clone());
         let policies = open_policies(&cfg)?;
+        let governance = Arc::new(open_governance(&cfg, Some(control.clone()))?);
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
@@ -238,6 +304,7 @@ impl Sidecar {
                     .map_or_else(Default::default, |(_, set)| set.clone()),
             )),
             organization_id: Arc::from(cfg.identity.organization_id.as_str()),
+            governance: governance.clone(),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -261,6 +328,15 @@ impl Sidecar {
                 source,
                 cfg.policies_reload,
                 pipeline.policies.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if !cfg.governance.reload.is_zero()
+            && (cfg.governance.contracts.is_some() || cfg.governance.host_manifest.is_some())
+        {
+            tasks.spawn(reload_governance(
+                governance.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             ));
@@ -308,6 +384,14 @@ impl Sidecar {
                 let mut routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
                         crate::admin::identity::IdentityService { shared: shared.clone() },
+                    ),
+                );
+                routes = routes.add_service(
+                    crate::proto::aesp::enterprise_governance_service_server::EnterpriseGovernanceServiceServer::new(
+                        crate::admin::governance::GovernanceService {
+                            shared: shared.clone(),
+                            registry: governance.clone(),
+                        },
                     ),
                 );
                 if let Some(a) = &audit {

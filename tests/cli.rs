@@ -265,9 +265,13 @@ fn demo_runs_its_scenario_on_the_ports_it_is_given_and_writes_its_files() {
     let commands: Vec<&str> = usage
         .lines()
         .map(str::trim_start)
-        .filter(|l| l.contains(" call ") || l.contains(" serve ") || l.contains(" grid-runtime "))
+        .filter(|l| {
+            [" call ", " serve ", " grid-runtime ", " tool "]
+                .iter()
+                .any(|w| l.contains(w))
+        })
         .collect();
-    assert_eq!(commands.len(), 7, "{usage}");
+    assert_eq!(commands.len(), 9, "{usage}");
     for c in commands {
         let first = c.split_whitespace().next().unwrap();
         let resolves = if first == "aesp" {

@@ -147,18 +147,33 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     assert!(cid.len() >= 16, "generated correlation id: {cid:?}");
     assert_eq!(r.correlation_id, cid);
 
-    // Host-level errors (bad arguments) get the same upgrade.
+    // Host-level errors (a session the host does not know) get the same upgrade.
     let r = aware
+        .execute_tool(call(
+            "no-such-session",
+            "add",
+            serde_json::json!({"a": 2, "b": 1}),
+        ))
+        .await
+        .unwrap();
+    let e = r.error_details.unwrap();
+    assert_eq!(e.code, "SESSION_INVALID");
+    assert!(!e.correlation_id.is_empty());
+    // Bad arguments never reach the host: the sidecar checks them against the approved
+    // contract (docs/governance.md).
+    let s = aware
         .execute_tool(call(
             &s_via.session_id,
             "add",
             serde_json::json!({"a": "x", "b": 1}),
         ))
         .await
-        .unwrap();
-    let e = r.error_details.unwrap();
-    assert_eq!(e.code, "SCHEMA_VIOLATION");
-    assert!(!e.correlation_id.is_empty());
+        .unwrap_err();
+    let e = aesp_sidecar::client::enterprise_error(&s).unwrap();
+    assert_eq!(
+        (e.code.as_str(), e.details["path"].as_str()),
+        ("INVALID_ARGUMENTS", "args.a")
+    );
 
     // Streamed errors too (a tool RBAC permits, whose run fails).
     let mut s = aware

@@ -170,14 +170,12 @@ async fn an_assigned_role_takes_effect_on_the_next_call_and_tenant_admins_stay_i
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
     // The very next call of alice, on the same connection, has the new role: the tool now
-    // passes the sidecar and the host answers that it does not know it.
+    // passes RBAC and is stopped by governance (no approved contract for billing_refund).
     let r = raw
         .call("/altar.grid.v1.GridHost/ExecuteTool", &[], billing())
         .await;
-    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
-    let res =
-        aesp_sidecar::proto::aesp::EnterpriseToolResult::decode(&r.messages()[0][..]).unwrap();
-    assert_eq!(res.error_details.unwrap().code, "TOOL_NOT_FOUND");
+    assert_eq!(r.grpc_status(), Some(7), "{r:?}");
+    assert_eq!(r.enterprise_error().unwrap().code, "TOOL_NOT_APPROVED");
     stack.stop().await;
 }
 

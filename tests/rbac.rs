@@ -145,7 +145,7 @@ async fn idp_groups_in_a_token_grant_the_roles_the_rbac_file_binds_them_to() {
         "{:?}",
         sc.roles
     );
-    // tool:*:execute: a tool the host does not know passes the sidecar and the host answers.
+    // tool:*:execute: a tool without a contract passes RBAC and stops at governance.
     let r = raw
         .call(
             "/altar.grid.v1.GridHost/ExecuteTool",
@@ -153,10 +153,11 @@ async fn idp_groups_in_a_token_grant_the_roles_the_rbac_file_binds_them_to() {
             tool_call(&session, "billing_refund"),
         )
         .await;
-    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
-    let res =
-        aesp_sidecar::proto::aesp::EnterpriseToolResult::decode(&r.messages()[0][..]).unwrap();
-    assert_eq!(res.error_details.unwrap().code, "TOOL_NOT_FOUND");
+    assert_eq!(
+        r.enterprise_error().unwrap().code,
+        "TOOL_NOT_APPROVED",
+        "{r:?}"
+    );
     stack.stop().await;
 }
 
@@ -195,7 +196,7 @@ async fn a_changed_rbac_file_is_put_in_force_and_a_broken_one_keeps_the_last_goo
     std::fs::write(&path, &good).unwrap();
     let mut allowed = false;
     for _ in 0..50 {
-        if billing(&mut alice, &session).await.is_none() {
+        if billing(&mut alice, &session).await.as_deref() == Some(PASSED_RBAC) {
             allowed = true;
             break;
         }
@@ -215,12 +216,16 @@ async fn a_changed_rbac_file_is_put_in_force_and_a_broken_one_keeps_the_last_goo
         1
     );
     assert_eq!(
-        billing(&mut alice, &session).await,
-        None,
+        billing(&mut alice, &session).await.as_deref(),
+        Some(PASSED_RBAC),
         "the last good state stays"
     );
     stack.stop().await;
 }
+
+/// What a billing call gets once RBAC lets it through: billing_refund has no approved
+/// contract, so governance, the next check, refuses it.
+const PASSED_RBAC: &str = "TOOL_NOT_APPROVED";
 
 /// A billing tool call of `session`: the sidecar's refusal code, or `None` when it passed.
 async fn billing(raw: &mut common::RawH2, session: &str) -> Option<String> {

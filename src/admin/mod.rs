@@ -4,11 +4,13 @@
 //! verified caller in the request's extensions; each RPC authorizes itself (RBAC, with the
 //! tenant it acts on) and records its refusals through the same recorder.
 //!
-//! Served today: `EnterpriseIdentityService` ([`identity`]) and `EnterpriseAuditService`
-//! ([`audit`], when the audit trail is on). The other services answer `METHOD_NOT_ALLOWED`
+//! Served today: `EnterpriseIdentityService` ([`identity`]), `EnterpriseAuditService`
+//! ([`audit`], when the audit trail is on) and `EnterpriseGovernanceService`
+//! ([`governance`]). The other services answer `METHOD_NOT_ALLOWED`
 //! until they land.
 
 pub mod audit;
+pub mod governance;
 pub mod identity;
 
 use crate::authz::{Authz, Resolved};
@@ -21,9 +23,13 @@ use prost::Message;
 use std::sync::Arc;
 
 /// The RPCs served here; any other path is `METHOD_NOT_ALLOWED`.
-pub const SERVED: [&str; 6] = [
+pub const SERVED: [&str; 10] = [
     "/altar.aesp.v1.EnterpriseAuditService/QueryEvents",
     "/altar.aesp.v1.EnterpriseAuditService/GetComplianceReport",
+    "/altar.aesp.v1.EnterpriseGovernanceService/SubmitToolContract",
+    "/altar.aesp.v1.EnterpriseGovernanceService/ApproveToolContract",
+    "/altar.aesp.v1.EnterpriseGovernanceService/RejectToolContract",
+    "/altar.aesp.v1.EnterpriseGovernanceService/ListToolContracts",
     "/altar.aesp.v1.EnterpriseIdentityService/CreateServiceAccount",
     "/altar.aesp.v1.EnterpriseIdentityService/RevokeServiceAccount",
     "/altar.aesp.v1.EnterpriseIdentityService/AssignRole",
@@ -100,6 +106,18 @@ impl Shared {
         before: serde_json::Value,
         after: serde_json::Value,
     ) {
+        self.changed_on(caller, change, tenant.as_str(), before, after);
+    }
+
+    /// [`Shared::changed`] on `target`: a tenant id, or `""` for what every tenant shares.
+    pub fn changed_on(
+        &self,
+        caller: &ManagementCaller,
+        change: &str,
+        target: &str,
+        before: serde_json::Value,
+        after: serde_json::Value,
+    ) {
         let mut e = crate::audit::event("MANAGEMENT_CHANGE", "INFO");
         e.principal_id = caller.principal.to_string();
         e.tenant_id = caller.tenant.to_string();
@@ -107,7 +125,7 @@ impl Shared {
         e.correlation_id.clone_from(&caller.correlation_id);
         let a = &mut e.attributes;
         a.insert("change".into(), change.into());
-        a.insert("target_tenant".into(), tenant.to_string());
+        a.insert("target_tenant".into(), target.to_string());
         a.insert("before".into(), before.to_string());
         a.insert("after".into(), after.to_string());
         self.recorder.event(e);

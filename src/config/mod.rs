@@ -53,6 +53,8 @@ pub struct Config {
     pub policies: Option<PathBuf>,
     /// How often the policy files are checked for a change (0: read at start only).
     pub policies_reload: Duration,
+    /// Governed tool contracts (docs/governance.md).
+    pub governance: crate::governance::GovernanceConfig,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -217,6 +219,8 @@ struct RawConfig {
     audit: RawAudit,
     policies: Option<RawPolicies>,
     #[serde(default)]
+    governance: RawGovernance,
+    #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
     limits: RawLimits,
@@ -229,6 +233,14 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawPolicies {
     path: Option<String>,
+    reload_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGovernance {
+    contracts: Option<String>,
+    host_manifest: Option<String>,
     reload_seconds: Option<u64>,
 }
 
@@ -488,6 +500,8 @@ impl Validator<'_> {
             }
         };
 
+        let governance = self.governance(raw.governance)?;
+
         let mut passthrough = HashSet::new();
         for (i, m) in raw.passthrough.iter().enumerate() {
             let ok = m.starts_with('/')
@@ -535,10 +549,35 @@ impl Validator<'_> {
             audit,
             policies,
             policies_reload,
+            governance,
             runtime,
             limits,
             passthrough,
             shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.unwrap_or(20)),
+        })
+    }
+
+    fn governance(
+        &self,
+        raw: RawGovernance,
+    ) -> Result<crate::governance::GovernanceConfig, ConfigError> {
+        let file = |field: &str, v: Option<String>, what: &str| match v {
+            None => Ok(None),
+            Some(p) if !p.trim().is_empty() => Ok(Some(self.resolve(&p))),
+            Some(_) => Err(self.err(field, format!("expected {what}, got an empty string"))),
+        };
+        Ok(crate::governance::GovernanceConfig {
+            contracts: file(
+                "governance.contracts",
+                raw.contracts,
+                "the seed file of approved tool contracts (format: docs/governance.md; the repository ships policies/tool-contracts.yaml)",
+            )?,
+            host_manifest: file(
+                "governance.host_manifest",
+                raw.host_manifest,
+                "the GRID host's manifest file (ADM declarations)",
+            )?,
+            reload: Duration::from_secs(raw.reload_seconds.unwrap_or(5)),
         })
     }
 

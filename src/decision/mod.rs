@@ -17,6 +17,7 @@
 
 mod authn;
 mod claims;
+mod governance;
 mod method;
 mod policy;
 mod rbac;
@@ -111,6 +112,9 @@ pub(crate) struct Facts {
     pub correlation_id: String,
     pub tool_name: Option<String>,
     pub session_id: Option<String>,
+    /// The approved tool contract the call runs against (revision, risk, compliance tags
+    /// for the record).
+    pub contract: Option<Arc<crate::proto::aesp::EnterpriseToolContract>>,
     /// Policies that matched (CEL policy ids).
     pub matched_policies: Vec<String>,
     /// Policies in `dry_run` mode that would have denied (recorded, not enforced).
@@ -168,6 +172,7 @@ impl Facts {
             correlation_id: correlation_id.to_string(),
             tool_name: None,
             session_id: None,
+            contract: None,
             matched_policies: Vec::new(),
             dry_run_denied: Vec::new(),
             overwrote_identity: false,
@@ -263,6 +268,8 @@ pub(crate) struct Pipeline {
     pub policies: Arc<arc_swap::ArcSwap<crate::policy::PolicySet>>,
     /// `identity.organization_id`, for the `principal` of the policies.
     pub organization_id: Arc<str>,
+    /// The governed tool contracts (only an approved one runs).
+    pub governance: Arc<crate::governance::Registry>,
 }
 
 impl Pipeline {
@@ -318,6 +325,13 @@ impl Pipeline {
             input.tool_name,
         )?;
         if let Some(tool) = input.tool_name {
+            let c = governance::checked(
+                &self.governance.snapshot(),
+                tenant,
+                tool,
+                &grants,
+                input.args,
+            )?;
             policy::evaluate(
                 &self.policies.load(),
                 &policy::Call {
@@ -328,6 +342,7 @@ impl Pipeline {
                     grants: &grants,
                     organization_id: &self.organization_id,
                     tool,
+                    contract: Some(&c),
                     args: input.args,
                     session_id: input.session_id.unwrap_or(""),
                     method: input.method,
@@ -336,6 +351,7 @@ impl Pipeline {
                 },
                 facts,
             )?;
+            facts.contract = Some(c);
         }
         Ok(Verified {
             identity: id,
@@ -381,6 +397,7 @@ mod tests {
             authz: Arc::new(Authz::new(rbac)),
             policies: Default::default(),
             organization_id: Arc::from(""),
+            governance: Arc::new(crate::governance::Registry::empty()),
         };
         let cache = GrantsCache::default();
         // (identity, route, claims) -> expected code; `None` = allowed.

@@ -22,6 +22,8 @@ pub(crate) struct Call<'a> {
     pub grants: &'a Resolved,
     pub organization_id: &'a str,
     pub tool: &'a str,
+    /// The approved contract the call runs against (the `tool` variable).
+    pub contract: Option<&'a crate::proto::aesp::EnterpriseToolContract>,
     pub args: Option<&'a prost_types::Struct>,
     pub session_id: &'a str,
     pub method: &'a str,
@@ -68,7 +70,7 @@ pub(crate) fn evaluate(set: &PolicySet, c: &Call<'_>, facts: &mut Facts) -> Resu
     let out = set.evaluate(&Input {
         principal: &esc,
         tool_name: c.tool,
-        tool: None,
+        tool: c.contract,
         args: c.args,
         runtime: None,
         session_id: c.session_id,

@@ -155,6 +155,13 @@ fn audit_event(d: Decision<'_>) -> AuditEvent {
     if !facts.dry_run_denied.is_empty() {
         a.insert("dry_run_would_deny".into(), facts.dry_run_denied.join(","));
     }
+    if let Some(c) = &facts.contract {
+        a.insert("tool_revision".into(), c.revision.to_string());
+        a.insert("risk_assessment".into(), c.risk_assessment.clone());
+        if !c.compliance_tags.is_empty() {
+            a.insert("compliance_tags".into(), c.compliance_tags.join(","));
+        }
+    }
     if let Some(den) = denial {
         e.reason_code = den.code.as_str().to_string();
         a.insert("reason".into(), den.message.clone());

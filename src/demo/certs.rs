@@ -205,10 +205,22 @@ pub fn ensure(dir: &Path) -> anyhow::Result<(DevFiles, bool)> {
 /// (an edited copy is kept).
 pub const RBAC_SEED: &str = include_str!("../../policies/rbac.yaml");
 
+/// The contract registry's seed the demo's `sidecar.yaml` names (a copy of
+/// `policies/tool-contracts.yaml`), and the reference host's manifest it takes the
+/// declarations from (also `governance.host_manifest`).
+pub const CONTRACTS_SEED: &str = include_str!("../../policies/tool-contracts.yaml");
+pub const HOST_MANIFEST: &str = crate::adm::EXAMPLE_MANIFEST;
+
 fn write_seeds(dir: &Path) -> anyhow::Result<()> {
-    let p = dir.join("rbac.yaml");
-    if !p.is_file() {
-        write(&p, RBAC_SEED, false)?;
+    for (name, text) in [
+        ("rbac.yaml", RBAC_SEED),
+        ("tool-contracts.yaml", CONTRACTS_SEED),
+        ("grid-manifest.yaml", HOST_MANIFEST),
+    ] {
+        let p = dir.join(name);
+        if !p.is_file() {
+            write(&p, text, false)?;
+        }
     }
     Ok(())
 }

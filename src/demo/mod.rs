@@ -45,6 +45,9 @@ rbac:
   file: rbac.yaml                 # roles, permissions and who holds them (docs/rbac.md); deny unless a binding allows
 audit:
   mode: sync                      # a call goes on once its signed decision record is durable (docs/audit-format.md)
+governance:
+  contracts: tool-contracts.yaml  # approved tool contracts (docs/governance.md); any other tool is TOOL_NOT_APPROVED
+  host_manifest: grid-manifest.yaml # the host's declarations: one that drifts from its approved digest is refused
 runtime:
   security_zone: demo-zone
   deployment_environment: DEV
@@ -389,6 +392,15 @@ fn usage(program: &str, dir: &Path, config: &Path, addrs: &DemoAddrs) -> String 
         format!("{p} call{endpoint} --ca {d}/ca.crt --cert {d}/{stem}.crt --key {d}/{stem}.key")
     };
     let (acme, globex) = (call("acme"), call("globex"));
+    let mgmt = dialable(addrs.management_listen);
+    let mgmt_endpoint = if mgmt == DemoAddrs::default().management_listen {
+        String::new()
+    } else {
+        format!(" --endpoint https://{mgmt}")
+    };
+    let tools = format!(
+        "{p} tool list{mgmt_endpoint} --ca {d}/ca.crt --cert {d}/admin.crt --key {d}/admin.key"
+    );
     let admin = dialable(addrs.admin_listen);
     let grpcurl_target = if data.ip().is_loopback() {
         format!("localhost:{}", data.port())
@@ -405,6 +417,8 @@ Try it yourself:
   {globex} create-session --tenant acme   # IDENTITY_MISMATCH
   {acme} execute --tool billing_refund    # AUTHORIZATION_DENIED (not in alice's role, rbac.yaml)
   {acme} --no-token create-session        # AUTHENTICATION_REQUIRED (clients present a token)
+  {acme} execute --tool delete_records --args '{{\"customer_id\":\"c-17\",\"reason\":\"gdpr-erasure\"}}'   # TOOL_NOT_APPROVED (contract PENDING review)
+  {tools}   # governed tool contracts and their approval (docs/governance.md)
   grpcurl -cacert {d}/ca.crt -cert {d}/acme.crt -key {d}/acme.key -H \"authorization: Bearer $(cat {d}/acme.jwt)\" \\
       -import-path proto -proto altar/grid/v1/grid.proto \\
       -d '{{}}' {grpcurl_target} altar.grid.v1.GridHost/CreateSession

@@ -199,12 +199,25 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
         )
         .await,
     );
-    // Arguments the host's contract refuses.
+    // Arguments the approved contract refuses: the sidecar answers, the host never sees them.
     steps.push(
         execute(
             &alice,
-            "ExecuteTool add {\"a\": \"two\"} (bad arguments)".into(),
+            "ExecuteTool add {\"a\": \"two\"} (bad arguments, checked against the approved contract)".into(),
             call(&session, "add", serde_json::json!({"a": "two"})),
+        )
+        .await,
+    );
+    // A tool whose contract waits for review (tool-contracts.yaml: PENDING).
+    steps.push(
+        execute(
+            &alice,
+            "ExecuteTool delete_records (its contract is PENDING review)".into(),
+            call(
+                &session,
+                "delete_records",
+                serde_json::json!({"customer_id": "c-17", "reason": "gdpr-erasure"}),
+            ),
         )
         .await,
     );

@@ -733,6 +733,56 @@ fn fs_error(path: &Path, e: std::io::Error) -> StoreError {
     redb_error(path, OPENING, REMEDY_CORRUPT, e)
 }
 
+// ------------------------------------------------------------ tables of other modules
+
+/// A raw (key, value) of a table.
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
+/// Tables owned by other modules (the contract registry's `tool_contracts`, ...): raw keys
+/// and values whose format the owner documents and decodes. A table that was never written
+/// reads as empty, so adding one needs no schema change. Writes are like every other:
+/// one `Immediate`, two-phase transaction that bumps `revision`.
+impl ControlStore {
+    /// Every entry of `table`, in key order; empty if the table was never written.
+    pub fn read_table(&self, table: &str) -> Result<Vec<RawEntry>, StoreError> {
+        let err = |e: redb::Error| redb_error(&self.path, "reading", REMEDY_CORRUPT, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let def: TableDefinition<Raw, Raw> = TableDefinition::new(table);
+        let t = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(err(e.into())),
+        };
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes `key` → `value` in `table` (replacing any value), durably, before returning.
+    pub fn put_in(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.io(e))?;
+        txn.set_two_phase_commit(true);
+        {
+            let def: TableDefinition<Raw, Raw> = TableDefinition::new(table);
+            let mut t = txn.open_table(def).map_err(|e| self.io(e))?;
+            t.insert(key, value).map_err(|e| self.io(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let revision = self.read_u64(&meta, REVISION_KEY)?;
+            let next = revision
+                .checked_add(1)
+                .ok_or_else(|| self.corrupt(format!("revision {revision} cannot grow")))?;
+            meta.insert(REVISION_KEY, next.to_le_bytes().as_slice())
+                .map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

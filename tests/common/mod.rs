@@ -49,9 +49,12 @@ bindings:
   - {kind: runtime, tenant: \"*\", roles: [runtime]}
 ";
 
-/// Writes [`PERMISSIVE_RBAC`] as `dir/rbac.yaml`.
+/// Writes [`PERMISSIVE_RBAC`] as `dir/rbac.yaml`, and the demo's tool contracts and host
+/// manifest (`tool-contracts.yaml`, `grid-manifest.yaml`) its `governance:` section names.
 pub fn permissive_rbac(dir: &std::path::Path) {
     std::fs::write(dir.join("rbac.yaml"), PERMISSIVE_RBAC).unwrap();
+    std::fs::write(dir.join("tool-contracts.yaml"), certs::CONTRACTS_SEED).unwrap();
+    std::fs::write(dir.join("grid-manifest.yaml"), certs::HOST_MANIFEST).unwrap();
 }
 
 /// The demo's configuration with every port picked by the OS and `upstream` at `upstream`.
