@@ -340,6 +340,23 @@ impl Sidecar {
         }
         fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
 
+        // Everything that can fail is built before the first listener opens: once a port
+        // answers, the sidecar is up (a supervisor or a test may signal it at once).
+        let shared = crate::admin::Shared {
+            authz: pipeline.authz.clone(),
+            recorder: recorder.clone(),
+            control: control.clone(),
+            own: own.clone(),
+            verifier: verifier.clone(),
+        };
+        let policy_service = crate::admin::policy::PolicyService::new(
+            shared.clone(),
+            installed.clone(),
+            pipeline.clone(),
+            cfg.policies_require_approval,
+            &state,
+        )?;
+
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
         let proxy = Arc::new(Proxy {
@@ -364,13 +381,6 @@ impl Sidecar {
             Some(a) => {
                 let l = bind(a, "management_listen").await?;
                 let addr = l.local_addr()?;
-                let shared = crate::admin::Shared {
-                    authz: pipeline.authz.clone(),
-                    recorder: recorder.clone(),
-                    control: control.clone(),
-                    own: own.clone(),
-                    verifier: verifier.clone(),
-                };
                 let mut routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
                         crate::admin::identity::IdentityService { shared: shared.clone() },
@@ -378,13 +388,7 @@ impl Sidecar {
                 );
                 routes = routes.add_service(
                     crate::proto::aesp::enterprise_policy_service_server::EnterprisePolicyServiceServer::new(
-                        crate::admin::policy::PolicyService::new(
-                            shared.clone(),
-                            installed.clone(),
-                            pipeline.clone(),
-                            cfg.policies_require_approval,
-                            &state,
-                        )?,
+                        policy_service,
                     ),
                 );
                 if let Some(a) = &audit {
