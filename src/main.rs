@@ -139,9 +139,330 @@ enum PolicyOp {
         #[arg(long, value_name = "DIR|FILE")]
         policies: Option<PathBuf>,
     },
+    /// ListPolicies of a running sidecar: the policies in force that you may read (files'
+    /// and the API's), one a line.
+    List {
+        #[command(flatten)]
+        conn: Management,
+        /// Only this tenant's policies.
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+    },
+    /// GetPolicy: one policy in force, as YAML.
+    Get {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "POLICY_ID")]
+        id: String,
+    },
+    /// Applies every policy of a policy file through the API of a running sidecar: created
+    /// when its id is new, updated (against the version in force) when it changed. Exit 1
+    /// if any was refused.
+    Apply {
+        #[command(flatten)]
+        conn: Management,
+        /// A policy file (the format of docs/policies.md).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// DeletePolicy (an API policy).
+    Delete {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "POLICY_ID")]
+        id: String,
+        /// Refuse unless the policy is at this version (0: any).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        expected_version: u64,
+    },
+    /// EnablePolicy (an API policy).
+    Enable {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "POLICY_ID")]
+        id: String,
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        expected_version: u64,
+    },
+    /// DisablePolicy (an API policy): validated, kept, never applied.
+    Disable {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "POLICY_ID")]
+        id: String,
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        expected_version: u64,
+    },
+    /// ListPendingPolicyChanges (policies.require_approval).
+    Pending {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+    },
+    /// ApprovePolicyChange: puts another principal's pending change in force.
+    Approve {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "CHANGE_ID")]
+        change_id: String,
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        comment: String,
+    },
+    /// RejectPolicyChange: drops a pending change (its author may withdraw it).
+    Reject {
+        #[command(flatten)]
+        conn: Management,
+        #[arg(value_name = "CHANGE_ID")]
+        change_id: String,
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        comment: String,
+    },
 }
 
-/// `aesp policy lint|test`.
+/// One line of `aesp policy list`.
+fn policy_line(p: &aesp_sidecar::proto::aesp::Policy) -> String {
+    format!(
+        "{:<28} v{:<3} {:<5} {:<8} {:<8} tenant={:<8} tools={} source={}{}",
+        p.policy_id,
+        p.version,
+        p.effect,
+        if p.mode.is_empty() {
+            "ENFORCE"
+        } else {
+            &p.mode
+        },
+        if p.enabled { "enabled" } else { "disabled" },
+        if p.tenant_id.is_empty() {
+            "*"
+        } else {
+            &p.tenant_id
+        },
+        if p.tools.is_empty() {
+            "*".to_string()
+        } else {
+            p.tools.join(",")
+        },
+        p.source,
+        if p.change_id.is_empty() {
+            String::new()
+        } else {
+            format!(" status={} change_id={}", p.status, p.change_id)
+        }
+    )
+}
+
+/// `aesp policy list|get|apply|delete|enable|disable|pending|approve|reject` against a
+/// running sidecar.
+async fn policy_remote(op: PolicyOp) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::policy::PolicySpec;
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_policy_service_client::EnterprisePolicyServiceClient;
+    let conn = match &op {
+        PolicyOp::List { conn, .. }
+        | PolicyOp::Get { conn, .. }
+        | PolicyOp::Apply { conn, .. }
+        | PolicyOp::Delete { conn, .. }
+        | PolicyOp::Enable { conn, .. }
+        | PolicyOp::Disable { conn, .. }
+        | PolicyOp::Pending { conn, .. }
+        | PolicyOp::Approve { conn, .. }
+        | PolicyOp::Reject { conn, .. } => conn,
+        PolicyOp::Lint { .. } | PolicyOp::Test { .. } => return policy(op),
+    };
+    let mut c = EnterprisePolicyServiceClient::new(management_channel(conn).await?);
+    let change = |id: String, expected_version: u64| aesp::PolicyChangeRequest {
+        policy_id: id,
+        expected_version,
+    };
+    let out: Result<String, tonic::Status> = match op {
+        PolicyOp::List { tenant, .. } => c
+            .list_policies(aesp::ListPoliciesRequest { tenant_id: tenant })
+            .await
+            .map(|r| {
+                let ps = r.into_inner().policies;
+                let mut out = format!("{} policies", ps.len());
+                for p in &ps {
+                    out.push_str("\n  ");
+                    out.push_str(&policy_line(p));
+                }
+                out
+            }),
+        PolicyOp::Get { id, .. } => c
+            .get_policy(aesp::GetPolicyRequest { policy_id: id })
+            .await
+            .map(|r| {
+                let p = r.into_inner();
+                let spec = PolicySpec::from_proto(&p)
+                    .ok()
+                    .and_then(|s| serde_norway::to_string(&s).ok())
+                    .unwrap_or_default();
+                format!(
+                    "# source: {}; updated by {} at {}\n{spec}",
+                    p.source, p.updated_by, p.updated_at
+                )
+            }),
+        PolicyOp::Apply { file, .. } => return policy_apply(&mut c, &file).await,
+        PolicyOp::Delete {
+            id,
+            expected_version,
+            ..
+        } => c
+            .delete_policy(change(id, expected_version))
+            .await
+            .map(|r| policy_line(&r.into_inner())),
+        PolicyOp::Enable {
+            id,
+            expected_version,
+            ..
+        } => c
+            .enable_policy(change(id, expected_version))
+            .await
+            .map(|r| policy_line(&r.into_inner())),
+        PolicyOp::Disable {
+            id,
+            expected_version,
+            ..
+        } => c
+            .disable_policy(change(id, expected_version))
+            .await
+            .map(|r| policy_line(&r.into_inner())),
+        PolicyOp::Pending { tenant, .. } => c
+            .list_pending_policy_changes(aesp::ListPendingPolicyChangesRequest {
+                tenant_id: tenant,
+            })
+            .await
+            .map(|r| {
+                let cs = r.into_inner().changes;
+                let mut out = format!("{} pending change(s)", cs.len());
+                for ch in &cs {
+                    out.push_str(&format!(
+                        "\n  {} {} {} (against v{}) by {}",
+                        ch.change_id, ch.action, ch.policy_id, ch.base_version, ch.requested_by
+                    ));
+                }
+                out
+            }),
+        PolicyOp::Approve {
+            change_id, comment, ..
+        } => c
+            .approve_policy_change(aesp::ReviewPolicyChangeRequest { change_id, comment })
+            .await
+            .map(|r| {
+                let ch = r.into_inner();
+                format!(
+                    "{} {}: {} {}",
+                    ch.change_id, ch.status, ch.action, ch.policy_id
+                )
+            }),
+        PolicyOp::Reject {
+            change_id, comment, ..
+        } => c
+            .reject_policy_change(aesp::ReviewPolicyChangeRequest { change_id, comment })
+            .await
+            .map(|r| {
+                let ch = r.into_inner();
+                format!(
+                    "{} {}: {} {}",
+                    ch.change_id, ch.status, ch.action, ch.policy_id
+                )
+            }),
+        PolicyOp::Lint { .. } | PolicyOp::Test { .. } => unreachable_local(),
+    };
+    match out {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Lint and test were dispatched before a connection was made.
+fn unreachable_local() -> Result<String, tonic::Status> {
+    Err(tonic::Status::internal(
+        "an offline command reached the remote path",
+    ))
+}
+
+/// `aesp policy apply FILE`: validated locally (the same validation the API applies), then
+/// each policy created or updated through the API.
+async fn policy_apply(
+    c: &mut aesp_sidecar::proto::aesp::enterprise_policy_service_client::EnterprisePolicyServiceClient<client::GridChannel>,
+    file: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::policy::{self, PolicySpec};
+    use aesp_sidecar::proto::aesp;
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    let policies = match policy::parse(&text, &file.display().to_string()) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!(
+                "{}: {} error(s); nothing applied",
+                file.display(),
+                errors.0.len()
+            );
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut failed = 0;
+    for p in &policies {
+        let spec = p.spec();
+        let proto = spec.to_proto();
+        let outcome = match c
+            .get_policy(aesp::GetPolicyRequest {
+                policy_id: spec.id.clone(),
+            })
+            .await
+        {
+            Err(s) if s.code() == tonic::Code::NotFound => c
+                .create_policy(aesp::CreatePolicyRequest {
+                    policy: Some(proto),
+                })
+                .await
+                .map(|r| format!("created  {}", policy_line(&r.into_inner()))),
+            Err(s) => Err(s),
+            Ok(current) => {
+                let current = current.into_inner();
+                let same = PolicySpec::from_proto(&current).is_ok_and(|mut cur| {
+                    cur.version = spec.version;
+                    cur == *spec
+                });
+                if same {
+                    Ok(format!("unchanged {}", policy_line(&current)))
+                } else {
+                    c.update_policy(aesp::UpdatePolicyRequest {
+                        expected_version: current.version,
+                        policy: Some(proto),
+                    })
+                    .await
+                    .map(|r| format!("updated  {}", policy_line(&r.into_inner())))
+                }
+            }
+        };
+        match outcome {
+            Ok(line) => println!("{line}"),
+            Err(s) => {
+                failed += 1;
+                println!("refused  {}: {}", spec.id, client::describe_status(&s));
+            }
+        }
+    }
+    println!("{} applied, {failed} refused", policies.len() - failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `aesp policy lint|test` (offline).
 fn policy(op: PolicyOp) -> anyhow::Result<ExitCode> {
     use aesp_sidecar::policy::{self, CaseFile, Mode};
     let load = |path: &std::path::Path| match policy::load(path) {
@@ -220,6 +541,7 @@ fn policy(op: PolicyOp) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        _ => anyhow::bail!("this policy command talks to a running sidecar"),
     }
 }
 
@@ -814,7 +1136,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Call(args) => call(args).await,
         Cmd::Identity(args) => identity(args).await,
-        Cmd::Policy(op) => policy(op),
+        Cmd::Policy(op) => policy_remote(op).await,
         Cmd::Audit(AuditOp::Query { conn, filter }) => {
             audit_query(&conn, filter.request(false)).await
         }

@@ -108,12 +108,15 @@ fn open_policies(
         })
 }
 
-/// Puts changed policy files in force, checked every `policies.reload_seconds`; files that
-/// do not load keep the set in force (logged, `aesp_config_reload_failures_total`).
+/// Puts changed policy files in force beside the API's policies, checked every
+/// `policies.reload_seconds`; files that do not load, or that take an id of the API's
+/// policies, keep the set in force (logged, `aesp_config_reload_failures_total`). A reload
+/// put in force is audited (`POLICY_CHANGED`, the ids added, changed and removed).
 async fn reload_policies(
     mut source: crate::policy::PolicySource,
     every: Duration,
-    into: Arc<arc_swap::ArcSwap<crate::policy::PolicySet>>,
+    installed: Arc<crate::policy::Installed>,
+    recorder: Recorder,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -135,8 +138,18 @@ async fn reload_policies(
         match r {
             Ok(None) => {}
             Ok(Some(set)) => {
-                tracing::info!(path = %source.path().display(), policies = set.len(), "policies reloaded");
-                into.store(set);
+                let before = installed.files();
+                match installed.set_files(set.clone()) {
+                    Ok(()) => {
+                        tracing::info!(path = %source.path().display(), policies = set.len(), "policies reloaded");
+                        recorder.event(policy_files_event(source.path(), &before, &set));
+                    }
+                    Err(e) => {
+                        source.forget();
+                        metrics.config_reload_failures.inc();
+                        tracing::error!(path = %source.path().display(), error = %e, "policy files not reloaded: an id of theirs is a policy managed through the API; the policies in force stay");
+                    }
+                }
             }
             Err(e) => {
                 metrics.config_reload_failures.inc();
@@ -208,6 +221,38 @@ async fn reload_governance(
         }
         last_error = None;
     }
+}
+
+/// The audit event of a policy file reload: which ids were added, changed, removed.
+fn policy_files_event(
+    path: &std::path::Path,
+    before: &crate::policy::PolicySet,
+    after: &crate::policy::PolicySet,
+) -> crate::proto::aesp::AuditEvent {
+    let mut added = Vec::new();
+    let mut changed = Vec::new();
+    for p in after.policies() {
+        match before.get(p.id()) {
+            None => added.push(p.id()),
+            Some(b) if b.spec() != p.spec() => changed.push(p.id()),
+            Some(_) => {}
+        }
+    }
+    let removed: Vec<&str> = before
+        .policies()
+        .iter()
+        .map(|p| p.id())
+        .filter(|id| after.get(id).is_none())
+        .collect();
+    let mut e = crate::audit::event("POLICY_CHANGED", "INFO");
+    let a = &mut e.attributes;
+    a.insert("source".into(), "file".into());
+    a.insert("path".into(), path.display().to_string());
+    a.insert("policies".into(), after.len().to_string());
+    a.insert("added".into(), added.join(","));
+    a.insert("changed".into(), changed.join(","));
+    a.insert("removed".into(), removed.join(","));
+    e
 }
 
 /// Validates everything `serve` would need (config and every TLS and key file) without
@@ -294,15 +339,35 @@ impl Sidecar {
         let recorder = Recorder::new(metrics.clone(), audit.clone());
         let policies = open_policies(&cfg)?;
         let governance = Arc::new(open_governance(&cfg, Some(control.clone()))?);
+        let api_policies = crate::admin::policy::compile_stored(&state.policies).map_err(|e| {
+            anyhow::anyhow!(
+                "the policies managed through the API (in {}) do not compile: {e}",
+                control.path().display()
+            )
+        })?;
+        let in_force = Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::policy::PolicySet::empty(),
+        ));
+        let installed = Arc::new(
+            crate::policy::Installed::new(
+                policies
+                    .as_ref()
+                    .map_or_else(Default::default, |(_, set)| set.clone()),
+                Arc::new(api_policies),
+                in_force.clone(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "a policy id is both in policies.path and managed through the API (in {}); rename or remove one of them: {e}",
+                    control.path().display()
+                )
+            })?,
+        );
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
             authz: Arc::new(Authz::new(rbac)),
-            policies: Arc::new(arc_swap::ArcSwap::new(
-                policies
-                    .as_ref()
-                    .map_or_else(Default::default, |(_, set)| set.clone()),
-            )),
+            policies: in_force,
             organization_id: Arc::from(cfg.identity.organization_id.as_str()),
             governance: governance.clone(),
         };
@@ -327,7 +392,8 @@ impl Sidecar {
             tasks.spawn(reload_policies(
                 source,
                 cfg.policies_reload,
-                pipeline.policies.clone(),
+                installed.clone(),
+                recorder.clone(),
                 metrics.clone(),
                 shutdown.clone(),
             ));
@@ -349,6 +415,23 @@ impl Sidecar {
             ));
         }
         fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
+
+        // Everything that can fail is built before the first listener opens: once a port
+        // answers, the sidecar is up (a supervisor or a test may signal it at once).
+        let shared = crate::admin::Shared {
+            authz: pipeline.authz.clone(),
+            recorder: recorder.clone(),
+            control: control.clone(),
+            own: own.clone(),
+            verifier: verifier.clone(),
+        };
+        let policy_service = crate::admin::policy::PolicyService::new(
+            shared.clone(),
+            installed.clone(),
+            pipeline.clone(),
+            cfg.policies_require_approval,
+            &state,
+        )?;
 
         let data = bind(cfg.listen, "listen").await?;
         let data_addr = data.local_addr()?;
@@ -374,13 +457,6 @@ impl Sidecar {
             Some(a) => {
                 let l = bind(a, "management_listen").await?;
                 let addr = l.local_addr()?;
-                let shared = crate::admin::Shared {
-                    authz: pipeline.authz.clone(),
-                    recorder: recorder.clone(),
-                    control: control.clone(),
-                    own: own.clone(),
-                    verifier: verifier.clone(),
-                };
                 let mut routes = tonic::service::Routes::new(
                     crate::proto::aesp::enterprise_identity_service_server::EnterpriseIdentityServiceServer::new(
                         crate::admin::identity::IdentityService { shared: shared.clone() },
@@ -392,6 +468,11 @@ impl Sidecar {
                             shared: shared.clone(),
                             registry: governance.clone(),
                         },
+                    ),
+                );
+                routes = routes.add_service(
+                    crate::proto::aesp::enterprise_policy_service_server::EnterprisePolicyServiceServer::new(
+                        policy_service,
                     ),
                 );
                 if let Some(a) = &audit {

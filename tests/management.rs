@@ -79,7 +79,7 @@ async fn permissions_answer_what_enforcement_does_and_only_to_whom_they_may() {
     let ch = client::channel(&ep, Some(&stack.tls("admin")))
         .await
         .unwrap();
-    let e = client::call_raw(ch, "/altar.aesp.v1.EnterprisePolicyService/CreatePolicy")
+    let e = client::call_raw(ch, "/altar.aesp.v1.EnterpriseCostService/SetBudget")
         .await
         .unwrap_err();
     assert_eq!(code(&e), "METHOD_NOT_ALLOWED");

@@ -4,14 +4,15 @@
 //! verified caller in the request's extensions; each RPC authorizes itself (RBAC, with the
 //! tenant it acts on) and records its refusals through the same recorder.
 //!
-//! Served today: `EnterpriseIdentityService` ([`identity`]), `EnterpriseAuditService`
-//! ([`audit`], when the audit trail is on) and `EnterpriseGovernanceService`
-//! ([`governance`]). The other services answer `METHOD_NOT_ALLOWED`
+//! Served today: `EnterpriseIdentityService` ([`identity`]), `EnterprisePolicyService`
+//! ([`policy`]), `EnterpriseGovernanceService` ([`governance`]) and `EnterpriseAuditService`
+//! ([`audit`], when the audit trail is on). The other services answer `METHOD_NOT_ALLOWED`
 //! until they land.
 
 pub mod audit;
 pub mod governance;
 pub mod identity;
+pub mod policy;
 
 use crate::authz::{Authz, Resolved};
 use crate::decision::{Facts, Recorder, Stage};
@@ -23,7 +24,7 @@ use prost::Message;
 use std::sync::Arc;
 
 /// The RPCs served here; any other path is `METHOD_NOT_ALLOWED`.
-pub const SERVED: [&str; 10] = [
+pub const SERVED: [&str; 21] = [
     "/altar.aesp.v1.EnterpriseAuditService/QueryEvents",
     "/altar.aesp.v1.EnterpriseAuditService/GetComplianceReport",
     "/altar.aesp.v1.EnterpriseGovernanceService/SubmitToolContract",
@@ -34,6 +35,17 @@ pub const SERVED: [&str; 10] = [
     "/altar.aesp.v1.EnterpriseIdentityService/RevokeServiceAccount",
     "/altar.aesp.v1.EnterpriseIdentityService/AssignRole",
     "/altar.aesp.v1.EnterpriseIdentityService/GetPrincipalPermissions",
+    "/altar.aesp.v1.EnterprisePolicyService/CreatePolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/UpdatePolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/TestPolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/ListPolicies",
+    "/altar.aesp.v1.EnterprisePolicyService/GetPolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/DeletePolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/EnablePolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/DisablePolicy",
+    "/altar.aesp.v1.EnterprisePolicyService/ListPendingPolicyChanges",
+    "/altar.aesp.v1.EnterprisePolicyService/ApprovePolicyChange",
+    "/altar.aesp.v1.EnterprisePolicyService/RejectPolicyChange",
 ];
 
 /// Whether the management listener serves `path`.
@@ -94,6 +106,52 @@ impl Shared {
             );
         }
         Err(self.refuse(caller, d))
+    }
+
+    /// `caller` may use `permission` on `tenant`, or, for `None` (what belongs to no tenant,
+    /// such as a policy that applies to every tenant), on every tenant: a binding with scope
+    /// `platform` must grant it. Else a recorded `AUTHORIZATION_DENIED`.
+    pub fn require_scope(
+        &self,
+        caller: &ManagementCaller,
+        permission: &str,
+        tenant: Option<&TenantId>,
+    ) -> Result<(), tonic::Status> {
+        match tenant {
+            Some(t) => self.require(caller, permission, t),
+            None if caller.grants.grants.platform_allows(permission) => Ok(()),
+            None => Err(self.refuse(
+                caller,
+                Denial::new(
+                    ErrorCode::AuthorizationDenied,
+                    format!(
+                        "{} of tenant {} lacks the permission {permission} on every tenant (platform scope)",
+                        caller.principal, caller.tenant
+                    ),
+                )
+                .detail("permission", permission)
+                .detail("target_tenant", "*")
+                .detail("roles", caller.grants.grants.roles().join(","))
+                .detail(
+                    "reason",
+                    "what applies to every tenant needs a binding with scope platform",
+                ),
+            )),
+        }
+    }
+
+    /// Whether `caller` may use `permission` on `tenant` (`None`: platform scope), without
+    /// recording anything: for filtering what a listing shows.
+    pub fn may(
+        &self,
+        caller: &ManagementCaller,
+        permission: &str,
+        tenant: Option<&TenantId>,
+    ) -> bool {
+        match tenant {
+            Some(t) => caller.grants.grants.allows(permission, t, &caller.tenant),
+            None => caller.grants.grants.platform_allows(permission),
+        }
     }
 
     /// Records a change made through the management API: `MANAGEMENT_CHANGE`, what changed

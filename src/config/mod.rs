@@ -55,6 +55,9 @@ pub struct Config {
     pub policies_reload: Duration,
     /// Governed tool contracts (docs/governance.md).
     pub governance: crate::governance::GovernanceConfig,
+    /// `policies.require_approval`: a change made through `EnterprisePolicyService` waits
+    /// as a pending revision until a second principal approves it (default false).
+    pub policies_require_approval: bool,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -234,6 +237,7 @@ struct RawConfig {
 struct RawPolicies {
     path: Option<String>,
     reload_seconds: Option<u64>,
+    require_approval: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -489,9 +493,16 @@ impl Validator<'_> {
                 .and_then(|p| p.reload_seconds)
                 .unwrap_or(5),
         );
-        let policies = match raw.policies.map(|p| p.path) {
+        let policies_require_approval = raw
+            .policies
+            .as_ref()
+            .and_then(|p| p.require_approval)
+            .unwrap_or(false);
+        let policies = match raw.policies.map(|p| (p.path, p.require_approval)) {
             None => None,
-            Some(Some(p)) if !p.trim().is_empty() => Some(self.resolve(&p)),
+            // `policies: {require_approval: true}` alone: API-managed policies only.
+            Some((None, Some(_))) => None,
+            Some((Some(p), _)) if !p.trim().is_empty() => Some(self.resolve(&p)),
             Some(_) => {
                 return Err(self.err(
                     "policies.path",
@@ -550,6 +561,7 @@ impl Validator<'_> {
             policies,
             policies_reload,
             governance,
+            policies_require_approval,
             runtime,
             limits,
             passthrough,

@@ -296,6 +296,12 @@ impl PolicySet {
         Ok(PolicySet { policies, root })
     }
 
+    /// The policies of `a` and of `b` in one set (the files' and the API's); refused, each
+    /// clash named with both origins, when an id is in both.
+    pub fn merged(a: &PolicySet, b: &PolicySet) -> Result<PolicySet, PolicyErrors> {
+        PolicySet::from_shared(a.policies.iter().chain(&b.policies).cloned().collect())
+    }
+
     /// Every policy, disabled ones included, in id order.
     pub fn policies(&self) -> &[Arc<Policy>] {
         &self.policies

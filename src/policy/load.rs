@@ -134,6 +134,13 @@ impl PolicySource {
         &self.path
     }
 
+    /// Forgets what was last loaded, so the next [`PolicySource::reload`] hands back the
+    /// set even when the files did not change (a set that loaded but could not be put in
+    /// force, an id clash with the API's policies, is reported again at the next check).
+    pub fn forget(&mut self) {
+        self.digest = None;
+    }
+
     /// Reads the files again: `Ok(Some(set))` when they changed and load, `Ok(None)` when
     /// they are as last loaded, `Err` when they do not load (keep the set in force; the
     /// same broken files are reported again at the next call).

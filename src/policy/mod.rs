@@ -62,12 +62,14 @@ mod cases;
 mod condition;
 mod engine;
 mod input;
+mod installed;
 mod load;
 mod spec;
 
 pub use cases::{CaseFile, CaseReport, run_cases};
 pub use condition::{ConditionError, MAX_CONDITION_LEN};
 pub use engine::{Outcome, Policy, PolicyError, PolicyErrors, PolicySet, Reason, Verdict};
+pub use installed::Installed;
 pub use load::{MAX_FILE_LEN, PolicySource, files, load, parse};
 pub use spec::{Effect, Mode, PolicySpec};
 

@@ -6,9 +6,9 @@
 //! whole state and builds a new immutable snapshot that it swaps in atomically. The state is
 //! small and changed rarely, so reading it whole is the simple thing and cheap.
 //!
-//! # On disk (schema version 1)
+//! # On disk (schema version 2)
 //!
-//! Three redb tables, keys and values all raw bytes (`&[u8]`, so a damaged value is a
+//! Five redb tables, keys and values all raw bytes (`&[u8]`, so a damaged value is a
 //! decoding error here, never a panic in redb's typed decoders):
 //!
 //! | table              | key                                                    | value                         |
@@ -16,10 +16,14 @@
 //! | `meta`             | `schema_version`, `revision`                           | u64, 8 bytes little-endian    |
 //! | `bindings`         | JSON `[scope, tenant or "*", subject kind, name, role]` | JSON object, see [`BindingRecord`] |
 //! | `service_accounts` | the principal id (UTF-8)                               | JSON object, see [`ServiceAccountRecord`] |
+//! | `policies`         | the policy id (UTF-8)                                  | JSON object, see [`PolicyRecord`] (since version 2) |
+//! | `policy_changes`   | the change id (UTF-8)                                  | JSON object, see [`PolicyChangeRecord`] (since version 2) |
 //!
 //! Values are serde_json objects of private `*V1` types, decoded strictly (unknown fields
 //! refused; ids validated as [`crate::ids`] does). A format change bumps [`SCHEMA_VERSION`];
-//! a file with another version is refused with [`StoreError::Schema`].
+//! a file with another version is refused with [`StoreError::Schema`], except the versions
+//! this one migrates when it opens them: version 1 (no policy tables) gains the two empty
+//! policy tables and becomes version 2, in one transaction.
 //!
 //! # Invariants
 //!
@@ -41,6 +45,7 @@
 use super::{OPENING, StoreError, redb_error};
 use crate::authz::rbac::{Binding, BindingSubject, BindingTenant, Scope};
 use crate::ids::{PeerKind, PrincipalId, TenantId};
+use crate::policy::{Effect, Mode, PolicySpec};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::fs::{self, OpenOptions};
@@ -52,12 +57,14 @@ pub const FILE_NAME: &str = "control.redb";
 /// Where a new store is built before it is linked into place.
 const NEW_FILE_NAME: &str = "control.redb.new";
 /// The format this sidecar reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 type Raw = &'static [u8];
 const META: TableDefinition<Raw, Raw> = TableDefinition::new("meta");
 const BINDINGS: TableDefinition<Raw, Raw> = TableDefinition::new("bindings");
 const SERVICE_ACCOUNTS: TableDefinition<Raw, Raw> = TableDefinition::new("service_accounts");
+const POLICIES: TableDefinition<Raw, Raw> = TableDefinition::new("policies");
+const POLICY_CHANGES: TableDefinition<Raw, Raw> = TableDefinition::new("policy_changes");
 const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 const REVISION_KEY: &[u8] = b"revision";
 
@@ -146,13 +153,88 @@ pub struct ServiceAccountRecord {
     pub credential_expires_at: u64,
 }
 
+/// A policy managed through `EnterprisePolicyService`: its spec as in force (validated by
+/// the service before it is written; compiled again at each start) and who changed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyRecord {
+    pub spec: PolicySpec,
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub updated_by: String,
+    /// Unix seconds.
+    pub updated_at: u64,
+}
+
+/// What a pending policy change does once approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyAction {
+    Create,
+    Update,
+    Delete,
+    Enable,
+    Disable,
+}
+
+impl PolicyAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyAction::Create => "CREATE",
+            PolicyAction::Update => "UPDATE",
+            PolicyAction::Delete => "DELETE",
+            PolicyAction::Enable => "ENABLE",
+            PolicyAction::Disable => "DISABLE",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PolicyAction> {
+        Some(match s {
+            "CREATE" => PolicyAction::Create,
+            "UPDATE" => PolicyAction::Update,
+            "DELETE" => PolicyAction::Delete,
+            "ENABLE" => PolicyAction::Enable,
+            "DISABLE" => PolicyAction::Disable,
+            _ => return None,
+        })
+    }
+}
+
+/// A governed policy change (`policies.require_approval`) waiting for a second principal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyChangeRecord {
+    pub change_id: String,
+    pub action: PolicyAction,
+    pub policy_id: String,
+    /// The policy as the change leaves it (for `Delete`, the policy as it was proposed
+    /// for deletion).
+    pub proposed: PolicySpec,
+    /// The version of the policy the change applies to; 0 for `Create`.
+    pub base_version: u64,
+    pub requested_by: String,
+    /// Unix seconds.
+    pub requested_at: u64,
+}
+
+/// One policy write: everything in it commits in one transaction, or nothing does.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyBatch {
+    pub put_policies: Vec<PolicyRecord>,
+    pub delete_policies: Vec<String>,
+    pub put_changes: Vec<PolicyChangeRecord>,
+    pub delete_changes: Vec<String>,
+}
+
 /// Everything the store holds, read in one transaction (so consistent with itself).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ControlState {
     /// Ordered by key (scope, tenant, subject kind, subject, role).
     pub bindings: Vec<BindingRecord>,
     /// Ordered by principal id.
     pub service_accounts: Vec<ServiceAccountRecord>,
+    /// Policies managed through the API, ordered by id.
+    pub policies: Vec<PolicyRecord>,
+    /// Pending policy changes, ordered by change id.
+    pub policy_changes: Vec<PolicyChangeRecord>,
     /// Bumped by every write that changed something; 0 for a new store.
     pub revision: u64,
 }
@@ -210,6 +292,159 @@ struct ServiceAccountV1 {
     revoked_at: u64,
     revoke_reason: String,
     credential_expires_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySpecV1 {
+    id: String,
+    description: String,
+    tenant: String,
+    /// `ALLOW` or `DENY`.
+    effect: String,
+    tools: Vec<String>,
+    methods: Vec<String>,
+    condition: String,
+    /// `enforce` or `dry_run`.
+    mode: String,
+    enabled: bool,
+    version: u64,
+    compliance_impact: String,
+    remediation_steps: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyV1 {
+    spec: PolicySpecV1,
+    created_by: String,
+    created_at: u64,
+    updated_by: String,
+    updated_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyChangeV1 {
+    change_id: String,
+    /// `CREATE`, `UPDATE`, `DELETE`, `ENABLE`, `DISABLE`.
+    action: String,
+    policy_id: String,
+    proposed: PolicySpecV1,
+    base_version: u64,
+    requested_by: String,
+    requested_at: u64,
+}
+
+impl From<&PolicySpec> for PolicySpecV1 {
+    fn from(s: &PolicySpec) -> PolicySpecV1 {
+        PolicySpecV1 {
+            id: s.id.clone(),
+            description: s.description.clone(),
+            tenant: s.tenant.clone(),
+            effect: s.effect.as_str().to_string(),
+            tools: s.tools.clone(),
+            methods: s.methods.clone(),
+            condition: s.condition.clone(),
+            mode: s.mode.as_str().to_string(),
+            enabled: s.enabled,
+            version: s.version,
+            compliance_impact: s.compliance_impact.clone(),
+            remediation_steps: s.remediation_steps.clone(),
+        }
+    }
+}
+
+impl TryFrom<PolicySpecV1> for PolicySpec {
+    type Error = String;
+
+    fn try_from(v: PolicySpecV1) -> Result<PolicySpec, String> {
+        if !crate::ids::valid_segment(&v.id) {
+            return Err(format!("invalid policy id {:?}", v.id));
+        }
+        Ok(PolicySpec {
+            effect: match v.effect.as_str() {
+                "ALLOW" => Effect::Allow,
+                "DENY" => Effect::Deny,
+                e => return Err(format!("policy {:?}: invalid effect {e:?}", v.id)),
+            },
+            mode: match v.mode.as_str() {
+                "enforce" => Mode::Enforce,
+                "dry_run" => Mode::DryRun,
+                m => return Err(format!("policy {:?}: invalid mode {m:?}", v.id)),
+            },
+            id: v.id,
+            description: v.description,
+            tenant: v.tenant,
+            tools: v.tools,
+            methods: v.methods,
+            condition: v.condition,
+            enabled: v.enabled,
+            version: v.version,
+            compliance_impact: v.compliance_impact,
+            remediation_steps: v.remediation_steps,
+        })
+    }
+}
+
+impl From<&PolicyRecord> for PolicyV1 {
+    fn from(r: &PolicyRecord) -> PolicyV1 {
+        PolicyV1 {
+            spec: PolicySpecV1::from(&r.spec),
+            created_by: r.created_by.clone(),
+            created_at: r.created_at,
+            updated_by: r.updated_by.clone(),
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+impl TryFrom<PolicyV1> for PolicyRecord {
+    type Error = String;
+
+    fn try_from(v: PolicyV1) -> Result<PolicyRecord, String> {
+        Ok(PolicyRecord {
+            spec: PolicySpec::try_from(v.spec)?,
+            created_by: v.created_by,
+            created_at: v.created_at,
+            updated_by: v.updated_by,
+            updated_at: v.updated_at,
+        })
+    }
+}
+
+impl From<&PolicyChangeRecord> for PolicyChangeV1 {
+    fn from(r: &PolicyChangeRecord) -> PolicyChangeV1 {
+        PolicyChangeV1 {
+            change_id: r.change_id.clone(),
+            action: r.action.as_str().to_string(),
+            policy_id: r.policy_id.clone(),
+            proposed: PolicySpecV1::from(&r.proposed),
+            base_version: r.base_version,
+            requested_by: r.requested_by.clone(),
+            requested_at: r.requested_at,
+        }
+    }
+}
+
+impl TryFrom<PolicyChangeV1> for PolicyChangeRecord {
+    type Error = String;
+
+    fn try_from(v: PolicyChangeV1) -> Result<PolicyChangeRecord, String> {
+        if !crate::ids::valid_segment(&v.change_id) {
+            return Err(format!("invalid change id {:?}", v.change_id));
+        }
+        Ok(PolicyChangeRecord {
+            action: PolicyAction::parse(&v.action)
+                .ok_or_else(|| format!("invalid action {:?}", v.action))?,
+            change_id: v.change_id,
+            policy_id: v.policy_id,
+            proposed: PolicySpec::try_from(v.proposed)?,
+            base_version: v.base_version,
+            requested_by: v.requested_by,
+            requested_at: v.requested_at,
+        })
+    }
 }
 
 fn subject_parts(s: &BindingSubject) -> (&'static str, &str) {
@@ -341,11 +576,13 @@ enum Outcome<R> {
     Unchanged(R),
 }
 
-/// The three tables, open in one write transaction.
+/// The tables, open in one write transaction.
 struct Tables<'t> {
     meta: redb::Table<'t, Raw, Raw>,
     bindings: redb::Table<'t, Raw, Raw>,
     service_accounts: redb::Table<'t, Raw, Raw>,
+    policies: redb::Table<'t, Raw, Raw>,
+    policy_changes: redb::Table<'t, Raw, Raw>,
 }
 
 impl ControlStore {
@@ -414,9 +651,41 @@ impl ControlStore {
             service_accounts.push(record);
         }
 
+        let mut policies = Vec::new();
+        let table = txn.open_table(POLICIES).map_err(|e| err(e.into()))?;
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            let record: PolicyRecord =
+                self.decode::<PolicyV1, _>("policies", k.value(), v.value())?;
+            if record.spec.id.as_bytes() != k.value() {
+                return Err(self.corrupt(format!(
+                    "table policies, key {}: the value is for another key",
+                    String::from_utf8_lossy(k.value())
+                )));
+            }
+            policies.push(record);
+        }
+
+        let mut policy_changes = Vec::new();
+        let table = txn.open_table(POLICY_CHANGES).map_err(|e| err(e.into()))?;
+        for entry in table.iter().map_err(|e| err(e.into()))? {
+            let (k, v) = entry.map_err(|e| err(e.into()))?;
+            let record: PolicyChangeRecord =
+                self.decode::<PolicyChangeV1, _>("policy_changes", k.value(), v.value())?;
+            if record.change_id.as_bytes() != k.value() {
+                return Err(self.corrupt(format!(
+                    "table policy_changes, key {}: the value is for another key",
+                    String::from_utf8_lossy(k.value())
+                )));
+            }
+            policy_changes.push(record);
+        }
+
         Ok(ControlState {
             bindings,
             service_accounts,
+            policies,
+            policy_changes,
             revision,
         })
     }
@@ -529,6 +798,49 @@ impl ControlStore {
         })
     }
 
+    /// Writes `batch` in one transaction: policies put (whole records, replacing one of the
+    /// same id) and deleted, pending changes put and deleted. Deleting what is not there is
+    /// not an error; a batch that changes nothing commits nothing. The caller (the policy
+    /// service, one writer at a time) checks versions and existence before.
+    pub fn write_policies(&self, batch: &PolicyBatch) -> Result<(), StoreError> {
+        self.write(|t| {
+            let mut changed = false;
+            for p in &batch.put_policies {
+                let value = encode(&PolicyV1::from(p));
+                t.policies
+                    .insert(p.spec.id.as_bytes(), value.as_slice())
+                    .map_err(|e| self.io(e))?;
+                changed = true;
+            }
+            for id in &batch.delete_policies {
+                changed |= t
+                    .policies
+                    .remove(id.as_bytes())
+                    .map_err(|e| self.io(e))?
+                    .is_some();
+            }
+            for c in &batch.put_changes {
+                let value = encode(&PolicyChangeV1::from(c));
+                t.policy_changes
+                    .insert(c.change_id.as_bytes(), value.as_slice())
+                    .map_err(|e| self.io(e))?;
+                changed = true;
+            }
+            for id in &batch.delete_changes {
+                changed |= t
+                    .policy_changes
+                    .remove(id.as_bytes())
+                    .map_err(|e| self.io(e))?
+                    .is_some();
+            }
+            Ok(if changed {
+                Outcome::Changed(())
+            } else {
+                Outcome::Unchanged(())
+            })
+        })
+    }
+
     // -------------------------------------------------------------------- internals
 
     /// One write transaction: `Immediate` durability, two-phase commit, `revision` bumped if
@@ -546,6 +858,8 @@ impl ControlStore {
                 meta: txn.open_table(META).map_err(|e| self.io(e))?,
                 bindings: txn.open_table(BINDINGS).map_err(|e| self.io(e))?,
                 service_accounts: txn.open_table(SERVICE_ACCOUNTS).map_err(|e| self.io(e))?,
+                policies: txn.open_table(POLICIES).map_err(|e| self.io(e))?,
+                policy_changes: txn.open_table(POLICY_CHANGES).map_err(|e| self.io(e))?,
             };
             let outcome = f(&mut t)?;
             if let Outcome::Changed(_) = outcome {
@@ -571,9 +885,18 @@ impl ControlStore {
         }
     }
 
-    /// Refuses a file without the `meta` table, without a schema version, or with another one.
+    /// Refuses a file without the `meta` table, without a schema version, or with another one
+    /// than [`SCHEMA_VERSION`]; a version-1 file is migrated first ([`Self::migrate_v1`]).
     fn check_schema(&self) -> Result<(), StoreError> {
         let err = |e: redb::Error| redb_error(&self.path, OPENING, REMEDY_CORRUPT, e);
+        let found = {
+            let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+            let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+            self.read_u64(&meta, SCHEMA_VERSION_KEY)?
+        };
+        if found == 1 {
+            self.migrate_v1()?;
+        }
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let meta = txn.open_table(META).map_err(|e| err(e.into()))?;
         let found = self.read_u64(&meta, SCHEMA_VERSION_KEY)?;
@@ -584,9 +907,42 @@ impl ControlStore {
                 reads: SCHEMA_VERSION,
             });
         }
-        for table in [BINDINGS, SERVICE_ACCOUNTS] {
+        for table in [BINDINGS, SERVICE_ACCOUNTS, POLICIES, POLICY_CHANGES] {
             txn.open_table(table).map_err(|e| err(e.into()))?;
         }
+        Ok(())
+    }
+
+    /// Version 1 to 2: the two policy tables, created empty, and the version, in one
+    /// transaction (a crash leaves version 1, migrated again at the next open). The
+    /// existing tables are untouched; `revision` is not bumped (nothing the API wrote
+    /// changed).
+    fn migrate_v1(&self) -> Result<(), StoreError> {
+        let err = |e: redb::Error| {
+            redb_error(
+                &self.path,
+                "migrating to schema version 2",
+                REMEDY_CORRUPT,
+                e,
+            )
+        };
+        let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| err(e.into()))?;
+        txn.set_two_phase_commit(true);
+        {
+            let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
+            // Still version 1 inside the write transaction (another opener may have won).
+            if self.read_u64(&meta, SCHEMA_VERSION_KEY)? != 1 {
+                return Ok(());
+            }
+            txn.open_table(POLICIES).map_err(|e| err(e.into()))?;
+            txn.open_table(POLICY_CHANGES).map_err(|e| err(e.into()))?;
+            meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes().as_slice())
+                .map_err(|e| err(e.into()))?;
+        }
+        txn.commit().map_err(|e| err(e.into()))?;
+        tracing::info!(file = %self.path.display(), "control store migrated from schema version 1 to 2 (policy tables added)");
         Ok(())
     }
 
@@ -713,6 +1069,8 @@ fn create(dir: &Path, path: &Path) -> Result<(), StoreError> {
         txn.open_table(BINDINGS).map_err(|e| err(e.into()))?;
         txn.open_table(SERVICE_ACCOUNTS)
             .map_err(|e| err(e.into()))?;
+        txn.open_table(POLICIES).map_err(|e| err(e.into()))?;
+        txn.open_table(POLICY_CHANGES).map_err(|e| err(e.into()))?;
     }
     txn.commit().map_err(|e| err(e.into()))?;
     db.close().map_err(|e| err(e.into()))?;
@@ -1084,14 +1442,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(ControlStore::open(dir.path()).unwrap());
         let path = dir.path().join(FILE_NAME);
-        poke_meta(&path, SCHEMA_VERSION_KEY, &2u64.to_le_bytes());
+        poke_meta(&path, SCHEMA_VERSION_KEY, &3u64.to_le_bytes());
         let err = ControlStore::open(dir.path()).unwrap_err();
         assert!(
             matches!(
                 err,
                 StoreError::Schema {
-                    found: 2,
-                    reads: 1,
+                    found: 3,
+                    reads: 2,
                     ..
                 }
             ),
@@ -1099,7 +1457,7 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(
-            msg.contains("unknown schema version 2: this sidecar reads version 1"),
+            msg.contains("unknown schema version 3: this sidecar reads version 2"),
             "{msg}"
         );
         assert!(msg.starts_with(&path.display().to_string()), "{msg}");
@@ -1220,6 +1578,149 @@ mod tests {
             assert!(r.join().unwrap() > 0);
         }
         assert_eq!(store.load().unwrap().revision, WRITES);
+    }
+
+    fn policy(id: &str, version: u64) -> PolicyRecord {
+        PolicyRecord {
+            spec: PolicySpec {
+                id: id.into(),
+                description: "d".into(),
+                tenant: "acme".into(),
+                effect: Effect::Deny,
+                tools: vec!["billing_*".into()],
+                methods: vec!["/altar.grid.v1.GridHost/ExecuteTool".into()],
+                condition: "args.amount > 500.0".into(),
+                mode: Mode::DryRun,
+                enabled: false,
+                version,
+                compliance_impact: "SOX".into(),
+                remediation_steps: "ask".into(),
+            },
+            created_by: "alice".into(),
+            created_at: 1,
+            updated_by: "bob".into(),
+            updated_at: 2,
+        }
+    }
+
+    #[test]
+    fn policies_and_pending_changes_are_written_in_one_batch_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let change = PolicyChangeRecord {
+            change_id: "c-1".into(),
+            action: PolicyAction::Update,
+            policy_id: "p1".into(),
+            proposed: policy("p1", 2).spec,
+            base_version: 1,
+            requested_by: "alice".into(),
+            requested_at: 3,
+        };
+        {
+            let store = ControlStore::open(dir.path()).unwrap();
+            store
+                .write_policies(&PolicyBatch {
+                    put_policies: vec![policy("p1", 1), policy("p2", 1)],
+                    put_changes: vec![change.clone()],
+                    ..Default::default()
+                })
+                .unwrap();
+            // Deleting what is not there changes nothing and commits nothing.
+            store
+                .write_policies(&PolicyBatch {
+                    delete_policies: vec!["ghost".into()],
+                    delete_changes: vec!["ghost".into()],
+                    ..Default::default()
+                })
+                .unwrap();
+            assert_eq!(store.load().unwrap().revision, 1);
+        }
+        let store = ControlStore::open(dir.path()).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.policies, [policy("p1", 1), policy("p2", 1)]);
+        assert_eq!(state.policy_changes, [change]);
+        // Approving: the change goes, the policy is replaced, in one commit.
+        store
+            .write_policies(&PolicyBatch {
+                put_policies: vec![policy("p1", 2)],
+                delete_policies: vec!["p2".into()],
+                delete_changes: vec!["c-1".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.policies, [policy("p1", 2)]);
+        assert!(state.policy_changes.is_empty());
+        assert_eq!(state.revision, 2);
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_keeping_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        // A store as version 1 wrote it: three tables, schema version 1.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(SCHEMA_VERSION_KEY, 1u64.to_le_bytes().as_slice())
+                    .unwrap();
+                meta.insert(REVISION_KEY, 1u64.to_le_bytes().as_slice())
+                    .unwrap();
+                let b = binding("alice", "operator");
+                txn.open_table(BINDINGS)
+                    .unwrap()
+                    .insert(b.key().as_slice(), encode(&BindingV1::from(&b)).as_slice())
+                    .unwrap();
+                txn.open_table(SERVICE_ACCOUNTS).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = ControlStore::open(dir.path()).unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.bindings, [binding("alice", "operator")]);
+        assert_eq!(state.revision, 1, "a migration is not a write of the API");
+        assert!(state.policies.is_empty());
+        store
+            .write_policies(&PolicyBatch {
+                put_policies: vec![policy("p1", 1)],
+                ..Default::default()
+            })
+            .unwrap();
+        drop(store);
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let v = meta
+            .get(SCHEMA_VERSION_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+    }
+
+    #[test]
+    fn a_policy_record_that_does_not_decode_is_reported_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(ControlStore::open(dir.path()).unwrap());
+        {
+            let db = Database::open(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut bad = serde_json::to_value(PolicyV1::from(&policy("p1", 1))).unwrap();
+            bad["spec"]["effect"] = "MAYBE".into();
+            txn.open_table(POLICIES)
+                .unwrap()
+                .insert(
+                    b"p1".as_slice(),
+                    serde_json::to_vec(&bad).unwrap().as_slice(),
+                )
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = ControlStore::open(dir.path()).unwrap().load().unwrap_err();
+        assert!(err.to_string().contains("table policies, key p1"), "{err}");
+        assert!(err.to_string().contains("MAYBE"), "{err}");
     }
 
     #[test]
