@@ -478,3 +478,91 @@ async fn a_declaration_that_drifts_on_the_host_is_refused_until_its_new_revision
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_sees_and_fulfils_only_the_contracts_approved_for_its_tenant() {
+    use aesp_sidecar::proto::aesp::enterprise_host_message::Kind;
+    use aesp_sidecar::proto::{aesp, grid};
+    use prost::Message;
+    // A registry where get_weather waits for review and count is globex's alone.
+    let seed_dir = tempfile::tempdir().unwrap();
+    let seed = seed_dir.path().join("contracts.yaml");
+    std::fs::write(
+        &seed,
+        format!(
+            "manifest: {}\ncontracts:\n  - {{tool: echo, risk_assessment: LOW}}\n  - {{tool: add, risk_assessment: LOW}}\n  - {{tool: fail, risk_assessment: LOW}}\n  - {{tool: count, tenant: globex, risk_assessment: LOW}}\n  - {{tool: get_weather, status: PENDING, risk_assessment: MEDIUM}}\n",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies/grid-manifest.yaml")
+        ),
+    )
+    .unwrap();
+    let seed_path = seed.display().to_string();
+    let stack = Stack::start_edited(
+        move |t| {
+            t.replace(
+                "contracts: tool-contracts.yaml",
+                &format!("contracts: {seed_path}"),
+            )
+        },
+        false,
+    )
+    .await;
+    let alice = AespGridClient::with_token(stack.channel("acme").await);
+    session(&alice, "s-rt").await;
+
+    let announce = grid::RuntimeMessage {
+        kind: Some(grid::runtime_message::Kind::Announce(
+            grid::AnnounceRuntime {
+                runtime_id: "rt-gov".into(),
+                ..Default::default()
+            },
+        )),
+    }
+    .encode_to_vec();
+    let fulfill = grid::RuntimeMessage {
+        kind: Some(grid::runtime_message::Kind::Fulfill(grid::FulfillTools {
+            session_id: "s-rt".into(),
+            tool_contract_names: vec!["echo".into(), "get_weather".into(), "count".into()],
+        })),
+    }
+    .encode_to_vec();
+    let mut both = common::frame(&announce);
+    both.extend(common::frame(&fulfill));
+    let r = stack
+        .connect_runtime_raw("runtime", &[], both, Duration::from_millis(300))
+        .await;
+    let msgs: Vec<aesp::EnterpriseHostMessage> = r
+        .messages()
+        .iter()
+        .map(|m| aesp::EnterpriseHostMessage::decode(&m[..]).unwrap())
+        .collect();
+    // The host lists its five tools; the acme runtime sees the three approved for acme.
+    let Some(Kind::AnnounceAck(ack)) = &msgs[0].kind else {
+        panic!("{msgs:?}")
+    };
+    let fulfil_ack = msgs.iter().find_map(|m| match &m.kind {
+        Some(Kind::FulfillAck(fa)) => Some(fa),
+        _ => None,
+    });
+    assert!(ack.accepted);
+    let mut listed = ack.available_contracts.clone();
+    listed.sort();
+    assert_eq!(listed, ["add", "echo", "fail"]);
+    // The fulfilment reached the host narrowed to echo; the ack says what was refused.
+    let fa = fulfil_ack.unwrap_or_else(|| panic!("no FulfillAck: {msgs:?}"));
+    assert_eq!(
+        fa.accepted,
+        ["echo"],
+        "the host never saw the refused contracts"
+    );
+    let e = fa.error.as_ref().expect("the refusal");
+    assert_eq!(e.code, "TOOL_NOT_APPROVED");
+    assert_eq!(e.details["refused_contracts"], "get_weather,count");
+    assert!(
+        !e.details.contains_key("origin"),
+        "the sidecar's refusal, not the host's"
+    );
+    assert!(!e.correlation_id.is_empty());
+    // Recorded as a refusal.
+    assert!(common::denials(&stack.sidecar, "TOOL_NOT_APPROVED") >= 1);
+    stack.stop().await;
+}

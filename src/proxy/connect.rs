@@ -3,7 +3,7 @@
 //! A refused runtime message ends the stream with the error to the runtime and resets the
 //! host's side.
 
-use super::hooks::{HostHook, RuntimeHook};
+use super::hooks::{Conversation, HostHook, RuntimeHook};
 use super::{ConnInfo, Proxy, body, denial_response};
 use crate::decision::{DecisionInput, Facts, Stage};
 use crate::grid::upgrade::ErrorPatch;
@@ -39,6 +39,7 @@ impl Proxy {
         };
         let esc = conn.security_context(method.path(), &allowed);
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
+        let conversation = Arc::new(Conversation::default());
         let hook = RuntimeHook {
             proxy: self.clone(),
             conn: conn.clone(),
@@ -47,6 +48,7 @@ impl Proxy {
             announced: false,
             refused_announce: None,
             runtime_id: String::new(),
+            conversation: conversation.clone(),
         };
         let req_body = InterceptBody::new(
             body,
@@ -68,6 +70,9 @@ impl Proxy {
                         ..allowed.facts
                     },
                     patch: ErrorPatch::new(&cid),
+                    governance: self.pipeline.governance.clone(),
+                    tenant: allowed.identity.tenant_id.clone(),
+                    conversation,
                 };
                 self.intercepted_response(&conn, resp, &cid, hook, Some(abort_rx))
             }

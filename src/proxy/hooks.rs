@@ -16,6 +16,7 @@ use crate::grpc::{Denial, ErrorCode};
 use crate::proto::aesp;
 use bytes::Bytes;
 use prost::Message;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Host → client: `Error` → `EnterpriseError` in the response message's error field.
@@ -179,34 +180,136 @@ impl MessageHook for ErrorHook {
 /// The oneof members of both Connect envelopes (`RuntimeMessage.kind`, `HostMessage.kind`).
 const ENVELOPE_KINDS: [u32; 4] = [1, 2, 3, 4];
 
-/// Host → runtime on `Connect`: errors in `announce_ack` and `fulfill_ack` are upgraded.
+/// What both directions of one runtime's `Connect` share: the fulfilments the sidecar
+/// narrowed (session id → the contracts it refused), answered in the host's `FulfillAck`.
+#[derive(Default)]
+pub(super) struct Conversation {
+    refused_fulfil: std::sync::Mutex<HashMap<String, Vec<String>>>,
+}
+
+/// At most this many refused fulfilments wait for their `FulfillAck` (a host that never
+/// acknowledges cannot grow the map).
+const MAX_WAITING_ACKS: usize = 1024;
+
+impl Conversation {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+        self.refused_fulfil
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Host → runtime on `Connect`: errors in `announce_ack` and `fulfill_ack` are upgraded; the
+/// `announce_ack` lists only the contracts approved for the runtime's tenant; a
+/// `fulfill_ack` for a fulfilment the sidecar narrowed says which contracts were refused.
 pub(super) struct HostHook {
     pub recorder: Recorder,
     /// The allowed `Connect`'s facts, at [`Stage::Response`].
     pub facts: Facts,
     pub patch: ErrorPatch,
+    pub governance: Arc<crate::governance::Registry>,
+    /// The runtime's tenant.
+    pub tenant: crate::ids::TenantId,
+    pub conversation: Arc<Conversation>,
+}
+
+impl HostHook {
+    /// The `announce_ack` with `available_contracts` narrowed to the approved ones, or
+    /// `None` when nothing had to go.
+    fn narrowed_announce_ack(&self, payload: &[u8]) -> Result<Option<Bytes>, String> {
+        use crate::proto::grid::host_message::Kind;
+        let mut m = crate::proto::grid::HostMessage::decode(payload).map_err(|e| e.to_string())?;
+        let Some(Kind::AnnounceAck(ack)) = &mut m.kind else {
+            return Ok(None);
+        };
+        let snapshot = self.governance.snapshot();
+        let approved = snapshot.approved_names(self.tenant.as_str());
+        let before = ack.available_contracts.len();
+        ack.available_contracts
+            .retain(|n| approved.binary_search(&n.as_str()).is_ok());
+        if ack.available_contracts.len() == before {
+            return Ok(None);
+        }
+        Ok(Some(Bytes::from(m.encode_to_vec())))
+    }
+
+    /// A refusal added to the `fulfill_ack` of a fulfilment the sidecar narrowed (when the
+    /// host's ack carries no error of its own).
+    fn refused_fulfil_ack(&self, payload: &[u8]) -> Result<Option<Bytes>, String> {
+        use crate::proto::grid::host_message::Kind;
+        let m = crate::proto::grid::HostMessage::decode(payload).map_err(|e| e.to_string())?;
+        let Some(Kind::FulfillAck(ack)) = &m.kind else {
+            return Ok(None);
+        };
+        let Some(refused) = self.conversation.lock().remove(&ack.session_id) else {
+            return Ok(None);
+        };
+        if ack.error.is_some() {
+            return Ok(None);
+        }
+        let ee = refused_contracts(&self.tenant, &refused).to_enterprise_error(&self.patch_cid());
+        let mut inner = bytes::BytesMut::new();
+        wire::put_len_field(&mut inner, 3, &ee.encode_to_vec());
+        let mut outer = bytes::BytesMut::new();
+        wire::put_len_field(&mut outer, 3, &inner);
+        Ok(Some(wire::merge(payload, &outer)))
+    }
+
+    fn patch_cid(&self) -> String {
+        self.facts.correlation_id.clone()
+    }
+}
+
+/// `TOOL_NOT_APPROVED` for contracts a runtime of `tenant` offered without approval.
+fn refused_contracts(tenant: &crate::ids::TenantId, names: &[String]) -> Denial {
+    let mut d = Denial::new(
+        ErrorCode::ToolNotApproved,
+        format!(
+            "no approved contract for tenant {tenant}: {} (not fulfilled; the other contracts were)",
+            names.join(", ")
+        ),
+    )
+    .detail("refused_contracts", names.join(","))
+    .detail("tenant", tenant.as_str());
+    d.remediation_steps = "Fulfil only contracts approved for the runtime's tenant (the AnnounceAck lists them), or have the missing contracts submitted and approved (docs/governance.md).".into();
+    d
 }
 
 impl MessageHook for HostHook {
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
-        let bad = |e: wire::WireError| {
+        let bad = |e: &dyn std::fmt::Display| {
             Denial::new(
                 ErrorCode::MalformedMessage,
                 format!("the GRID host sent a malformed HostMessage: {e}"),
             )
         };
         let member = wire::oneof_member(payload, &ENVELOPE_KINDS)
-            .map_err(bad)?
+            .map_err(|e| bad(&e))?
             .map(|m| m.number);
+        // The governance rewrite first (rare: once per runtime, once per narrowed
+        // fulfilment), then the error upgrade on what will be sent.
+        let rewritten = match member {
+            Some(1) => self.narrowed_announce_ack(payload).map_err(|e| bad(&e))?,
+            Some(3) => self.refused_fulfil_ack(payload).map_err(|e| bad(&e))?,
+            _ => None,
+        };
+        if let (Some(3), Some(b)) = (member, &rewritten) {
+            // The error in it is the sidecar's, not the host's: no `origin = grid-host`.
+            return Ok(Verdict::Replace(b.clone()));
+        }
+        let current = rewritten.as_ref().unwrap_or(payload);
         let up = match member {
             // announce_ack (1) and fulfill_ack (3) carry `error` as their field 3.
             Some(outer @ (1 | 3)) => self
                 .patch
-                .apply_nested(payload, &ENVELOPE_KINDS, outer, 3)
-                .map_err(bad)?,
+                .apply_nested(current, &ENVELOPE_KINDS, outer, 3)
+                .map_err(|e| bad(&e))?,
             _ => None,
         };
-        Ok(up.map_or(Verdict::Forward, Verdict::Replace))
+        Ok(match (up, rewritten) {
+            (Some(b), _) | (None, Some(b)) => Verdict::Replace(b),
+            (None, None) => Verdict::Forward,
+        })
     }
 
     fn refused(&mut self, denial: &Denial) {
@@ -228,6 +331,7 @@ pub(super) struct RuntimeHook {
     pub refused_announce: Option<Facts>,
     /// The announced runtime id.
     pub runtime_id: String,
+    pub conversation: Arc<Conversation>,
 }
 
 impl Drop for RuntimeHook {
@@ -321,6 +425,62 @@ impl RuntimeHook {
     }
 }
 
+impl RuntimeHook {
+    /// A `fulfill` (`raw`, already checked to decode): the contracts not approved for the
+    /// runtime's tenant are taken out before the host sees it (recorded as a refusal) and
+    /// answered in the host's `FulfillAck`; the rest goes on.
+    fn fulfil(&mut self, raw: &[u8]) -> Result<Verdict, Denial> {
+        let mut f = crate::proto::grid::FulfillTools::decode(raw).map_err(Self::bad)?;
+        let p = &self.proxy;
+        let tenant = self
+            .conn
+            .identity()
+            .map(|id| id.tenant_id.clone())
+            .map_err(|_| Denial::malformed("no identity"))?;
+        let snapshot = p.pipeline.governance.snapshot();
+        let (ok, refused): (Vec<String>, Vec<String>) = std::mem::take(&mut f.tool_contract_names)
+            .into_iter()
+            .partition(|n| snapshot.in_force(tenant.as_str(), n).is_ok());
+        f.tool_contract_names = ok;
+        if p.recorder.audit().is_some() {
+            let mut e = self.runtime_event("FULFILLMENT");
+            e.session_id.clone_from(&f.session_id);
+            e.attributes
+                .insert("tools".into(), f.tool_contract_names.join(","));
+            if !refused.is_empty() {
+                e.attributes.insert("refused".into(), refused.join(","));
+            }
+            p.recorder.event(e);
+        }
+        if refused.is_empty() {
+            return Ok(Verdict::Forward);
+        }
+        let denial = refused_contracts(&tenant, &refused);
+        let mut facts = Facts::new(
+            Stage::Message,
+            GridMethod::Connect.path(),
+            Route::Grid(GridMethod::Connect),
+            self.conn.identity().ok(),
+            &self.correlation_id,
+        );
+        facts.session_id = Some(f.session_id.clone());
+        facts.tool_name = Some(refused.join(","));
+        p.recorder
+            .record(crate::decision::Decision::Deny(&facts, &denial));
+        {
+            let mut waiting = self.conversation.lock();
+            if waiting.len() >= MAX_WAITING_ACKS {
+                waiting.clear();
+            }
+            waiting.insert(f.session_id.clone(), refused);
+        }
+        let env = crate::proto::grid::RuntimeMessage {
+            kind: Some(crate::proto::grid::runtime_message::Kind::Fulfill(f)),
+        };
+        Ok(Verdict::Replace(Bytes::from(env.encode_to_vec())))
+    }
+}
+
 impl MessageHook for RuntimeHook {
     fn on_message(&mut self, payload: &Bytes) -> Result<Verdict, Denial> {
         // Only the oneof's fields are allowed in the envelope, and the whole message must
@@ -347,15 +507,8 @@ impl MessageHook for RuntimeHook {
                 "the first message on GridRuntime/Connect must be announce",
             ));
         }
-        if kind.number == 2 && self.proxy.recorder.audit().is_some() {
-            // Already checked to decode above.
-            let f = crate::proto::grid::FulfillTools::decode(kind.merged().as_slice())
-                .unwrap_or_default();
-            let mut e = self.runtime_event("FULFILLMENT");
-            e.session_id = f.session_id;
-            e.attributes
-                .insert("tools".into(), f.tool_contract_names.join(","));
-            self.proxy.recorder.event(e);
+        if kind.number == 2 {
+            return self.fulfil(&kind.merged());
         }
         Ok(Verdict::Forward)
     }
