@@ -1,7 +1,9 @@
 //! What authentication and authorization cost per call on the hot path, in isolation: a warm
 //! bearer token (SHA-256 of the token, cache lookup, the live-account check) and the RBAC
 //! checks of a tool call (two permission lookups), beside a cold token verification and a
-//! cold grants resolution for scale. Nothing is asserted; `cargo bench --bench decision`
+//! cold grants resolution for scale; then the whole decision of a tool invocation as the
+//! sidecar makes it (RBAC + governance + strict argument schema + the shipped CEL policies of
+//! `policies/cel/`), median and p99 of single calls. Nothing is asserted; `cargo bench --bench decision`
 //! prints medians of 7 rounds. Run without `--bench` (as `cargo test --benches` does) it is a
 //! short smoke run whose numbers mean nothing.
 
@@ -119,5 +121,102 @@ fn main() -> anyhow::Result<()> {
     println!(
         "| for scale: resolving a subject's grants (once per connection or token) | {resolve:.0} |"
     );
+    whole_decision(full)
+}
+
+/// Median and p99 (ns) of `n` single calls of `f`, each timed on its own.
+fn percentiles(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut v: Vec<f64> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_nanos() as f64
+        })
+        .collect();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+/// The whole decision of an `ExecuteTool`: the pipeline the sidecar builds from the shipped
+/// `rbac.yaml`, `tool-contracts.yaml` (plus a HIGH-risk billing contract) and `policies/cel/`.
+fn whole_decision(full: bool) -> anyhow::Result<()> {
+    let n = if full { 200_000 } else { 200 };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir()?;
+    let seed = dir.path().join("tool-contracts.yaml");
+    std::fs::write(
+        &seed,
+        std::fs::read_to_string(root.join("policies/tool-contracts.yaml"))?
+            + "
+  - tool: billing_refund
+    risk_assessment: HIGH
+    compliance_tags: [SOX, PCI]
+    declaration:
+      name: billing_refund
+      description: Refunds an amount to a customer.
+      parameters:
+        type: OBJECT
+        properties:
+          amount: { type: NUMBER }
+          currency: { type: STRING, enum: [EUR, USD] }
+          reason: { type: STRING }
+        required: [amount, currency]
+",
+    )?;
+    let rbac = format!(
+        "{}  - principal: alice\n    tenant: acme\n    roles: [billing-operator]\n",
+        include_str!("../policies/rbac.yaml")
+    );
+    let policies = root.join("policies/cel");
+    let bare = aesp_sidecar::WholeDecision::new(&rbac, &seed, None, "alice", "acme")?;
+    let with = aesp_sidecar::WholeDecision::new(&rbac, &seed, Some(&policies), "alice", "acme")?;
+    let args =
+        |v: serde_json::Value| aesp_sidecar::adm::json_to_struct(&v).map_err(anyhow::Error::msg);
+    let echo = args(serde_json::json!({"text": "hello"}))?;
+    let refund =
+        args(serde_json::json!({"amount": 120.0, "currency": "EUR", "reason": "damaged"}))?;
+    let cases: [(
+        &str,
+        &aesp_sidecar::WholeDecision,
+        &str,
+        &prost_types::Struct,
+    ); 3] = [
+        (
+            "echo: RBAC + governance + schema, no policies",
+            &bare,
+            "echo",
+            &echo,
+        ),
+        (
+            "echo: the same + the 10 shipped policies",
+            &with,
+            "echo",
+            &echo,
+        ),
+        (
+            "billing_refund (HIGH, SOX/PCI): the same + the 10 shipped policies",
+            &with,
+            "billing_refund",
+            &refund,
+        ),
+    ];
+    println!();
+    println!("## The whole decision of a tool invocation (ns; {n} single calls)");
+    println!();
+    println!("| case | outcome | median | p99 |");
+    println!("|---|---|---:|---:|");
+    for (name, d, tool, a) in cases {
+        let outcome = match d.decide(tool, a) {
+            Ok(matched) => format!("allowed, {matched} policies matched"),
+            Err(code) => code.to_string(),
+        };
+        for _ in 0..n / 10 {
+            black_box(d.decide(tool, a).is_ok());
+        }
+        let (p50, p99) = percentiles(n, || {
+            black_box(d.decide(black_box(tool), a).is_ok());
+        });
+        println!("| {name} | {outcome} | {p50:.0} | {p99:.0} |");
+    }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub mod authz;
 pub mod client;
 pub mod config;
 pub(crate) mod decision;
+/// The whole decision of a tool call, for the benchmarks (not an API).
+#[doc(hidden)]
+pub use decision::bench::WholeDecision;
 #[doc(hidden)]
 pub mod demo;
 pub mod governance;

@@ -16,6 +16,8 @@
 //! after these, each as a file of its own beside these.
 
 mod authn;
+#[doc(hidden)]
+pub mod bench;
 mod claims;
 mod governance;
 mod method;
