@@ -458,3 +458,100 @@ async fn a_runtime_that_never_reads_stalls_nobody_else() {
     drop(held);
     stack.stop().await;
 }
+
+/// How many `CreateSession` requests reached the reference host.
+fn sessions_at_host(stack: &Stack) -> usize {
+    stack
+        .host
+        .state
+        .request_metadata()
+        .iter()
+        .filter(|(p, _)| p == "/altar.grid.v1.GridHost/CreateSession")
+        .count()
+}
+
+#[tokio::test]
+async fn a_connection_over_its_request_rate_is_refused_then_closed_while_others_are_served() {
+    // 1 call per second, a burst of 3: a peer calling back to back is over it at once
+    // (unless each of its calls took over a second).
+    let stack = Stack::start_with(
+        "limits:\n  max_requests_per_second_per_connection: 1\n  request_burst_per_connection: 3\n",
+        false,
+    )
+    .await;
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let path = "/altar.grid.v1.GridHost/CreateSession";
+    let mut hammer = stack.raw("acme").await;
+    let (mut allowed, mut refused) = (0usize, 0usize);
+    while refused == 0 && allowed < 30 {
+        let r = hammer.call(path, &[], vec![create.clone()]).await;
+        match r.grpc_status() {
+            Some(0) => allowed += 1,
+            Some(8) => {
+                let e = r.enterprise_error().expect("an EnterpriseError");
+                assert_eq!(e.code, "BUDGET_EXCEEDED");
+                assert_eq!(
+                    e.details["limit"],
+                    "limits.max_requests_per_second_per_connection"
+                );
+                assert_eq!(e.details["per_second"], "1");
+                assert!(!e.correlation_id.is_empty());
+                refused += 1;
+            }
+            other => panic!("unexpected status {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        refused, 1,
+        "back-to-back calls went over 1/s with a burst of 3"
+    );
+    assert!(allowed >= 3, "the burst was served: {allowed}");
+    // Refused without reaching the host, recorded and counted like every refusal.
+    assert_eq!(sessions_at_host(&stack), allowed);
+    assert_eq!(common::denials(&stack.sidecar, "BUDGET_EXCEEDED"), 1);
+    assert_eq!(
+        common::counter(
+            &stack.sidecar,
+            "aesp_calls_total",
+            &[("method", path), ("outcome", "deny")]
+        ),
+        1
+    );
+
+    // Another client's connection has a budget of its own: served meanwhile.
+    let mut other = stack.raw("globex").await;
+    let r = other.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    assert_eq!(sessions_at_host(&stack), allowed + 1);
+
+    // The hammering peer keeps going: its refusals run out too (the same rate and burst),
+    // and its connection is closed (GOAWAY). None of it reaches the host.
+    let mut closed = None;
+    for i in 0..200 {
+        match hammer.try_call(path, &[], vec![create.clone()]).await {
+            Ok(r) if r.grpc_status() == Some(0) => allowed += 1,
+            Ok(r) => {
+                assert_eq!(r.grpc_status(), Some(8), "{r:?}");
+                refused += 1;
+            }
+            Err(e) => {
+                closed = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (after, why) = closed.expect("the hammering connection was closed");
+    assert!(
+        refused > 1,
+        "closed after more refusals ({refused}), {after} calls on: {why}"
+    );
+    assert_eq!(
+        common::counter(&stack.sidecar, "aesp_rate_limit_closes_total", &[]),
+        1
+    );
+    assert_eq!(sessions_at_host(&stack), allowed + 1);
+    // And the other client is still served.
+    let r = other.call(path, &[], vec![create]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    stack.stop().await;
+}

@@ -31,6 +31,7 @@ pub(crate) mod headers;
 mod hooks;
 mod management;
 mod passthrough;
+pub(crate) mod rate;
 mod unary;
 
 use crate::config::Config;
@@ -75,6 +76,10 @@ pub(crate) struct ConnInfo {
     pub upstream: crate::upstream::Affinity,
     /// The peer's address, `ip:port`.
     pub source: String,
+    /// The connection's request rate (`limits.max_requests_per_second_per_connection`).
+    pub rate: rate::Bucket,
+    /// Cancelled when the connection must be closed for calling too fast (GOAWAY).
+    pub calm: tokio_util::sync::CancellationToken,
 }
 
 impl ConnInfo {
@@ -102,6 +107,8 @@ impl ConnInfo {
             grants: crate::authz::GrantsCache::default(),
             upstream: crate::upstream::Affinity::default(),
             source: remote.to_string(),
+            rate: rate::Bucket::new(cfg.limits.request_rate),
+            calm: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -237,6 +244,12 @@ impl Proxy {
             Role::Management => Route::Management,
         };
 
+        // Over the connection's request rate: refused before anything else is looked at.
+        match conn.rate.check() {
+            rate::Verdict::Allowed => {}
+            verdict => return self.rate_limited(&conn, verdict, &path, route, &cid).await,
+        }
+
         // A connection without a usable identity gets nothing but the refusal, whatever it
         // calls; its request body is never read.
         if let Err(why) = conn.identity() {
@@ -319,6 +332,57 @@ impl Proxy {
         }
     }
 
+    /// A call over its connection's request rate: `BUDGET_EXCEEDED` (`RESOURCE_EXHAUSTED`,
+    /// the contract's only code of that status: the connection's request budget is spent),
+    /// recorded like every refusal, never forwarded. With `Calm` the connection is closed
+    /// too (GOAWAY): its refusals came faster than the limit allows calls.
+    #[cold]
+    async fn rate_limited(
+        &self,
+        conn: &ConnInfo,
+        verdict: rate::Verdict,
+        path: &str,
+        route: Route,
+        cid: &str,
+    ) -> Response<ProxyBody> {
+        let limit = self
+            .cfg
+            .limits
+            .request_rate
+            .unwrap_or(crate::config::RequestRate {
+                per_second: 0,
+                burst: 0,
+            });
+        let mut denial = Denial::new(
+            ErrorCode::BudgetExceeded,
+            "too many calls on this connection: its request rate limit is reached",
+        )
+        .detail("budget", "requests per connection")
+        .detail("limit", "limits.max_requests_per_second_per_connection")
+        .detail("per_second", limit.per_second.to_string())
+        .detail("burst", limit.burst.to_string());
+        denial.remediation_steps =
+            "Slow down: retry with backoff, or spread calls over more connections.".into();
+        if verdict == rate::Verdict::Calm && !conn.calm.is_cancelled() {
+            self.metrics.rate_limit_closes.inc();
+            tracing::warn!(
+                source = %conn.source,
+                "calls keep coming at over twice the request rate limit; closing the connection (GOAWAY)"
+            );
+            conn.calm.cancel();
+            denial = denial.detail("connection", "closed: calls kept coming over the limit");
+        }
+        self.refuse(Denied::early(
+            Stage::Call,
+            path,
+            route,
+            conn.identity().ok(),
+            cid,
+            denial,
+        ))
+        .await
+    }
+
     /// Records a refusal and answers it (trailers-only). The only way a refusal made before
     /// the host was involved reaches the peer. In audit mode `sync` the answer waits until
     /// the refusal's record is durable; a refusal stays a refusal if it cannot be written.
@@ -340,7 +404,7 @@ impl Proxy {
             .await
             .map_err(|_| Failed::Audit)?;
         self.upstream
-            .send(req, class)
+            .send_within(req, class, self.cfg.limits.upstream_response_timeout)
             .await
             .map_err(Failed::Upstream)
     }
