@@ -169,6 +169,8 @@ pub struct Sidecar {
     /// Makes every write to `audit.redb` fail while on: a disk-failure drill for the
     /// fail-closed path (tests use it; nothing in the sidecar turns it on).
     pub audit_faults: crate::store::audit::FaultSwitch,
+    /// Makes every write to `control.redb` fail while on (a disk-failure drill).
+    pub control_faults: crate::store::audit::FaultSwitch,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -197,6 +199,7 @@ impl Sidecar {
         )?);
         let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
         let audit_faults = crate::store::audit::FaultSwitch::default();
+        let control_faults = control.fault_switch();
         let audit = if cfg.audit.enabled {
             let a = crate::audit::Audit::start(
                 &cfg.audit,
@@ -370,6 +373,7 @@ impl Sidecar {
             metrics,
             audit,
             audit_faults,
+            control_faults,
             shutdown,
             tasks,
         })

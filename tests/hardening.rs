@@ -555,3 +555,123 @@ async fn a_connection_over_its_request_rate_is_refused_then_closed_while_others_
     assert_eq!(r.grpc_status(), Some(0), "{r:?}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_management_change_the_control_store_cannot_write_fails_and_changes_nothing() {
+    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+    use aesp_sidecar::proto::aesp::{
+        AssignRoleRequest, CreateServiceAccountRequest, GetPrincipalPermissionsRequest,
+        RevokeServiceAccountRequest,
+    };
+    let stack = Stack::start_with("", false).await;
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = client::channel(&ep, Some(&stack.tls("admin")))
+        .await
+        .unwrap();
+    let mut root = EnterpriseIdentityServiceClient::new(client::with_token(ch, None).unwrap());
+    let assign = || AssignRoleRequest {
+        principal_id: "bob".into(),
+        tenant_id: "globex".into(),
+        role: "auditor".into(),
+    };
+    let create_sa = || CreateServiceAccountRequest {
+        tenant_id: "acme".into(),
+        display_name: "ci bot".into(),
+        roles: vec!["client-user".into()],
+        credential_ttl_seconds: 3600,
+    };
+    let bobs_roles = |mut c: EnterpriseIdentityServiceClient<client::GridChannel>| async move {
+        c.get_principal_permissions(GetPrincipalPermissionsRequest {
+            principal_id: "bob".into(),
+            tenant_id: "globex".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .roles
+    };
+    // A service account made while the store works, and a call it makes.
+    let sa = root
+        .create_service_account(create_sa())
+        .await
+        .unwrap()
+        .into_inner();
+    let sa_auth = format!("Bearer {}", sa.credential);
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let mut raw = stack.raw("acme").await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &sa_auth)],
+            vec![create.clone()],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let roles_before = bobs_roles(root.clone()).await;
+    assert!(!roles_before.contains(&"auditor".to_string()));
+
+    // The disk fails: every change is refused with a clear error, and nothing changes.
+    stack.sidecar.control_faults.set(true);
+    let unavailable = |e: tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().contains("control store") && e.message().contains("nothing was changed"),
+            "{e:?}"
+        );
+    };
+    unavailable(root.assign_role(assign()).await.unwrap_err());
+    unavailable(root.create_service_account(create_sa()).await.unwrap_err());
+    unavailable(
+        root.revoke_service_account(RevokeServiceAccountRequest {
+            principal_id: sa.principal_id.clone(),
+            reason: "drill".into(),
+        })
+        .await
+        .unwrap_err(),
+    );
+    // Not in force: bob has no new role, the account is not revoked.
+    assert_eq!(bobs_roles(root.clone()).await, roles_before);
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &sa_auth)],
+            vec![create.clone()],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "the account still works: {r:?}");
+
+    // The disk is back: the same change goes through.
+    stack.sidecar.control_faults.set(false);
+    root.assign_role(assign()).await.unwrap();
+    assert!(
+        bobs_roles(root.clone())
+            .await
+            .contains(&"auditor".to_string())
+    );
+
+    // And the file holds exactly what succeeded.
+    let cfg = aesp_sidecar::config::Config::load(&stack.dir.path().join("sidecar.yaml")).unwrap();
+    let dir = stack.stop().await;
+    let state = aesp_sidecar::store::ControlStore::open(&cfg.state_dir)
+        .unwrap()
+        .load()
+        .unwrap();
+    drop(dir);
+    assert_eq!(state.service_accounts.len(), 1, "{state:?}");
+    assert!(!state.service_accounts[0].revoked);
+    assert_eq!(
+        state
+            .bindings
+            .iter()
+            .filter(|b| b.role == "auditor")
+            .count(),
+        1,
+        "{state:?}"
+    );
+    // One binding of the account's role, one of bob's: two writes, two revisions more than
+    // the account's own.
+    assert_eq!(state.revision, 3, "{state:?}");
+}
