@@ -85,7 +85,7 @@ impl Metrics {
         registry.register(Box::new(buffered_bytes.clone()))?;
         let config_reload_failures = IntCounter::new(
             "aesp_config_reload_failures_total",
-            "Reloads of a changed file (rbac.file) refused; the previous state stayed in force",
+            "Reloads of a changed file (rbac.file, policies, tls.cert/key/client_ca) refused; the previous state stayed in force",
         )?;
         registry.register(Box::new(config_reload_failures.clone()))?;
         let audit_records = IntCounter::new(

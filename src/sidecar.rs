@@ -186,7 +186,7 @@ impl Sidecar {
     pub async fn start(cfg: Config) -> anyhow::Result<Sidecar> {
         crate::tls::install_default_provider();
         let cfg = Arc::new(cfg);
-        let tls = crate::tls::server_config(&cfg)?;
+        let tls = Arc::new(crate::tls::ServerTls::load(&cfg)?);
         let upstream = Arc::new(Upstream::new(
             &cfg,
             crate::tls::upstream_client_config(&cfg)?,
@@ -248,6 +248,14 @@ impl Sidecar {
         };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if !cfg.tls.reload.is_zero() {
+            tasks.spawn(reload_tls(
+                cfg.clone(),
+                tls.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         if !cfg.rbac_reload.is_zero() {
             tasks.spawn(reload_rbac(
                 cfg.clone(),
@@ -397,6 +405,36 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+/// Puts changed TLS files (`tls.cert`, `tls.key`, `tls.client_ca`) in force for new
+/// connections, checked every `tls.reload_seconds`. Files that do not build a configuration
+/// (a certificate whose new key is not there yet, a broken file) keep the one in force; the
+/// error is logged and counted (`aesp_config_reload_failures_total`).
+async fn reload_tls(
+    cfg: Arc<Config>,
+    tls: Arc<crate::tls::ServerTls>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.tls.reload) => {}
+        }
+        let (cfg2, tls2) = (cfg.clone(), tls.clone());
+        match tokio::task::spawn_blocking(move || tls2.reload(&cfg2)).await {
+            Ok(Ok(crate::tls::Reload::Unchanged)) => {}
+            Ok(Ok(crate::tls::Reload::Reloaded)) => {
+                tracing::info!(cert = %cfg.tls.cert.display(), client_ca = %cfg.tls.client_ca.display(), "TLS certificate, key and client CA reloaded; new connections use them");
+            }
+            Ok(Err(e)) => {
+                metrics.config_reload_failures.inc();
+                tracing::error!(error = %e, "TLS files not reloaded; the certificate, key and client CA in force stay");
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+        }
     }
 }
 

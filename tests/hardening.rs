@@ -675,3 +675,105 @@ async fn a_management_change_the_control_store_cannot_write_fails_and_changes_no
     // the account's own.
     assert_eq!(state.revision, 3, "{state:?}");
 }
+
+/// The certificate the sidecar presents to a new connection of `leaf` (trusting `ca_pem`),
+/// or why the handshake failed.
+async fn presented(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    leaf: &certs::Leaf,
+) -> Result<Vec<u8>, String> {
+    let cc = aesp_sidecar::tls::client_config_from_pem(
+        ca_pem.as_bytes(),
+        Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cc))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A client certificate the server refuses is known after the handshake, on first read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 9];
+    tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// Polls `check` every 100 ms for up to 15 s (the sidecar reads its files every second).
+async fn eventually<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    for _ in 0..150 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn certificates_rotate_without_a_restart_and_a_broken_file_keeps_the_ones_in_force() {
+    let s = CaStack::start("tls:\n  reload_seconds: 1\n").await;
+    let addr = s.sidecar.data_addr;
+    let ca1 = s.ca.cert_pem();
+    let alice = s.ca.workload("acme", "client", "alice").unwrap();
+    let first = std::fs::read_to_string(s.dir.path().join("server.crt")).unwrap();
+    assert_eq!(presented(addr, &ca1, &alice).await.unwrap(), der(&first));
+    let mut before = RawH2::connect(addr, s.rustls(&alice)).await;
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let path = "/altar.grid.v1.GridHost/CreateSession";
+    let reloads_failed = || common::counter(&s.sidecar, "aesp_config_reload_failures_total", &[]);
+
+    // A broken certificate file: refused once, counted, and the one in force stays.
+    write(
+        s.dir.path(),
+        "server.crt",
+        "-----BEGIN CERTIFICATE-----\nbroken\n",
+    );
+    assert!(eventually(|| async { reloads_failed() == 1 }).await);
+    assert_eq!(presented(addr, &ca1, &alice).await.unwrap(), der(&first));
+    // Counted once, not at every read while it stays broken.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(reloads_failed(), 1);
+
+    // The rotation: a new certificate and key. New connections get them; the connection
+    // made before keeps being served.
+    let next = s.ca.issue("localhost", None, &["localhost"], &[]).unwrap();
+    write(s.dir.path(), "server.key", &next.key_pem);
+    write(s.dir.path(), "server.crt", &next.cert_pem);
+    assert!(
+        eventually(|| async {
+            presented(addr, &ca1, &alice).await.ok() == Some(der(&next.cert_pem))
+        })
+        .await,
+        "the new certificate was never presented"
+    );
+    let r = before.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let mut after = RawH2::connect(addr, s.rustls(&alice)).await;
+    let r = after.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+
+    // The client CA rotates too: once only the new CA is trusted, the old CA's clients are
+    // refused at the handshake and the new CA's are served.
+    let ca2 = certs::Ca::new("rotated CA").unwrap();
+    let carol = ca2.workload("acme", "client", "carol").unwrap();
+    assert!(presented(addr, &ca1, &carol).await.is_err());
+    write(s.dir.path(), "ca.crt", &ca2.cert_pem());
+    assert!(
+        eventually(|| async { presented(addr, &ca1, &carol).await.is_ok() }).await,
+        "the new client CA was never trusted"
+    );
+    assert!(presented(addr, &ca1, &alice).await.is_err());
+    s.stop().await;
+}

@@ -71,6 +71,9 @@ pub struct TlsConfig {
     /// full handshake that checks the client certificate. When on, a resumed session whose
     /// certificate has expired since is refused all the same (its identity is re-checked).
     pub session_resumption: bool,
+    /// How often `cert`, `key` and `client_ca` are read again (a change is put in force for
+    /// new connections); zero: read at start only.
+    pub reload: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +281,7 @@ struct RawTls {
     handshake_timeout_ms: Option<u64>,
     #[serde(default)]
     session_resumption: bool,
+    reload_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -451,6 +455,7 @@ impl Validator<'_> {
                 10_000,
             )?),
             session_resumption: rt.session_resumption,
+            reload: Duration::from_secs(rt.reload_seconds.unwrap_or(10)),
         };
 
         let upstream = self.upstream(raw.upstream)?;

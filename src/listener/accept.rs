@@ -144,12 +144,11 @@ fn until(not_after: Option<i64>) -> Duration {
 /// Serves `listener` until `shutdown` is cancelled, then drains for `grace`.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::tls::ServerTls>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(builder(&proxy));
     let tracker = TaskTracker::new();
     // Cancelled when the grace period is over: every connection still open is closed.
@@ -183,7 +182,8 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // The TLS configuration in force now (tls.reload_seconds may have swapped it).
+        let acceptor = TlsAcceptor::from(tls.current());
         let proxy = proxy.clone();
         let builder = builder.clone();
         let established = established.clone();
