@@ -553,6 +553,24 @@ async fn a_connection_over_its_request_rate_is_refused_then_closed_while_others_
     // And the other client is still served.
     let r = other.call(path, &[], vec![create]).await;
     assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+
+    // Requests that are not gRPC count too (answered 429 over the limit, not recorded).
+    let mut plain = stack.raw("acme").await;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        let Ok(r) = plain
+            .try_call(path, &[("content-type", "text/plain")], vec![b"x".to_vec()])
+            .await
+        else {
+            break; // closed: these count towards calming down too
+        };
+        bodies.push(String::from_utf8_lossy(&r.data).to_string());
+    }
+    assert!(bodies[0].contains("gRPC only"), "{bodies:?}");
+    assert!(
+        bodies.iter().any(|b| b.contains("too many requests")),
+        "{bodies:?}"
+    );
     stack.stop().await;
 }
 

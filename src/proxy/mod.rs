@@ -229,11 +229,23 @@ impl Proxy {
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        // Every request counts against its connection's rate, gRPC or not.
+        let verdict = conn.rate.check();
         if !is_grpc(&req) {
-            let mut r = Response::new(body::full(Bytes::from_static(
-                b"aesp-sidecar serves gRPC only\n",
-            )));
-            *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            let (text, status): (&'static [u8], _) = if verdict == rate::Verdict::Allowed {
+                (
+                    b"aesp-sidecar serves gRPC only\n",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                )
+            } else {
+                self.calm_down(&conn, verdict);
+                (
+                    b"too many requests on this connection\n",
+                    StatusCode::TOO_MANY_REQUESTS,
+                )
+            };
+            let mut r = Response::new(body::full(Bytes::from_static(text)));
+            *r.status_mut() = status;
             return r;
         }
         let cid = headers::inbound_correlation_id(req.headers())
@@ -245,9 +257,8 @@ impl Proxy {
         };
 
         // Over the connection's request rate: refused before anything else is looked at.
-        match conn.rate.check() {
-            rate::Verdict::Allowed => {}
-            verdict => return self.rate_limited(&conn, verdict, &path, route, &cid).await,
+        if verdict != rate::Verdict::Allowed {
+            return self.rate_limited(&conn, verdict, &path, route, &cid).await;
         }
 
         // A connection without a usable identity gets nothing but the refusal, whatever it
@@ -363,13 +374,7 @@ impl Proxy {
         .detail("burst", limit.burst.to_string());
         denial.remediation_steps =
             "Slow down: retry with backoff, or spread calls over more connections.".into();
-        if verdict == rate::Verdict::Calm && !conn.calm.is_cancelled() {
-            self.metrics.rate_limit_closes.inc();
-            tracing::warn!(
-                source = %conn.source,
-                "calls keep coming at over twice the request rate limit; closing the connection (GOAWAY)"
-            );
-            conn.calm.cancel();
+        if self.calm_down(conn, verdict) {
             denial = denial.detail("connection", "closed: calls kept coming over the limit");
         }
         self.refuse(Denied::early(
@@ -381,6 +386,22 @@ impl Proxy {
             denial,
         ))
         .await
+    }
+
+    /// With `Calm`, closes the connection (GOAWAY), once. Whether it was closed.
+    fn calm_down(&self, conn: &ConnInfo, verdict: rate::Verdict) -> bool {
+        if verdict != rate::Verdict::Calm {
+            return false;
+        }
+        if !conn.calm.is_cancelled() {
+            self.metrics.rate_limit_closes.inc();
+            tracing::warn!(
+                source = %conn.source,
+                "calls keep coming at over twice the request rate limit; closing the connection (GOAWAY)"
+            );
+            conn.calm.cancel();
+        }
+        true
     }
 
     /// Records a refusal and answers it (trailers-only). The only way a refusal made before
