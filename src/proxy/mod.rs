@@ -393,7 +393,7 @@ impl Proxy {
         if verdict != rate::Verdict::Calm {
             return false;
         }
-        if !conn.calm.is_cancelled() {
+        if conn.rate.close_once() {
             self.metrics.rate_limit_closes.inc();
             tracing::warn!(
                 source = %conn.source,

@@ -10,7 +10,7 @@
 //! answer, log and audit refusals at any rate it likes.
 
 use crate::config::RequestRate;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The limit, in the units the check uses.
@@ -49,6 +49,8 @@ pub(crate) struct Bucket {
     start: Instant,
     calls: AtomicU64,
     refusals: AtomicU64,
+    /// Set by the first `Calm`: the connection is being closed.
+    closing: AtomicBool,
 }
 
 /// One GCRA step: whether a call at `now` fits, taking its slot if so.
@@ -78,6 +80,7 @@ impl Bucket {
             start: Instant::now(),
             calls: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -90,6 +93,11 @@ impl Bucket {
             u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX),
             rate,
         )
+    }
+
+    /// True for exactly one caller: the one that closes the connection.
+    pub fn close_once(&self) -> bool {
+        !self.closing.swap(true, Ordering::Relaxed)
     }
 
     fn check_at(&self, now: u64, rate: Rate) -> Verdict {
