@@ -22,6 +22,8 @@ pub struct Metrics {
     pub policy_dry_run_denials: IntCounter,
     pub audit_write_failures: IntCounter,
     pub upstream_errors: IntCounter,
+    /// Connections closed because their calls kept coming at over twice the request rate.
+    pub rate_limit_closes: IntCounter,
     /// Fetches of an issuer's keys over HTTPS, by issuer and outcome (`ok`, `error`).
     pub jwks_fetches: IntCounterVec,
     /// Keys in force per issuer fetched over HTTPS (0 until a first fetch succeeds).
@@ -71,6 +73,11 @@ impl Metrics {
         registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let rate_limit_closes = IntCounter::new(
+            "aesp_rate_limit_closes_total",
+            "Connections closed (GOAWAY) because their calls kept coming at over twice limits.max_requests_per_second_per_connection",
+        )?;
+        registry.register(Box::new(rate_limit_closes.clone()))?;
         let buffered_bytes = IntGauge::new(
             "aesp_buffered_bytes",
             "Bytes reserved for messages being assembled for inspection (bounded by limits.max_buffered_bytes)",
@@ -78,7 +85,7 @@ impl Metrics {
         registry.register(Box::new(buffered_bytes.clone()))?;
         let config_reload_failures = IntCounter::new(
             "aesp_config_reload_failures_total",
-            "Reloads of a changed file (rbac.file) refused; the previous state stayed in force",
+            "Reloads of a changed file (rbac.file, policies, tls.cert/key/client_ca) refused; the previous state stayed in force",
         )?;
         registry.register(Box::new(config_reload_failures.clone()))?;
         let audit_records = IntCounter::new(
@@ -144,6 +151,7 @@ impl Metrics {
             policy_dry_run_denials,
             audit_write_failures,
             upstream_errors,
+            rate_limit_closes,
             jwks_fetches,
             jwks_keys,
         })

@@ -279,6 +279,8 @@ pub struct Sidecar {
     /// Makes every write to `audit.redb` fail while on: a disk-failure drill for the
     /// fail-closed path (tests use it; nothing in the sidecar turns it on).
     pub audit_faults: crate::store::audit::FaultSwitch,
+    /// Makes every write to `control.redb` fail while on (a disk-failure drill).
+    pub control_faults: crate::store::audit::FaultSwitch,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -294,7 +296,7 @@ impl Sidecar {
     pub async fn start(cfg: Config) -> anyhow::Result<Sidecar> {
         crate::tls::install_default_provider();
         let cfg = Arc::new(cfg);
-        let tls = crate::tls::server_config(&cfg)?;
+        let tls = Arc::new(crate::tls::ServerTls::load(&cfg)?);
         let upstream = Arc::new(Upstream::new(
             &cfg,
             crate::tls::upstream_client_config(&cfg)?,
@@ -307,6 +309,7 @@ impl Sidecar {
         )?);
         let verifier = Arc::new(verifier_with_own(&cfg, &own, &state)?);
         let audit_faults = crate::store::audit::FaultSwitch::default();
+        let control_faults = control.fault_switch();
         let audit = if cfg.audit.enabled {
             let a = crate::audit::Audit::start(
                 &cfg.audit,
@@ -377,6 +380,14 @@ impl Sidecar {
         };
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        if !cfg.tls.reload.is_zero() {
+            tasks.spawn(reload_tls(
+                cfg.clone(),
+                tls.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         if !cfg.rbac_reload.is_zero() {
             tasks.spawn(reload_rbac(
                 cfg.clone(),
@@ -535,6 +546,7 @@ impl Sidecar {
             metrics,
             audit,
             audit_faults,
+            control_faults,
             shutdown,
             tasks,
         })
@@ -558,6 +570,36 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+/// Puts changed TLS files (`tls.cert`, `tls.key`, `tls.client_ca`) in force for new
+/// connections, checked every `tls.reload_seconds`. Files that do not build a configuration
+/// (a certificate whose new key is not there yet, a broken file) keep the one in force; the
+/// error is logged and counted (`aesp_config_reload_failures_total`).
+async fn reload_tls(
+    cfg: Arc<Config>,
+    tls: Arc<crate::tls::ServerTls>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(cfg.tls.reload) => {}
+        }
+        let (cfg2, tls2) = (cfg.clone(), tls.clone());
+        match tokio::task::spawn_blocking(move || tls2.reload(&cfg2)).await {
+            Ok(Ok(crate::tls::Reload::Unchanged)) => {}
+            Ok(Ok(crate::tls::Reload::Reloaded)) => {
+                tracing::info!(cert = %cfg.tls.cert.display(), client_ca = %cfg.tls.client_ca.display(), "TLS certificate, key and client CA reloaded; new connections use them");
+            }
+            Ok(Err(e)) => {
+                metrics.config_reload_failures.inc();
+                tracing::error!(error = %e, "TLS files not reloaded; the certificate, key and client CA in force stay");
+            }
+            Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+        }
     }
 }
 

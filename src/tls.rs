@@ -1,4 +1,5 @@
-//! TLS configurations: TLS 1.3 only, on aws-lc-rs, built once at start.
+//! TLS configurations: TLS 1.3 only, on aws-lc-rs. The server's certificate, key and client
+//! CA are read again every `tls.reload_seconds` ([`ServerTls`]).
 
 use crate::config::{Config, ConfigError};
 use rustls::RootCertStore;
@@ -54,12 +55,68 @@ fn roots(path: &Path) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// The data-plane and management server config: TLS 1.3 only, a client certificate chaining
-/// to `tls.client_ca` required, ALPN `h2`.
-pub fn server_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    let certs = load_certs(&cfg.tls.cert).map_err(|e| cfg_err(cfg, "tls.cert", e))?;
-    let key = load_key(&cfg.tls.key).map_err(|e| cfg_err(cfg, "tls.key", e))?;
-    let roots = roots(&cfg.tls.client_ca).map_err(|e| cfg_err(cfg, "tls.client_ca", e))?;
+/// The PEM files a server config is built from, as read.
+#[derive(Clone, PartialEq, Eq)]
+struct ServerPem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Vec<u8>,
+}
+
+impl ServerPem {
+    fn read(cfg: &Config) -> Result<ServerPem, ConfigError> {
+        let read = |field: &str, p: &Path| {
+            std::fs::read(p)
+                .map_err(|e| cfg_err(cfg, field, format!("cannot read {}: {e}", p.display())))
+        };
+        Ok(ServerPem {
+            cert: read("tls.cert", &cfg.tls.cert)?,
+            key: read("tls.key", &cfg.tls.key)?,
+            client_ca: read("tls.client_ca", &cfg.tls.client_ca)?,
+        })
+    }
+}
+
+fn certs_from_pem(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    let certs = certs.map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The server config of `pem`; `previous`'s session cache and ticketer are kept, so a
+/// reload does not end the resumable sessions of unchanged certificates.
+fn server_config_from(
+    cfg: &Config,
+    pem: &ServerPem,
+    previous: Option<&rustls::ServerConfig>,
+) -> Result<rustls::ServerConfig, ConfigError> {
+    let t = &cfg.tls;
+    let certs = certs_from_pem(&pem.cert, &t.cert).map_err(|e| cfg_err(cfg, "tls.cert", e))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| {
+        cfg_err(
+            cfg,
+            "tls.key",
+            format!("cannot read a private key from {}: {e}", t.key.display()),
+        )
+    })?;
+    let mut roots = RootCertStore::empty();
+    for c in certs_from_pem(&pem.client_ca, &t.client_ca)
+        .map_err(|e| cfg_err(cfg, "tls.client_ca", e))?
+    {
+        roots.add(c).map_err(|e| {
+            cfg_err(
+                cfg,
+                "tls.client_ca",
+                format!(
+                    "{}: not a usable CA certificate: {e}",
+                    t.client_ca.display()
+                ),
+            )
+        })?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| {
@@ -82,12 +139,75 @@ pub fn server_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, ConfigEr
             )
         })?;
     sc.alpn_protocols = vec![b"h2".to_vec()];
-    if !cfg.tls.session_resumption {
+    if !t.session_resumption {
         // No tickets and no session cache: every connection proves its certificate anew.
         sc.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         sc.send_tls13_tickets = 0;
+    } else if let Some(p) = previous {
+        sc.session_storage = p.session_storage.clone();
+        sc.ticketer = p.ticketer.clone();
     }
-    Ok(Arc::new(sc))
+    Ok(sc)
+}
+
+/// The data-plane and management server config: TLS 1.3 only, a client certificate chaining
+/// to `tls.client_ca` required, ALPN `h2`.
+pub fn server_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    Ok(Arc::new(server_config_from(
+        cfg,
+        &ServerPem::read(cfg)?,
+        None,
+    )?))
+}
+
+/// The server config in force, shared by the listeners: each accepted connection takes the
+/// one current at its accept (an `Arc` clone). [`ServerTls::reload`] swaps in a new one when
+/// the files changed; established connections keep the one they were accepted with.
+pub struct ServerTls {
+    current: arc_swap::ArcSwap<rustls::ServerConfig>,
+    /// What was last read: the files in force, or a broken version of them already refused.
+    seen: std::sync::Mutex<ServerPem>,
+}
+
+/// What [`ServerTls::reload`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    Reloaded,
+}
+
+impl ServerTls {
+    pub fn load(cfg: &Config) -> Result<ServerTls, ConfigError> {
+        let pem = ServerPem::read(cfg)?;
+        let sc = server_config_from(cfg, &pem, None)?;
+        Ok(ServerTls {
+            current: arc_swap::ArcSwap::from_pointee(sc),
+            seen: std::sync::Mutex::new(pem),
+        })
+    }
+
+    /// The config for a connection accepted now.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current.load_full()
+    }
+
+    /// Reads `tls.cert`, `tls.key` and `tls.client_ca` again; if they changed since the last
+    /// read and build a config, it is put in force. A change that does not build one (a
+    /// certificate without its new key yet, a broken file) is an error once, and the config
+    /// in force stays.
+    pub fn reload(&self, cfg: &Config) -> Result<Reload, ConfigError> {
+        let pem = ServerPem::read(cfg)?;
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if *seen == pem {
+                return Ok(Reload::Unchanged);
+            }
+            *seen = pem.clone();
+        }
+        let sc = server_config_from(cfg, &pem, Some(&self.current.load()))?;
+        self.current.store(Arc::new(sc));
+        Ok(Reload::Reloaded)
+    }
 }
 
 /// The client config for an `https://` upstream (TLS 1.3 only, ALPN `h2`).

@@ -32,6 +32,10 @@ pub enum UpstreamError {
     },
     #[error("the GRID host connection failed: {0}")]
     Http(#[from] hyper::Error),
+    /// The host took the request but sent no response headers in time
+    /// (`limits.upstream_response_timeout_ms`); the stream to it was reset.
+    #[error("the GRID host at {addr} sent no response headers within {after:?}; stream reset")]
+    ResponseTimeout { addr: String, after: Duration },
 }
 
 impl UpstreamError {
@@ -46,6 +50,7 @@ impl UpstreamError {
                 }
             },
             UpstreamError::Http(_) => "the HTTP/2 connection to the host failed",
+            UpstreamError::ResponseTimeout { .. } => "the host did not answer in time",
         }
     }
 }
@@ -230,6 +235,26 @@ impl Upstream {
         });
         tracing::debug!(upstream = %self.addr, "upstream connection established");
         Ok(sender)
+    }
+
+    /// Sends one request and waits for its response headers, for at most `timeout`
+    /// (connecting included). When the time is up the request is dropped, and hyper resets
+    /// the stream to the host (`RST_STREAM(CANCEL)`): nothing is left waiting on either side.
+    /// After its headers, a response (a `Connect` stream, a tool's chunks) has no deadline
+    /// of this kind.
+    pub async fn send_within(
+        &self,
+        req: Request<ProxyBody>,
+        class: Class<'_>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(timeout, self.send(req, class)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::ResponseTimeout {
+                addr: self.addr.clone(),
+                after: timeout,
+            }),
+        }
     }
 
     /// Sends one request on a pooled connection. A request the connection never took (it

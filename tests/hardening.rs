@@ -458,3 +458,340 @@ async fn a_runtime_that_never_reads_stalls_nobody_else() {
     drop(held);
     stack.stop().await;
 }
+
+/// How many `CreateSession` requests reached the reference host.
+fn sessions_at_host(stack: &Stack) -> usize {
+    stack
+        .host
+        .state
+        .request_metadata()
+        .iter()
+        .filter(|(p, _)| p == "/altar.grid.v1.GridHost/CreateSession")
+        .count()
+}
+
+#[tokio::test]
+async fn a_connection_over_its_request_rate_is_refused_then_closed_while_others_are_served() {
+    // 1 call per second, a burst of 3: a peer calling back to back is over it at once
+    // (unless each of its calls took over a second).
+    let stack = Stack::start_with(
+        "limits:\n  max_requests_per_second_per_connection: 1\n  request_burst_per_connection: 3\n",
+        false,
+    )
+    .await;
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let path = "/altar.grid.v1.GridHost/CreateSession";
+    let mut hammer = stack.raw("acme").await;
+    let (mut allowed, mut refused) = (0usize, 0usize);
+    while refused == 0 && allowed < 30 {
+        let r = hammer.call(path, &[], vec![create.clone()]).await;
+        match r.grpc_status() {
+            Some(0) => allowed += 1,
+            Some(8) => {
+                let e = r.enterprise_error().expect("an EnterpriseError");
+                assert_eq!(e.code, "BUDGET_EXCEEDED");
+                assert_eq!(
+                    e.details["limit"],
+                    "limits.max_requests_per_second_per_connection"
+                );
+                assert_eq!(e.details["per_second"], "1");
+                assert!(!e.correlation_id.is_empty());
+                refused += 1;
+            }
+            other => panic!("unexpected status {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(
+        refused, 1,
+        "back-to-back calls went over 1/s with a burst of 3"
+    );
+    assert!(allowed >= 3, "the burst was served: {allowed}");
+    // Refused without reaching the host, recorded and counted like every refusal.
+    assert_eq!(sessions_at_host(&stack), allowed);
+    assert_eq!(common::denials(&stack.sidecar, "BUDGET_EXCEEDED"), 1);
+    assert_eq!(
+        common::counter(
+            &stack.sidecar,
+            "aesp_calls_total",
+            &[("method", path), ("outcome", "deny")]
+        ),
+        1
+    );
+
+    // Another client's connection has a budget of its own: served meanwhile.
+    let mut other = stack.raw("globex").await;
+    let r = other.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    assert_eq!(sessions_at_host(&stack), allowed + 1);
+
+    // The hammering peer keeps going: its refusals run out too (the same rate and burst),
+    // and its connection is closed (GOAWAY). None of it reaches the host.
+    let mut closed = None;
+    for i in 0..200 {
+        match hammer.try_call(path, &[], vec![create.clone()]).await {
+            Ok(r) if r.grpc_status() == Some(0) => allowed += 1,
+            Ok(r) => {
+                assert_eq!(r.grpc_status(), Some(8), "{r:?}");
+                refused += 1;
+            }
+            Err(e) => {
+                closed = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (after, why) = closed.expect("the hammering connection was closed");
+    assert!(
+        refused > 1,
+        "closed after more refusals ({refused}), {after} calls on: {why}"
+    );
+    assert_eq!(
+        common::counter(&stack.sidecar, "aesp_rate_limit_closes_total", &[]),
+        1
+    );
+    assert_eq!(sessions_at_host(&stack), allowed + 1);
+    // And the other client is still served.
+    let r = other.call(path, &[], vec![create]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+
+    // Requests that are not gRPC count too (answered 429 over the limit, not recorded).
+    let mut plain = stack.raw("acme").await;
+    let mut bodies = Vec::new();
+    for _ in 0..10 {
+        let Ok(r) = plain
+            .try_call(path, &[("content-type", "text/plain")], vec![b"x".to_vec()])
+            .await
+        else {
+            break; // closed: these count towards calming down too
+        };
+        bodies.push(String::from_utf8_lossy(&r.data).to_string());
+    }
+    assert!(bodies[0].contains("gRPC only"), "{bodies:?}");
+    assert!(
+        bodies.iter().any(|b| b.contains("too many requests")),
+        "{bodies:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_management_change_the_control_store_cannot_write_fails_and_changes_nothing() {
+    use aesp_sidecar::proto::aesp::enterprise_identity_service_client::EnterpriseIdentityServiceClient;
+    use aesp_sidecar::proto::aesp::{
+        AssignRoleRequest, CreateServiceAccountRequest, GetPrincipalPermissionsRequest,
+        RevokeServiceAccountRequest,
+    };
+    let stack = Stack::start_with("", false).await;
+    let ep = format!(
+        "https://127.0.0.1:{}",
+        stack.sidecar.management_addr.unwrap().port()
+    );
+    let ch = client::channel(&ep, Some(&stack.tls("admin")))
+        .await
+        .unwrap();
+    let mut root = EnterpriseIdentityServiceClient::new(client::with_token(ch, None).unwrap());
+    let assign = || AssignRoleRequest {
+        principal_id: "bob".into(),
+        tenant_id: "globex".into(),
+        role: "auditor".into(),
+    };
+    let create_sa = || CreateServiceAccountRequest {
+        tenant_id: "acme".into(),
+        display_name: "ci bot".into(),
+        roles: vec!["client-user".into()],
+        credential_ttl_seconds: 3600,
+    };
+    let bobs_roles = |mut c: EnterpriseIdentityServiceClient<client::GridChannel>| async move {
+        c.get_principal_permissions(GetPrincipalPermissionsRequest {
+            principal_id: "bob".into(),
+            tenant_id: "globex".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .roles
+    };
+    // A service account made while the store works, and a call it makes.
+    let sa = root
+        .create_service_account(create_sa())
+        .await
+        .unwrap()
+        .into_inner();
+    let sa_auth = format!("Bearer {}", sa.credential);
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let mut raw = stack.raw("acme").await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &sa_auth)],
+            vec![create.clone()],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let roles_before = bobs_roles(root.clone()).await;
+    assert!(!roles_before.contains(&"auditor".to_string()));
+
+    // The disk fails: every change is refused with a clear error, and nothing changes.
+    stack.sidecar.control_faults.set(true);
+    let unavailable = |e: tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(
+            e.message().contains("control store") && e.message().contains("nothing was changed"),
+            "{e:?}"
+        );
+    };
+    unavailable(root.assign_role(assign()).await.unwrap_err());
+    unavailable(root.create_service_account(create_sa()).await.unwrap_err());
+    unavailable(
+        root.revoke_service_account(RevokeServiceAccountRequest {
+            principal_id: sa.principal_id.clone(),
+            reason: "drill".into(),
+        })
+        .await
+        .unwrap_err(),
+    );
+    // Not in force: bob has no new role, the account is not revoked.
+    assert_eq!(bobs_roles(root.clone()).await, roles_before);
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[("authorization", &sa_auth)],
+            vec![create.clone()],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "the account still works: {r:?}");
+
+    // The disk is back: the same change goes through.
+    stack.sidecar.control_faults.set(false);
+    root.assign_role(assign()).await.unwrap();
+    assert!(
+        bobs_roles(root.clone())
+            .await
+            .contains(&"auditor".to_string())
+    );
+
+    // And the file holds exactly what succeeded.
+    let cfg = aesp_sidecar::config::Config::load(&stack.dir.path().join("sidecar.yaml")).unwrap();
+    let dir = stack.stop().await;
+    let state = aesp_sidecar::store::ControlStore::open(&cfg.state_dir)
+        .unwrap()
+        .load()
+        .unwrap();
+    drop(dir);
+    assert_eq!(state.service_accounts.len(), 1, "{state:?}");
+    assert!(!state.service_accounts[0].revoked);
+    assert_eq!(
+        state
+            .bindings
+            .iter()
+            .filter(|b| b.role == "auditor")
+            .count(),
+        1,
+        "{state:?}"
+    );
+    // One binding of the account's role, one of bob's: two writes, two revisions more than
+    // the account's own.
+    assert_eq!(state.revision, 3, "{state:?}");
+}
+
+/// The certificate the sidecar presents to a new connection of `leaf` (trusting `ca_pem`),
+/// or why the handshake failed.
+async fn presented(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    leaf: &certs::Leaf,
+) -> Result<Vec<u8>, String> {
+    let cc = aesp_sidecar::tls::client_config_from_pem(
+        ca_pem.as_bytes(),
+        Some((leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes())),
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cc))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A client certificate the server refuses is known after the handshake, on first read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut b = [0u8; 9];
+    tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// Polls `check` every 100 ms for up to 15 s (the sidecar reads its files every second).
+async fn eventually<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    for _ in 0..150 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn certificates_rotate_without_a_restart_and_a_broken_file_keeps_the_ones_in_force() {
+    let s = CaStack::start("tls:\n  reload_seconds: 1\n").await;
+    let addr = s.sidecar.data_addr;
+    let ca1 = s.ca.cert_pem();
+    let alice = s.ca.workload("acme", "client", "alice").unwrap();
+    let first = std::fs::read_to_string(s.dir.path().join("server.crt")).unwrap();
+    assert_eq!(presented(addr, &ca1, &alice).await.unwrap(), der(&first));
+    let mut before = RawH2::connect(addr, s.rustls(&alice)).await;
+    let create = frame(&grid::CreateSession::default().encode_to_vec());
+    let path = "/altar.grid.v1.GridHost/CreateSession";
+    let reloads_failed = || common::counter(&s.sidecar, "aesp_config_reload_failures_total", &[]);
+
+    // A broken certificate file: refused once, counted, and the one in force stays.
+    write(
+        s.dir.path(),
+        "server.crt",
+        "-----BEGIN CERTIFICATE-----\nbroken\n",
+    );
+    assert!(eventually(|| async { reloads_failed() == 1 }).await);
+    assert_eq!(presented(addr, &ca1, &alice).await.unwrap(), der(&first));
+    // Counted once, not at every read while it stays broken.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(reloads_failed(), 1);
+
+    // The rotation: a new certificate and key. New connections get them; the connection
+    // made before keeps being served.
+    let next = s.ca.issue("localhost", None, &["localhost"], &[]).unwrap();
+    write(s.dir.path(), "server.key", &next.key_pem);
+    write(s.dir.path(), "server.crt", &next.cert_pem);
+    assert!(
+        eventually(|| async {
+            presented(addr, &ca1, &alice).await.ok() == Some(der(&next.cert_pem))
+        })
+        .await,
+        "the new certificate was never presented"
+    );
+    let r = before.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    let mut after = RawH2::connect(addr, s.rustls(&alice)).await;
+    let r = after.call(path, &[], vec![create.clone()]).await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+
+    // The client CA rotates too: once only the new CA is trusted, the old CA's clients are
+    // refused at the handshake and the new CA's are served.
+    let ca2 = certs::Ca::new("rotated CA").unwrap();
+    let carol = ca2.workload("acme", "client", "carol").unwrap();
+    assert!(presented(addr, &ca1, &carol).await.is_err());
+    write(s.dir.path(), "ca.crt", &ca2.cert_pem());
+    assert!(
+        eventually(|| async { presented(addr, &ca1, &carol).await.is_ok() }).await,
+        "the new client CA was never trusted"
+    );
+    assert!(presented(addr, &ca1, &alice).await.is_err());
+    s.stop().await;
+}

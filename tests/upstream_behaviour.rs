@@ -408,3 +408,206 @@ async fn reserved_metadata_and_credentials_never_cross_the_sidecar_in_trailers_o
     call.abort();
     sidecar.shutdown().await;
 }
+
+/// A host that takes every stream and answers only `CreateSession`. `ExecuteTool`,
+/// `ExecuteToolStream` and a `Connect` carrying `x-test-mute` get no response headers, ever;
+/// another `Connect` gets its headers and then silence. Reports each stream's headers, and
+/// how each unanswered or silent stream ended (`Reset("<path>[ mute]: ...")`).
+async fn mute_host() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let mute = req.headers().contains_key("x-test-mute");
+                        let _ = tx.send(Seen::Headers(path.clone(), req.headers().clone()));
+                        let mut body = req.into_body();
+                        let ok = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let label = format!("{path}{}", if mute { " mute" } else { "" });
+                        if path.ends_with("/CreateSession") {
+                            while let Some(Ok(d)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(d.len());
+                            }
+                            let ack = grid::CreateSessionAck {
+                                session_id: "s-mute".into(),
+                                ..Default::default()
+                            };
+                            let mut send = respond.send_response(ok, false).unwrap();
+                            send.send_data(Bytes::from(frame(&ack.encode_to_vec())), false)
+                                .unwrap();
+                            let mut t = http::HeaderMap::new();
+                            t.insert("grpc-status", "0".parse().unwrap());
+                            send.send_trailers(t).unwrap();
+                        } else if path.ends_with("/Connect") && !mute {
+                            let mut send = respond.send_response(ok, false).unwrap();
+                            let r = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+                            let _ = tx.send(Seen::Reset(format!("{label}: {r:?}")));
+                        } else {
+                            // Never a response header: wait for the sidecar to give up.
+                            let r = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                            let _ = tx.send(Seen::Reset(format!("{label}: {r:?}")));
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Waits (up to 10 s) for the host to report a reset whose label starts with `label`;
+/// other reports are kept in `other`.
+async fn reset_seen(seen: &mut mpsc::UnboundedReceiver<Seen>, label: &str, other: &mut Vec<Seen>) {
+    if let Some(i) = other
+        .iter()
+        .position(|s| matches!(s, Seen::Reset(l) if l.starts_with(&format!("{label}:"))))
+    {
+        other.remove(i);
+        return;
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
+            Ok(Some(Seen::Reset(l))) if l.starts_with(&format!("{label}:")) => return,
+            Ok(Some(s)) => other.push(s),
+            r => panic!("the host saw no reset of {label}: {r:?}; also seen: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_ends_calls_in_upstream_unavailable_and_others_are_served() {
+    const TIMEOUT_MS: u64 = 3000;
+    let (addr, mut seen) = mute_host().await;
+    let (dir, sidecar) = sidecar_for(
+        addr,
+        &format!("limits:\n  upstream_response_timeout_ms: {TIMEOUT_MS}\n"),
+    )
+    .await;
+    let acme = client_config(dir.path(), "acme");
+    let tc = grid::ToolCall {
+        session_id: "s".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut calls = Vec::new();
+    for method in ["ExecuteTool", "ExecuteToolStream"] {
+        let mut raw = common::RawH2::connect(sidecar.data_addr, acme.clone()).await;
+        let tc = tc.clone();
+        calls.push(tokio::spawn(async move {
+            raw.call(
+                &format!("/altar.grid.v1.GridHost/{method}"),
+                &[],
+                vec![frame(&tc)],
+            )
+            .await
+        }));
+    }
+    // A runtime whose Connect the host never answers, and one it answers and then ignores.
+    let announce = frame(
+        &grid::RuntimeMessage {
+            kind: Some(grid::runtime_message::Kind::Announce(
+                grid::AnnounceRuntime {
+                    runtime_id: "rt-mute".into(),
+                    ..Default::default()
+                },
+            )),
+        }
+        .encode_to_vec(),
+    );
+    let mut runtimes = Vec::new();
+    let mut keep_open = Vec::new();
+    for mute in [true, false] {
+        let mut raw =
+            common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "runtime")).await;
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Ok(http_body::Frame::data(Bytes::from(announce.clone()))))
+            .await
+            .unwrap();
+        keep_open.push(tx);
+        runtimes.push(tokio::spawn(async move {
+            let headers: &[(&str, &str)] = if mute { &[("x-test-mute", "1")] } else { &[] };
+            raw.call_streaming("/altar.grid.v1.GridRuntime/Connect", headers, rx)
+                .await
+        }));
+    }
+    // Every stream reached the host.
+    let mut other = Vec::new();
+    let mut heads = 0;
+    while heads < 4 {
+        match tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
+            Ok(Some(Seen::Headers(..))) => heads += 1,
+            Ok(Some(s)) => other.push(s),
+            r => panic!("the host saw {heads} streams of 4: {r:?}"),
+        }
+    }
+
+    // Meanwhile another client is served, on a connection of its own.
+    let mut globex =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "globex")).await;
+    let r = globex
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[],
+            vec![frame(&grid::CreateSession::default().encode_to_vec())],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    assert!(
+        calls.iter().all(|c| !c.is_finished()),
+        "the unanswered calls are still waiting for the host"
+    );
+
+    // Then each unanswered call ends in UPSTREAM_UNAVAILABLE, and its stream to the host
+    // is reset: nothing is left waiting on either side.
+    for c in calls.into_iter().chain(runtimes.drain(..1)) {
+        let r = c.await.unwrap();
+        assert_eq!(r.grpc_status(), Some(14), "{r:?}");
+        let e = r.enterprise_error().expect("an EnterpriseError");
+        assert_eq!(e.code, "UPSTREAM_UNAVAILABLE");
+        assert_eq!(e.details["reason"], "the host did not answer in time");
+        assert!(
+            !format!("{e:?}").contains(&addr.port().to_string()),
+            "the host's address stays in the logs: {e:?}"
+        );
+    }
+    for label in [
+        "/altar.grid.v1.GridHost/ExecuteTool",
+        "/altar.grid.v1.GridHost/ExecuteToolStream",
+        "/altar.grid.v1.GridRuntime/Connect mute",
+    ] {
+        reset_seen(&mut seen, label, &mut other).await;
+    }
+    // Recorded and counted as refusals, like every other upstream failure.
+    assert_eq!(common::denials(&sidecar, "UPSTREAM_UNAVAILABLE"), 3);
+    assert_eq!(
+        common::counter(&sidecar, "aesp_upstream_errors_total", &[]),
+        3
+    );
+
+    // The Connect that got its headers has no such deadline: it is open well past it.
+    tokio::time::sleep(Duration::from_millis(TIMEOUT_MS)).await;
+    let open = runtimes.pop().unwrap();
+    assert!(!open.is_finished(), "a Connect with its headers stays open");
+    while let Ok(s) = seen.try_recv() {
+        other.push(s);
+    }
+    assert!(
+        !other.iter().any(|s| matches!(s, Seen::Reset(_))),
+        "nothing else was reset: {other:?}"
+    );
+    drop(keep_open);
+    open.abort();
+    sidecar.shutdown().await;
+}

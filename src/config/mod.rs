@@ -76,6 +76,9 @@ pub struct TlsConfig {
     /// full handshake that checks the client certificate. When on, a resumed session whose
     /// certificate has expired since is refused all the same (its identity is re-checked).
     pub session_resumption: bool,
+    /// How often `cert`, `key` and `client_ca` are read again (a change is put in force for
+    /// new connections); zero: read at start only.
+    pub reload: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +179,18 @@ pub struct Limits {
     /// How long a message of a stream may take from its first byte to its last (waiting for
     /// buffer budget included).
     pub message_timeout: Duration,
+    /// How long the host may take to send the response headers of a call once it was
+    /// forwarded (on `Connect` too, until its headers arrive; never after).
+    pub upstream_response_timeout: Duration,
+    /// Calls per second one connection may make, with its burst; `None`: no limit.
+    pub request_rate: Option<RequestRate>,
+}
+
+/// `limits.max_requests_per_second_per_connection` and `limits.request_burst_per_connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 impl Default for Limits {
@@ -198,6 +213,11 @@ impl Default for Limits {
             max_buffered_bytes_per_connection: 16 * 1024 * 1024,
             max_buffered_bytes: 256 * 1024 * 1024,
             message_timeout: Duration::from_secs(30),
+            upstream_response_timeout: Duration::from_secs(30),
+            request_rate: Some(RequestRate {
+                per_second: 10_000,
+                burst: 20_000,
+            }),
         }
     }
 }
@@ -277,6 +297,7 @@ struct RawTls {
     handshake_timeout_ms: Option<u64>,
     #[serde(default)]
     session_resumption: bool,
+    reload_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +351,9 @@ struct RawLimits {
     max_buffered_bytes_per_connection: Option<usize>,
     max_buffered_bytes: Option<usize>,
     message_timeout_ms: Option<u64>,
+    upstream_response_timeout_ms: Option<u64>,
+    max_requests_per_second_per_connection: Option<u32>,
+    request_burst_per_connection: Option<u32>,
 }
 
 impl Config {
@@ -447,6 +471,7 @@ impl Validator<'_> {
                 10_000,
             )?),
             session_resumption: rt.session_resumption,
+            reload: Duration::from_secs(rt.reload_seconds.unwrap_or(10)),
         };
 
         let upstream = self.upstream(raw.upstream)?;
@@ -943,7 +968,50 @@ impl Validator<'_> {
                 raw.message_timeout_ms,
                 d.message_timeout.as_millis() as u64,
             )?),
+            upstream_response_timeout: Duration::from_millis(self.positive(
+                "limits.upstream_response_timeout_ms",
+                raw.upstream_response_timeout_ms,
+                d.upstream_response_timeout.as_millis() as u64,
+            )?),
+            request_rate: self.request_rate(&raw, d.request_rate)?,
         })
+    }
+
+    fn request_rate(
+        &self,
+        raw: &RawLimits,
+        d: Option<RequestRate>,
+    ) -> Result<Option<RequestRate>, ConfigError> {
+        let d = d.unwrap_or(RequestRate {
+            per_second: 10_000,
+            burst: 20_000,
+        });
+        let per_second = match raw.max_requests_per_second_per_connection {
+            Some(0) => return Ok(None),
+            Some(n @ 1..=1_000_000) => n,
+            Some(n) => {
+                return Err(self.err(
+                    "limits.max_requests_per_second_per_connection",
+                    format!("expected 0 (no limit) to 1000000, got {n}"),
+                ));
+            }
+            None => d.per_second,
+        };
+        let burst = match raw.request_burst_per_connection {
+            Some(n @ 1..=1_000_000) => n,
+            Some(n) => {
+                return Err(self.err(
+                    "limits.request_burst_per_connection",
+                    format!("expected 1 to 1000000, got {n}"),
+                ));
+            }
+            // Twice the rate by default, as the default pair (10000/s, 20000).
+            None if raw.max_requests_per_second_per_connection.is_some() => {
+                per_second.saturating_mul(2).min(1_000_000)
+            }
+            None => d.burst,
+        };
+        Ok(Some(RequestRate { per_second, burst }))
     }
 }
 
@@ -1072,6 +1140,56 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.field, "auth.fetch_timeout_seconds");
+    }
+
+    #[test]
+    fn upstream_response_timeout_and_request_rate() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.limits.upstream_response_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.limits.request_rate,
+            Some(RequestRate {
+                per_second: 10_000,
+                burst: 20_000
+            })
+        );
+        let c = parse(&format!(
+            "{MINIMAL}limits:\n  upstream_response_timeout_ms: 1500\n  max_requests_per_second_per_connection: 50\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.limits.upstream_response_timeout,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            c.limits.request_rate,
+            Some(RequestRate {
+                per_second: 50,
+                burst: 100
+            })
+        );
+        let c = parse(&format!(
+            "{MINIMAL}limits:\n  max_requests_per_second_per_connection: 0\n"
+        ))
+        .unwrap();
+        assert_eq!(c.limits.request_rate, None);
+        for (bad, field) in [
+            (
+                "upstream_response_timeout_ms: 0",
+                "limits.upstream_response_timeout_ms",
+            ),
+            (
+                "max_requests_per_second_per_connection: 2000000",
+                "limits.max_requests_per_second_per_connection",
+            ),
+            (
+                "request_burst_per_connection: 0",
+                "limits.request_burst_per_connection",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}limits:\n  {bad}\n")).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
     }
 
     #[test]

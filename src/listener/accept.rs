@@ -9,7 +9,10 @@
 //! - a connection with no call in flight for `limits.idle_timeout_seconds` is closed
 //!   (GOAWAY), whether or not it ever sent the HTTP/2 preface;
 //! - a connection is closed when its client certificate expires (a resumed TLS session
-//!   included).
+//!   included);
+//! - a connection whose calls keep coming at over twice its request rate limit is closed
+//!   (GOAWAY; hyper's server sends it with NO_ERROR, it has no way to say ENHANCE_YOUR_CALM),
+//!   see [`crate::proxy::rate`].
 //!
 //! On shutdown: stop listening at once (the port is free for a replacement), send GOAWAY,
 //! let in-flight calls finish up to the grace period, then close what is left.
@@ -141,12 +144,11 @@ fn until(not_after: Option<i64>) -> Duration {
 /// Serves `listener` until `shutdown` is cancelled, then drains for `grace`.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::tls::ServerTls>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     let builder = Arc::new(builder(&proxy));
     let tracker = TaskTracker::new();
     // Cancelled when the grace period is over: every connection still open is closed.
@@ -180,7 +182,8 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        // The TLS configuration in force now (tls.reload_seconds may have swapped it).
+        let acceptor = TlsAcceptor::from(tls.current());
         let proxy = proxy.clone();
         let builder = builder.clone();
         let established = established.clone();
@@ -232,6 +235,7 @@ pub(crate) async fn serve(
                 &proxy.cfg,
                 &proxy.buffered_total,
             ));
+            let calm = conn.calm.clone();
             proxy.metrics.connections_total.inc();
             proxy.metrics.connections_active.inc();
             let activity = Activity::new();
@@ -273,6 +277,7 @@ pub(crate) async fn serve(
                     _ = shutdown.cancelled(), if !closing => "shutdown",
                     _ = activity.idle_for(idle_timeout), if !closing => "idle",
                     _ = tokio::time::sleep(expires), if !closing => "certificate expired",
+                    _ = calm.cancelled(), if !closing => "calls over the request rate limit",
                 };
                 tracing::debug!(%remote, reason = why, "closing connection (GOAWAY)");
                 served.as_mut().graceful_shutdown();

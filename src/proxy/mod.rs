@@ -31,6 +31,7 @@ pub(crate) mod headers;
 mod hooks;
 mod management;
 mod passthrough;
+pub(crate) mod rate;
 mod unary;
 
 use crate::config::Config;
@@ -75,6 +76,10 @@ pub(crate) struct ConnInfo {
     pub upstream: crate::upstream::Affinity,
     /// The peer's address, `ip:port`.
     pub source: String,
+    /// The connection's request rate (`limits.max_requests_per_second_per_connection`).
+    pub rate: rate::Bucket,
+    /// Cancelled when the connection must be closed for calling too fast (GOAWAY).
+    pub calm: tokio_util::sync::CancellationToken,
 }
 
 impl ConnInfo {
@@ -102,6 +107,8 @@ impl ConnInfo {
             grants: crate::authz::GrantsCache::default(),
             upstream: crate::upstream::Affinity::default(),
             source: remote.to_string(),
+            rate: rate::Bucket::new(cfg.limits.request_rate),
+            calm: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -222,11 +229,23 @@ impl Proxy {
         conn: Arc<ConnInfo>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        // Every request counts against its connection's rate, gRPC or not.
+        let verdict = conn.rate.check();
         if !is_grpc(&req) {
-            let mut r = Response::new(body::full(Bytes::from_static(
-                b"aesp-sidecar serves gRPC only\n",
-            )));
-            *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            let (text, status): (&'static [u8], _) = if verdict == rate::Verdict::Allowed {
+                (
+                    b"aesp-sidecar serves gRPC only\n",
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                )
+            } else {
+                self.calm_down(&conn, verdict);
+                (
+                    b"too many requests on this connection\n",
+                    StatusCode::TOO_MANY_REQUESTS,
+                )
+            };
+            let mut r = Response::new(body::full(Bytes::from_static(text)));
+            *r.status_mut() = status;
             return r;
         }
         let cid = headers::inbound_correlation_id(req.headers())
@@ -236,6 +255,11 @@ impl Proxy {
             Role::DataPlane => crate::grid::route(&path, &self.cfg.passthrough),
             Role::Management => Route::Management,
         };
+
+        // Over the connection's request rate: refused before anything else is looked at.
+        if verdict != rate::Verdict::Allowed {
+            return self.rate_limited(&conn, verdict, &path, route, &cid).await;
+        }
 
         // A connection without a usable identity gets nothing but the refusal, whatever it
         // calls; its request body is never read.
@@ -319,6 +343,67 @@ impl Proxy {
         }
     }
 
+    /// A call over its connection's request rate: `BUDGET_EXCEEDED` (`RESOURCE_EXHAUSTED`,
+    /// the contract's only code of that status: the connection's request budget is spent),
+    /// recorded like every refusal, never forwarded. With `Calm` the connection is closed
+    /// too (GOAWAY): its refusals came faster than the limit allows calls.
+    #[cold]
+    async fn rate_limited(
+        &self,
+        conn: &ConnInfo,
+        verdict: rate::Verdict,
+        path: &str,
+        route: Route,
+        cid: &str,
+    ) -> Response<ProxyBody> {
+        let limit = self
+            .cfg
+            .limits
+            .request_rate
+            .unwrap_or(crate::config::RequestRate {
+                per_second: 0,
+                burst: 0,
+            });
+        let mut denial = Denial::new(
+            ErrorCode::BudgetExceeded,
+            "too many calls on this connection: its request rate limit is reached",
+        )
+        .detail("budget", "requests per connection")
+        .detail("limit", "limits.max_requests_per_second_per_connection")
+        .detail("per_second", limit.per_second.to_string())
+        .detail("burst", limit.burst.to_string());
+        denial.remediation_steps =
+            "Slow down: retry with backoff, or spread calls over more connections.".into();
+        if self.calm_down(conn, verdict) {
+            denial = denial.detail("connection", "closed: calls kept coming over the limit");
+        }
+        self.refuse(Denied::early(
+            Stage::Call,
+            path,
+            route,
+            conn.identity().ok(),
+            cid,
+            denial,
+        ))
+        .await
+    }
+
+    /// With `Calm`, closes the connection (GOAWAY), once. Whether it was closed.
+    fn calm_down(&self, conn: &ConnInfo, verdict: rate::Verdict) -> bool {
+        if verdict != rate::Verdict::Calm {
+            return false;
+        }
+        if conn.rate.close_once() {
+            self.metrics.rate_limit_closes.inc();
+            tracing::warn!(
+                source = %conn.source,
+                "calls keep coming at over twice the request rate limit; closing the connection (GOAWAY)"
+            );
+            conn.calm.cancel();
+        }
+        true
+    }
+
     /// Records a refusal and answers it (trailers-only). The only way a refusal made before
     /// the host was involved reaches the peer. In audit mode `sync` the answer waits until
     /// the refusal's record is durable; a refusal stays a refusal if it cannot be written.
@@ -340,7 +425,7 @@ impl Proxy {
             .await
             .map_err(|_| Failed::Audit)?;
         self.upstream
-            .send(req, class)
+            .send_within(req, class, self.cfg.limits.upstream_response_timeout)
             .await
             .map_err(Failed::Upstream)
     }

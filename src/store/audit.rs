@@ -46,7 +46,7 @@ impl FaultSwitch {
         self.0.store(failing, Ordering::SeqCst);
     }
 
-    fn check(&self) -> std::io::Result<()> {
+    pub(crate) fn check(&self) -> std::io::Result<()> {
         if self.0.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("write refused (fault drill)"));
         }

@@ -560,6 +560,8 @@ impl TryFrom<ServiceAccountV1> for ServiceAccountRecord {
 pub struct ControlStore {
     db: Database,
     path: PathBuf,
+    /// Test hook: while on, every write fails at its commit (a disk-failure drill).
+    faults: super::audit::FaultSwitch,
 }
 
 impl std::fmt::Debug for ControlStore {
@@ -601,9 +603,19 @@ impl ControlStore {
         let db = builder()
             .open(&path)
             .map_err(|e| redb_error(&path, OPENING, REMEDY_CORRUPT, e))?;
-        let store = ControlStore { db, path };
+        let store = ControlStore {
+            db,
+            path,
+            faults: Default::default(),
+        };
         store.check_schema()?;
         Ok(store)
+    }
+
+    /// Test hook: while this switch is on, every write fails where it would commit, so
+    /// nothing is committed (a disk-failure drill for callers of the store).
+    pub fn fault_switch(&self) -> super::audit::FaultSwitch {
+        self.faults.clone()
     }
 
     /// The file.
@@ -875,6 +887,8 @@ impl ControlStore {
         };
         match outcome {
             Outcome::Changed(r) => {
+                // Dropped uncommitted on a drill: the transaction is aborted.
+                self.faults.check().map_err(|e| self.io(e))?;
                 txn.commit().map_err(|e| self.io(e))?;
                 Ok(r)
             }

@@ -366,6 +366,35 @@ impl RawH2 {
         headers: &[(&str, &str)],
         rx: tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
     ) -> RawResponse {
+        self.try_call_streaming(path, headers, rx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`RawH2::call`], with a connection that fails (closed by the sidecar, say) as an
+    /// error instead of a panic.
+    pub async fn try_call(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        chunks: Vec<Vec<u8>>,
+    ) -> Result<RawResponse, String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(chunks.len().max(1));
+        for c in chunks {
+            tx.send(Ok(http_body::Frame::data(Bytes::from(c))))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        drop(tx);
+        self.try_call_streaming(path, headers, rx).await
+    }
+
+    pub async fn try_call_streaming(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        rx: tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+    ) -> Result<RawResponse, String> {
         let mut req = Request::builder()
             .method("POST")
             .uri(format!("https://localhost{path}"))
@@ -393,18 +422,21 @@ impl RawH2 {
             .body(http_body_util::StreamBody::new(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
             ))
-            .unwrap();
-        self.sender.ready().await.unwrap();
+            .map_err(|e| format!("request: {e}"))?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e}"))?;
         let resp = tokio::time::timeout(Duration::from_secs(10), self.sender.send_request(req))
             .await
-            .expect("response in time")
-            .unwrap();
+            .map_err(|_| "no response in time".to_string())?
+            .map_err(|e| format!("request failed: {e}"))?;
         let (parts, mut body) = resp.into_parts();
         let mut data = Vec::new();
         let mut trailers = None;
         while let Some(f) = tokio::time::timeout(Duration::from_secs(10), body.frame())
             .await
-            .expect("body in time")
+            .map_err(|_| "no body in time".to_string())?
         {
             let Ok(f) = f else { break };
             match f.into_data() {
@@ -412,11 +444,11 @@ impl RawH2 {
                 Err(f) => trailers = f.into_trailers().ok(),
             }
         }
-        RawResponse {
+        Ok(RawResponse {
             headers: parts.headers,
             data,
             trailers,
-        }
+        })
     }
 }
 
