@@ -8,6 +8,8 @@
 //! - `direct-tls`: client → host over mTLS (the host's own tonic TLS); the runtime likewise;
 //! - `sidecar-certonly`: client → sidecar over mTLS 1.3 → host over h2c, clients
 //!   authenticated by certificate alone (`auth.tokens_required: []`);
+//! - `sidecar-policies`: the demo's configuration plus the shipped CEL policies
+//!   (`policies/cel/`, evaluated on every tool invocation);
 //! - `sidecar`: the same with the demo's configuration: clients present a bearer token
 //!   (verified once, then served from the cache); the runtime connects through the sidecar,
 //!   as in a real deployment.
@@ -362,9 +364,19 @@ impl Embedded {
         // The sidecar paths: mTLS to the sidecar, h2c from it to a host of its own, its
         // runtime connected through it; each with a state_dir of its own. `sidecar` is the
         // demo's configuration (tokens, audit sync).
-        let variants: [(&str, bool, &str, &str); 4] = [
-            // (name, token, audit setting of the demo's config replaced, by)
+        let variants: [(&str, bool, &str, &str); 5] = [
+            // (name, token, a setting of the demo's config replaced, by)
             ("sidecar-certonly", false, "", ""),
+            (
+                "sidecar-policies",
+                true,
+                "governance:\n",
+                concat!(
+                    "policies:\n  path: ",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/policies/cel\ngovernance:\n"
+                ),
+            ),
             (
                 "sidecar-audit-off",
                 true,
@@ -381,7 +393,7 @@ impl Embedded {
         ];
         let wanted = env_list(
             "AESP_BENCH_SIDECARS",
-            "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar",
+            "sidecar-certonly,sidecar-audit-off,sidecar-audit-async,sidecar-policies,sidecar",
         );
         for (name, token, from, to) in variants {
             if !wanted.iter().any(|w| w == name) {
