@@ -39,5 +39,6 @@ pub mod proto;
 pub mod proxy;
 pub mod sidecar;
 pub mod store;
+pub mod tenancy;
 pub mod tls;
 pub(crate) mod upstream;

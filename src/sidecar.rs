@@ -342,6 +342,10 @@ impl Sidecar {
         let recorder = Recorder::new(metrics.clone(), audit.clone());
         let policies = open_policies(&cfg)?;
         let governance = Arc::new(open_governance(&cfg, Some(control.clone()))?);
+        let sessions = Arc::new(
+            crate::tenancy::Sessions::open(control.clone())
+                .map_err(|e| anyhow::anyhow!("the sessions in the control store: {e}"))?,
+        );
         let api_policies = crate::admin::policy::compile_stored(&state.policies).map_err(|e| {
             anyhow::anyhow!(
                 "the policies managed through the API (in {}) do not compile: {e}",
@@ -373,6 +377,7 @@ impl Sidecar {
             policies: in_force,
             organization_id: Arc::from(cfg.identity.organization_id.as_str()),
             governance: governance.clone(),
+            sessions: sessions.clone(),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -418,6 +423,7 @@ impl Sidecar {
                 shutdown.clone(),
             ));
         }
+        tasks.spawn(flush_sessions(sessions, shutdown.clone()));
         if cfg.auth.jwks_refresh_seconds > 0 {
             tasks.spawn(refresh_keys(
                 verifier.clone(),
@@ -570,6 +576,31 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+/// Writes the sessions created and destroyed to the control store every second, and once
+/// more at shutdown (docs/tenancy.md: a crash loses at most the last second's).
+async fn flush_sessions(sessions: Arc<crate::tenancy::Sessions>, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        let s = sessions.clone();
+        match tokio::task::spawn_blocking(move || s.flush()).await {
+            Ok(Ok(_)) => failing = false,
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "sessions not written to the control store (kept in memory, retried every second)");
+            }
+            Ok(Err(_)) => {}
+            Err(_) => return,
+        }
+        if stop {
+            return;
+        }
     }
 }
 

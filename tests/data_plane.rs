@@ -42,8 +42,34 @@ async fn stream_payloads(
 #[tokio::test]
 async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     let stack = Stack::start().await;
-    // The runtime is connected through the sidecar; the direct client reaches the same host.
+    // The runtime is connected through the sidecar. The baseline is a second reference host
+    // with its own runtime, both without the sidecar: runtimes behind the sidecar serve only
+    // sessions created through it (docs/tenancy.md), so a client that bypasses the sidecar
+    // gets nothing from them.
+    let plain_host = aesp_sidecar::demo::host::spawn(aesp_sidecar::demo::host::HostOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let plain_runtime =
+        aesp_sidecar::demo::runtime::spawn(aesp_sidecar::demo::runtime::RuntimeOptions {
+            endpoint: format!("http://{}", plain_host.local_addr),
+            runtime_id: "plain-runtime".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    plain_runtime
+        .wait_announced(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut via = GridHostClient::new(stack.channel("acme").await);
+    let plain = aesp_sidecar::client::channel(&format!("http://{}", plain_host.local_addr), None)
+        .await
+        .unwrap();
+    let mut baseline = GridHostClient::new(aesp_sidecar::client::with_token(plain, None).unwrap());
+    // The stack's own host, reached directly (for what only the host can do).
     let mut direct = GridHostClient::new(stack.direct().await);
 
     let s_via = via
@@ -51,7 +77,7 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
         .await
         .unwrap()
         .into_inner();
-    let s_dir = direct
+    let s_dir = baseline
         .create_session(grid::CreateSession::default())
         .await
         .unwrap()
@@ -69,7 +95,7 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
             .await
             .unwrap()
             .into_inner();
-        let b = direct
+        let b = baseline
             .execute_tool(call(&s_dir.session_id, tool, args))
             .await
             .unwrap()
@@ -99,7 +125,7 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     )
     .await;
     let b = stream_payloads(
-        &mut direct,
+        &mut baseline,
         call(&s_dir.session_id, "count", serde_json::json!({"n": 5})),
     )
     .await;
@@ -113,7 +139,7 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
         .await
         .unwrap()
         .into_inner();
-    let b = direct
+    let b = baseline
         .execute_tool(call(&s_dir.session_id, "fail", serde_json::json!({})))
         .await
         .unwrap()
@@ -147,13 +173,22 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
     assert!(cid.len() >= 16, "generated correlation id: {cid:?}");
     assert_eq!(r.correlation_id, cid);
 
-    // Host-level errors (a session the host does not know) get the same upgrade.
+    // Host-level errors get the same upgrade: a session the sidecar saw created, destroyed
+    // at the host behind its back, is the host's SESSION_INVALID.
+    let gone = via
+        .create_session(grid::CreateSession::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    direct
+        .destroy_session(grid::DestroySession {
+            session_id: gone.clone(),
+        })
+        .await
+        .unwrap();
     let r = aware
-        .execute_tool(call(
-            "no-such-session",
-            "add",
-            serde_json::json!({"a": 2, "b": 1}),
-        ))
+        .execute_tool(call(&gone, "add", serde_json::json!({"a": 2, "b": 1})))
         .await
         .unwrap();
     let e = r.error_details.unwrap();
@@ -194,16 +229,22 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
         .unwrap()
         .into_inner();
     assert!(d.destroyed);
-    let r = via
+    // A destroyed session is gone for the sidecar too: refused before the host.
+    let s = via
         .execute_tool(call(
             &s_via.session_id,
             "echo",
             serde_json::json!({"text": "x"}),
         ))
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.error_details.unwrap().code, "SESSION_INVALID");
+        .unwrap_err();
+    let e = aesp_sidecar::client::enterprise_error(&s).unwrap();
+    assert_eq!(
+        (e.code.as_str(), e.details["reason"].as_str()),
+        ("TENANT_ISOLATION_VIOLATION", "unknown session")
+    );
+    plain_runtime.shutdown().await;
+    plain_host.shutdown().await;
     stack.stop().await;
 }
 

@@ -915,6 +915,8 @@ async fn test_policy_answers_what_the_live_call_gets_over_generated_inputs() {
                     args: Some(aesp_sidecar::adm::json_to_struct(&args).unwrap()),
                     call_id: String::new(),
                 }),
+                // The live call's session (alice's): the same tenancy answer as live.
+                request: [("session_id".to_string(), session.clone())].into(),
                 ..Default::default()
             })
             .await
@@ -934,6 +936,7 @@ async fn test_policy_answers_what_the_live_call_gets_over_generated_inputs() {
         "AUTHORIZATION_DENIED:",
         "TOOL_NOT_APPROVED:",
         "INVALID_ARGUMENTS:",
+        "TENANT_ISOLATION_VIOLATION:",
         "POLICY_DENIED:acme-amount-cap",
         "POLICY_DENIED:no-secrets",
     ] {

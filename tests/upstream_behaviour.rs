@@ -124,6 +124,28 @@ async fn odd_host() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Seen>) {
     (addr, rx)
 }
 
+/// `CreateSession` through the sidecar: the session id the host answered.
+async fn create_session(raw: &mut common::RawH2) -> String {
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/CreateSession",
+            &[],
+            vec![frame(&grid::CreateSession::default().encode_to_vec())],
+        )
+        .await;
+    assert_eq!(r.grpc_status(), Some(0), "{r:?}");
+    grid::CreateSessionAck::decode(&r.messages()[0][..])
+        .unwrap()
+        .session_id
+}
+
+/// An `echo` call in `session` (a tool the demo's contracts approve).
+fn echo_call(session: &str) -> Vec<u8> {
+    aesp_sidecar::client::tool_call(session, "echo", &serde_json::json!({"text": "x"}))
+        .unwrap()
+        .encode_to_vec()
+}
+
 async fn sidecar_for(
     addr: std::net::SocketAddr,
     extra: &str,
@@ -160,11 +182,10 @@ async fn a_stream_reset_by_the_host_ends_the_call_with_upstream_unavailable() {
     let (dir, sidecar) = sidecar_for(addr, "").await;
     let mut raw =
         common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
-    let tc = grid::ToolCall {
-        session_id: "s".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    // A session created through the sidecar (the host names it s-odd), then a call in it.
+    let session = create_session(&mut raw).await;
+    assert_eq!(session, "s-odd");
+    let tc = echo_call(&session);
     let r = raw
         .call(
             "/altar.grid.v1.GridHost/ExecuteToolStream",
@@ -496,11 +517,12 @@ async fn a_host_that_never_answers_ends_calls_in_upstream_unavailable_and_others
     )
     .await;
     let acme = client_config(dir.path(), "acme");
-    let tc = grid::ToolCall {
-        session_id: "s".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let session = {
+        let mut raw = common::RawH2::connect(sidecar.data_addr, acme.clone()).await;
+        create_session(&mut raw).await
+    };
+    assert_eq!(session, "s-mute");
+    let tc = echo_call(&session);
     let mut calls = Vec::new();
     for method in ["ExecuteTool", "ExecuteToolStream"] {
         let mut raw = common::RawH2::connect(sidecar.data_addr, acme.clone()).await;

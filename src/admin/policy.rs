@@ -684,6 +684,21 @@ impl EnterprisePolicyService for PolicyService {
             format!("TestPolicy {principal}"),
         );
         let cache = crate::authz::GrantsCache::default();
+        // With `request.session_id`, the call is checked against the live session table
+        // (as a live call is); without, it runs in a session of the described caller.
+        let (session_id, sessions) = match r.request.get("session_id") {
+            Some(id) => (id.as_str(), self.pipeline.sessions.clone()),
+            None => {
+                let s = crate::tenancy::Sessions::new();
+                s.created(
+                    "testpolicy-session",
+                    tenant.clone(),
+                    principal.clone(),
+                    u64::MAX,
+                );
+                ("testpolicy-session", Arc::new(s))
+            }
+        };
         let input = DecisionInput {
             method,
             route: Route::Grid(grid),
@@ -693,12 +708,13 @@ impl EnterprisePolicyService for PolicyService {
             claims: Default::default(),
             tool_name: Some(&call.name),
             args: call.args.as_ref(),
-            session_id: r.request.get("session_id").map(String::as_str),
+            session_id: Some(session_id),
             correlation_id: &c.correlation_id,
             source: r.request.get("source_address").map_or("", String::as_str),
         };
         let mut pipeline = self.pipeline.clone();
         pipeline.policies = Arc::new(arc_swap::ArcSwap::new(set));
+        pipeline.sessions = sessions;
         pipeline.tokens = TokenRules {
             verifier: Some(self.tester.verifier.clone()),
             ..Default::default()

@@ -50,6 +50,13 @@ impl WholeDecision {
             None,
             "CN=bench".into(),
         );
+        let sessions = crate::tenancy::Sessions::new();
+        sessions.created(
+            "s-bench",
+            identity.tenant_id.clone(),
+            identity.principal_id.clone(),
+            u64::MAX,
+        );
         Ok(WholeDecision {
             pipeline: Pipeline {
                 overwrite_identity_fields: false,
@@ -58,6 +65,7 @@ impl WholeDecision {
                 policies: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
                 organization_id: Arc::from("bench-org"),
                 governance: Arc::new(governance),
+                sessions: Arc::new(sessions),
             },
             identity,
             grants: GrantsCache::default(),

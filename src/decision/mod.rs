@@ -24,6 +24,7 @@ mod method;
 mod policy;
 mod rbac;
 mod record;
+mod tenancy;
 mod token;
 
 pub(crate) use authn::unauthenticated;
@@ -31,9 +32,9 @@ pub(crate) use record::Recorder;
 pub(crate) use token::TokenRules;
 
 use crate::authz::{Authz, GrantsCache, Resolved};
-use crate::grid::Route;
 use crate::grid::upgrade::Claims;
-use crate::grpc::Denial;
+use crate::grid::{GridMethod, Route};
+use crate::grpc::{Denial, ErrorCode};
 use crate::identity::Caller;
 use crate::ids::{PeerKind, PrincipalId, TenantId};
 use crate::listener::PeerIdentity;
@@ -272,6 +273,8 @@ pub(crate) struct Pipeline {
     pub organization_id: Arc<str>,
     /// The governed tool contracts (only an approved one runs).
     pub governance: Arc<crate::governance::Registry>,
+    /// The sessions created through the sidecar, and whose they are.
+    pub sessions: Arc<crate::tenancy::Sessions>,
 }
 
 impl Pipeline {
@@ -326,6 +329,30 @@ impl Pipeline {
             input.method,
             input.tool_name,
         )?;
+        if let Route::Grid(
+            GridMethod::ExecuteTool | GridMethod::ExecuteToolStream | GridMethod::DestroySession,
+        ) = input.route
+        {
+            tenancy::session_owned(
+                &self.sessions,
+                input.session_id.unwrap_or(""),
+                tenant,
+                principal,
+                &grants,
+            )?;
+        }
+        if input.tool_name.is_none()
+            && matches!(
+                input.route,
+                Route::Grid(GridMethod::ExecuteTool | GridMethod::ExecuteToolStream)
+            )
+        {
+            return Err(Denial::new(
+                ErrorCode::InvalidArguments,
+                "the ToolCall names no function (function_call.name is empty)",
+            )
+            .detail("path", "function_call.name"));
+        }
         if let Some(tool) = input.tool_name {
             let c = governance::checked(
                 &self.governance.snapshot(),
@@ -400,6 +427,7 @@ mod tests {
             policies: Default::default(),
             organization_id: Arc::from(""),
             governance: Arc::new(crate::governance::Registry::empty()),
+            sessions: Default::default(),
         };
         let cache = GrantsCache::default();
         // (identity, route, claims) -> expected code; `None` = allowed.

@@ -44,7 +44,18 @@ pub enum Verdict {
     Forward,
     /// Forward this uncompressed payload instead.
     Replace(Bytes),
+    /// Forward nothing: the hook answered the sender itself (through the other direction's
+    /// [`Injector`]).
+    Drop,
 }
+
+/// Messages a hook of one direction sends on the other direction's body (the sidecar
+/// answering for the peer it does not forward to). Bounded: a hook that finds it full
+/// refuses the stream instead of buffering.
+pub type Injector = tokio::sync::mpsc::Sender<Bytes>;
+
+/// How many injected messages may wait to be sent.
+pub const INJECT_QUEUE: usize = 64;
 
 /// Inspects the messages of one direction of one call.
 pub trait MessageHook: Send + Unpin + 'static {
@@ -98,6 +109,8 @@ pub struct InterceptBody<B, H> {
     done: bool,
     scratch: Vec<GrpcMessage>,
     limits: Option<Box<Limits>>,
+    /// Messages the other direction's hook sends on this body (uncompressed payloads).
+    injected: Option<tokio::sync::mpsc::Receiver<Bytes>>,
 }
 
 /// The bounds on what one direction of a call may hold while a message is assembled.
@@ -138,7 +151,14 @@ where
             done: false,
             scratch: Vec::new(),
             limits: None,
+            injected: None,
         }
+    }
+
+    /// This body also carries the messages sent on `rx` by the other direction's hook.
+    pub(crate) fn with_injected(mut self, rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        self.injected = Some(rx);
+        self
     }
 
     /// Bounds this direction: a message spanning frames reserves its size from `budget`
@@ -267,6 +287,7 @@ where
                 self.emit(encode_frame(&payload))
             }
             Verdict::Forward => self.emit(msg.frame),
+            Verdict::Drop => {}
             Verdict::Replace(p) => {
                 if p.len() > self.max {
                     return Err(Denial::malformed(crate::grpc::FrameError::TooLarge {
@@ -341,6 +362,16 @@ where
                         continue;
                     }
                     Poll::Ready(Err(_)) => *abort = None,
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(rx) = &mut this.injected {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(p)) => {
+                        this.ready.push_back(encode_frame(&p));
+                        continue;
+                    }
+                    Poll::Ready(None) => this.injected = None,
                     Poll::Pending => {}
                 }
             }

@@ -40,6 +40,7 @@ impl Proxy {
         let esc = conn.security_context(method.path(), &allowed);
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
         let conversation = Arc::new(Conversation::default());
+        let (to_host, inject_rx) = tokio::sync::mpsc::channel(body::INJECT_QUEUE);
         let hook = RuntimeHook {
             proxy: self.clone(),
             conn: conn.clone(),
@@ -59,7 +60,8 @@ impl Proxy {
             encoding,
             self.cfg.limits.max_message_bytes,
         )
-        .with_limits(&conn.budget, self.cfg.limits.message_timeout);
+        .with_limits(&conn.budget, self.cfg.limits.message_timeout)
+        .with_injected(inject_rx);
         let up = self.upstream_request(&parts, &allowed, &esc, &cid, req_body.boxed_unsync(), true);
         match self.forward(&allowed, up, Class::RuntimeStream).await {
             Ok(resp) => {
@@ -73,6 +75,8 @@ impl Proxy {
                     governance: self.pipeline.governance.clone(),
                     tenant: allowed.identity.tenant_id.clone(),
                     conversation,
+                    sessions: self.pipeline.sessions.clone(),
+                    to_host,
                 };
                 self.intercepted_response(&conn, resp, &cid, hook, Some(abort_rx))
             }

@@ -46,6 +46,9 @@ pub(super) struct Outcome {
     pub session_id: Option<String>,
     /// The sidecar refused the response (the code).
     pub refused: Option<&'static str>,
+    /// The session table, for `CreateSession` and `DestroySession`: the sessions the host
+    /// created and destroyed, as their acks pass.
+    pub sessions: Option<Arc<crate::tenancy::Sessions>>,
 }
 
 impl Outcome {
@@ -67,11 +70,51 @@ impl Outcome {
             invocation_id: String::new(),
             session_id: None,
             refused: None,
+            sessions: None,
+        }
+    }
+
+    /// A session created or destroyed by the host, as its ack passes (before the client
+    /// sees it, so its next call finds the session known).
+    fn track_session(&self, payload: &[u8]) {
+        let (Some(sessions), Some(tenant), Some(principal)) = (
+            &self.sessions,
+            &self.facts.tenant_id,
+            &self.facts.principal_id,
+        ) else {
+            return;
+        };
+        match self.method {
+            GridMethod::CreateSession => {
+                if let Ok(ack) = crate::proto::grid::CreateSessionAck::decode(payload)
+                    && ack.error.is_none()
+                    && !ack.session_id.is_empty()
+                {
+                    sessions.created(
+                        &ack.session_id,
+                        tenant.clone(),
+                        principal.clone(),
+                        ack.expires_at_unix_seconds,
+                    );
+                }
+            }
+            GridMethod::DestroySession => {
+                if let Ok(ack) = crate::proto::grid::DestroySessionAck::decode(payload)
+                    && ack.destroyed
+                    && let Some(id) = &self.facts.session_id
+                {
+                    sessions.destroyed(id);
+                }
+            }
+            _ => {}
         }
     }
 
     /// Notes one response message (fields read at the wire level, nothing decoded whole).
     fn observe(&mut self, payload: &[u8]) {
+        if self.sessions.is_some() {
+            self.track_session(payload);
+        }
         self.messages += 1;
         self.response_bytes += payload.len();
         let error_field = self.method.response_error_field();
@@ -184,7 +227,7 @@ const ENVELOPE_KINDS: [u32; 4] = [1, 2, 3, 4];
 /// narrowed (session id → the contracts it refused), answered in the host's `FulfillAck`.
 #[derive(Default)]
 pub(super) struct Conversation {
-    refused_fulfil: std::sync::Mutex<HashMap<String, Vec<String>>>,
+    refused_fulfil: std::sync::Mutex<HashMap<String, Denial>>,
 }
 
 /// At most this many refused fulfilments wait for their `FulfillAck` (a host that never
@@ -192,7 +235,7 @@ pub(super) struct Conversation {
 const MAX_WAITING_ACKS: usize = 1024;
 
 impl Conversation {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Denial>> {
         self.refused_fulfil
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -211,6 +254,9 @@ pub(super) struct HostHook {
     /// The runtime's tenant.
     pub tenant: crate::ids::TenantId,
     pub conversation: Arc<Conversation>,
+    pub sessions: Arc<crate::tenancy::Sessions>,
+    /// Answers to the host, sent on the runtime → host body.
+    pub to_host: super::body::Injector,
 }
 
 impl HostHook {
@@ -241,13 +287,13 @@ impl HostHook {
         let Some(Kind::FulfillAck(ack)) = &m.kind else {
             return Ok(None);
         };
-        let Some(refused) = self.conversation.lock().remove(&ack.session_id) else {
+        let Some(refusal) = self.conversation.lock().remove(&ack.session_id) else {
             return Ok(None);
         };
         if ack.error.is_some() {
             return Ok(None);
         }
-        let ee = refused_contracts(&self.tenant, &refused).to_enterprise_error(&self.patch_cid());
+        let ee = refusal.to_enterprise_error(&self.patch_cid());
         let mut inner = bytes::BytesMut::new();
         wire::put_len_field(&mut inner, 3, &ee.encode_to_vec());
         let mut outer = bytes::BytesMut::new();
@@ -257,6 +303,91 @@ impl HostHook {
 
     fn patch_cid(&self) -> String {
         self.facts.correlation_id.clone()
+    }
+
+    /// A `call` (4) or `request_fulfillment` (2) for a session that is not the runtime's
+    /// tenant's: not forwarded; the sidecar answers the host itself (a `ToolResult` carrying
+    /// the error, or a `FulfillTools` fulfilling nothing) and records the refusal. `None`:
+    /// forward it.
+    fn foreign_session(
+        &mut self,
+        member: &wire::OneofMember<'_>,
+    ) -> Result<Option<Verdict>, Denial> {
+        let body = member.merged();
+        let mut session = String::new();
+        let mut invocation = String::new();
+        let mut correlation = String::new();
+        for f in wire::fields(&body).flatten() {
+            let text = || String::from_utf8_lossy(f.value).into_owned();
+            match (member.number, f.number, f.wire_type) {
+                (2, 1, 2) | (4, 2, 2) => session = text(),
+                (4, 1, 2) => invocation = text(),
+                (4, 4, 2) => correlation = text(),
+                _ => {}
+            }
+        }
+        let reason = match self.sessions.owner(&session) {
+            Some(o) if o.tenant == self.tenant => return Ok(None),
+            Some(_) => "another tenant's session",
+            // A fulfilment asked while the session is being created (its ack has not
+            // passed yet) goes on; a call needs a session the sidecar knows.
+            None if member.number == 2 => return Ok(None),
+            None => "unknown session",
+        };
+        let mut denial = Denial::new(
+            ErrorCode::TenantIsolationViolation,
+            format!(
+                "the GRID host sent tenant {}'s runtime a {} for session {session:?} ({reason}): not delivered",
+                self.tenant,
+                if member.number == 4 { "call" } else { "fulfilment request" }
+            ),
+        )
+        .detail("session_id", session.clone())
+        .detail("runtime_tenant", self.tenant.as_str())
+        .detail("reason", reason);
+        denial.remediation_steps =
+            "The host must route a session's calls to runtimes of the session's tenant.".into();
+        let answer = if member.number == 4 {
+            let cid = if correlation.is_empty() {
+                self.patch_cid()
+            } else {
+                correlation.clone()
+            };
+            aesp::EnterpriseRuntimeMessage {
+                kind: Some(aesp::enterprise_runtime_message::Kind::Result(
+                    aesp::EnterpriseToolResult {
+                        invocation_id: invocation,
+                        status: crate::proto::grid::ResultStatus::Error as i32,
+                        error_details: Some(denial.to_enterprise_error(&cid)),
+                        correlation_id: correlation,
+                        ..Default::default()
+                    },
+                )),
+            }
+            .encode_to_vec()
+        } else {
+            crate::proto::grid::RuntimeMessage {
+                kind: Some(crate::proto::grid::runtime_message::Kind::Fulfill(
+                    crate::proto::grid::FulfillTools {
+                        session_id: session.clone(),
+                        tool_contract_names: Vec::new(),
+                    },
+                )),
+            }
+            .encode_to_vec()
+        };
+        let mut facts = self.facts.clone();
+        facts.stage = Stage::Message;
+        facts.session_id = Some(session);
+        self.recorder
+            .record(crate::decision::Decision::Deny(&facts, &denial));
+        match self.to_host.try_send(Bytes::from(answer)) {
+            Ok(()) => Ok(Some(Verdict::Drop)),
+            Err(_) => Err(Denial::new(
+                ErrorCode::TenantIsolationViolation,
+                "the GRID host keeps sending this runtime other tenants' work faster than it can be answered",
+            )),
+        }
     }
 }
 
@@ -283,9 +414,14 @@ impl MessageHook for HostHook {
                 format!("the GRID host sent a malformed HostMessage: {e}"),
             )
         };
-        let member = wire::oneof_member(payload, &ENVELOPE_KINDS)
-            .map_err(|e| bad(&e))?
-            .map(|m| m.number);
+        let kind = wire::oneof_member(payload, &ENVELOPE_KINDS).map_err(|e| bad(&e))?;
+        if let Some(m) = &kind
+            && (m.number == 2 || m.number == 4)
+            && let Some(v) = self.foreign_session(m)?
+        {
+            return Ok(v);
+        }
+        let member = kind.map(|m| m.number);
         // The governance rewrite first (rare: once per runtime, once per narrowed
         // fulfilment), then the error upgrade on what will be sent.
         let rewritten = match member {
@@ -437,10 +573,18 @@ impl RuntimeHook {
             .identity()
             .map(|id| id.tenant_id.clone())
             .map_err(|_| Denial::malformed("no identity"))?;
+        // A session of another tenant is not this runtime's to serve: nothing of it is
+        // fulfilled.
+        // (A session not known yet may be one being created: its ack has not passed. Its
+        // calls are checked on their way to the runtime.)
+        let foreign = match p.pipeline.sessions.owner(&f.session_id) {
+            Some(o) if o.tenant != tenant => Some("another tenant's session"),
+            _ => None,
+        };
         let snapshot = p.pipeline.governance.snapshot();
         let (ok, refused): (Vec<String>, Vec<String>) = std::mem::take(&mut f.tool_contract_names)
             .into_iter()
-            .partition(|n| snapshot.in_force(tenant.as_str(), n).is_ok());
+            .partition(|n| foreign.is_none() && snapshot.in_force(tenant.as_str(), n).is_ok());
         f.tool_contract_names = ok;
         if p.recorder.audit().is_some() {
             let mut e = self.runtime_event("FULFILLMENT");
@@ -455,7 +599,25 @@ impl RuntimeHook {
         if refused.is_empty() {
             return Ok(Verdict::Forward);
         }
-        let denial = refused_contracts(&tenant, &refused);
+        let denial = match foreign {
+            None => refused_contracts(&tenant, &refused),
+            Some(reason) => {
+                let mut d = Denial::new(
+                    ErrorCode::TenantIsolationViolation,
+                    format!(
+                        "session {:?} is not a session of tenant {tenant}: a runtime serves its own tenant only",
+                        f.session_id
+                    ),
+                )
+                .detail("session_id", f.session_id.clone())
+                .detail("tenant", tenant.as_str())
+                .detail("reason", reason)
+                .detail("refused_contracts", refused.join(","));
+                d.remediation_steps =
+                    "Fulfil only the sessions of the runtime's own tenant.".into();
+                d
+            }
+        };
         let mut facts = Facts::new(
             Stage::Message,
             GridMethod::Connect.path(),
@@ -472,7 +634,7 @@ impl RuntimeHook {
             if waiting.len() >= MAX_WAITING_ACKS {
                 waiting.clear();
             }
-            waiting.insert(f.session_id.clone(), refused);
+            waiting.insert(f.session_id.clone(), denial.clone());
         }
         let env = crate::proto::grid::RuntimeMessage {
             kind: Some(crate::proto::grid::runtime_message::Kind::Fulfill(f)),

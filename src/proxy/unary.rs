@@ -151,8 +151,14 @@ impl Proxy {
             .await
         {
             Ok(resp) => {
-                let outcome =
+                let mut outcome =
                     Outcome::new(self.recorder.clone(), method, &allowed.facts, payload.len());
+                if matches!(
+                    method,
+                    GridMethod::CreateSession | GridMethod::DestroySession
+                ) {
+                    outcome.sessions = Some(self.pipeline.sessions.clone());
+                }
                 let hook = ErrorHook {
                     recorder: self.recorder.clone(),
                     facts: Facts {

@@ -1133,6 +1133,48 @@ impl ControlStore {
         Ok(out)
     }
 
+    /// Writes every `(key, Some(value))` and removes every `(key, None)` of `entries` in
+    /// `table`, in one durable transaction.
+    pub fn write_many(
+        &self,
+        table: &str,
+        entries: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.io(e))?;
+        txn.set_two_phase_commit(true);
+        {
+            let def: TableDefinition<Raw, Raw> = TableDefinition::new(table);
+            let mut t = txn.open_table(def).map_err(|e| self.io(e))?;
+            for (k, v) in entries {
+                match v {
+                    Some(v) => {
+                        t.insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| self.io(e))?;
+                    }
+                    None => {
+                        t.remove(k.as_slice()).map_err(|e| self.io(e))?;
+                    }
+                }
+            }
+            self.bump_revision(&txn)?;
+        }
+        self.faults.check().map_err(|e| self.io(e))?;
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    fn bump_revision(&self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let revision = self.read_u64(&meta, REVISION_KEY)?;
+        let next = revision
+            .checked_add(1)
+            .ok_or_else(|| self.corrupt(format!("revision {revision} cannot grow")))?;
+        meta.insert(REVISION_KEY, next.to_le_bytes().as_slice())
+            .map_err(|e| self.io(e))?;
+        Ok(())
+    }
+
     /// Writes `key` → `value` in `table` (replacing any value), durably, before returning.
     pub fn put_in(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
@@ -1143,14 +1185,9 @@ impl ControlStore {
             let def: TableDefinition<Raw, Raw> = TableDefinition::new(table);
             let mut t = txn.open_table(def).map_err(|e| self.io(e))?;
             t.insert(key, value).map_err(|e| self.io(e))?;
-            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-            let revision = self.read_u64(&meta, REVISION_KEY)?;
-            let next = revision
-                .checked_add(1)
-                .ok_or_else(|| self.corrupt(format!("revision {revision} cannot grow")))?;
-            meta.insert(REVISION_KEY, next.to_le_bytes().as_slice())
-                .map_err(|e| self.io(e))?;
+            self.bump_revision(&txn)?;
         }
+        self.faults.check().map_err(|e| self.io(e))?;
         txn.commit().map_err(|e| self.io(e))
     }
 }
