@@ -86,13 +86,22 @@ fn not_approved(tenant: &TenantId, tool: &str, why: NotInForce) -> Denial {
             "Submit the tool's contract (aesp tool submit, or aesp tool import --manifest for a host's manifest) and have a second principal holding aesp.governance.approve approve it."
                 .to_string(),
         ),
-        NotInForce::NotApproved { revision, status } => (
+        NotInForce::NotApproved {
+            revision,
+            status,
+            tenant: of,
+        } => (
             format!(
                 "tool {tool} has no approved contract for tenant {tenant}: revision {revision} is {status}"
             ),
             format!("revision {revision} {status}"),
             format!(
-                "A principal holding aesp.governance.approve, other than its submitter, reviews revision {revision} (aesp tool approve {tool} --revision {revision})."
+                "A principal holding aesp.governance.approve, other than its submitter, reviews revision {revision} (aesp tool approve {tool}{} --revision {revision} --comment ...).",
+                if of.is_empty() {
+                    String::new()
+                } else {
+                    format!(" --tenant {of}")
+                }
             ),
         ),
         NotInForce::Drifted {

@@ -203,8 +203,8 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
     steps.push(
         execute(
             &alice,
-            "ExecuteTool add {\"a\": \"two\"} (bad arguments, checked against the approved contract)".into(),
-            call(&session, "add", serde_json::json!({"a": "two"})),
+            "ExecuteTool add {\"a\": \"two\", \"b\": 1} (bad arguments, checked against the approved contract)".into(),
+            call(&session, "add", serde_json::json!({"a": "two", "b": 1})),
         )
         .await,
     );

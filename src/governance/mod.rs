@@ -91,8 +91,13 @@ pub struct Contracts {
 pub enum NotInForce {
     /// No contract for the tool, in the tenant or shared.
     Unknown,
-    /// Known, but no revision was ever approved: the newest is `status` at `revision`.
-    NotApproved { revision: u64, status: String },
+    /// Known, but no revision was ever approved: the newest is `status` at `revision`, in
+    /// the entry of `tenant` (`""`: the shared one).
+    NotApproved {
+        revision: u64,
+        status: String,
+        tenant: String,
+    },
     /// The host's manifest declares it differently from the approved revision.
     Drifted {
         revision: u64,
@@ -127,6 +132,7 @@ impl Contracts {
                 Some(e) => NotInForce::NotApproved {
                     revision: e.latest.revision,
                     status: e.latest.approval_status.clone(),
+                    tenant: e.latest.tenant_id.clone(),
                 },
             });
         };
@@ -552,7 +558,8 @@ mod tests {
             r.snapshot().in_force("acme", "t"),
             Err(NotInForce::NotApproved {
                 revision: 1,
-                status: PENDING.into()
+                status: PENDING.into(),
+                tenant: "acme".into(),
             })
         );
         assert!(matches!(
