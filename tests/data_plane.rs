@@ -258,6 +258,18 @@ async fn runtime_connect_works_and_the_host_receives_the_upgraded_announcement()
     assert_eq!(a.security_zone, "demo-zone", "zone from the sidecar config");
     assert_eq!(a.deployment_environment, "DEV");
     assert_eq!(a.language, "rust", "base fields kept");
+    // One Connect, counted once (at its announcement, not again at its headers).
+    assert_eq!(
+        common::counter(
+            &stack.sidecar,
+            "aesp_calls_total",
+            &[
+                ("method", "/altar.grid.v1.GridRuntime/Connect"),
+                ("outcome", "allow")
+            ]
+        ),
+        1
+    );
     // The Connect call itself carried the verified identity.
     let md = stack.host.state.request_metadata();
     let (_, connect_md) = md

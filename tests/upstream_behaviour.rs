@@ -633,3 +633,84 @@ async fn a_host_that_never_answers_ends_calls_in_upstream_unavailable_and_others
     open.abort();
     sidecar.shutdown().await;
 }
+
+/// A host that answers `CreateSession` (session `s-big`) and answers every `ExecuteTool`
+/// with one `ToolResult` of `size` bytes.
+async fn big_answer_host(size: usize) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        let path = req.uri().path().to_string();
+                        let mut body = req.into_body();
+                        while let Some(Ok(d)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(d.len());
+                        }
+                        let msg = if path.ends_with("/CreateSession") {
+                            grid::CreateSessionAck {
+                                session_id: "s-big".into(),
+                                ..Default::default()
+                            }
+                            .encode_to_vec()
+                        } else {
+                            grid::ToolResult {
+                                invocation_id: "x".repeat(size),
+                                ..Default::default()
+                            }
+                            .encode_to_vec()
+                        };
+                        let ok = http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(ok, false).unwrap();
+                        let _ = send.send_data(Bytes::from(frame(&msg)), false);
+                        let mut t = http::HeaderMap::new();
+                        t.insert("grpc-status", "0".parse().unwrap());
+                        let _ = send.send_trailers(t);
+                    });
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_host_result_over_the_message_limit_is_reported_as_a_response_too_large() {
+    let addr = big_answer_host(8000).await;
+    let dir = tempfile::tempdir().unwrap();
+    aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    common::permissive_rbac(dir.path());
+    let p = dir.path().join("sidecar.yaml");
+    let text = common::certificates_only(&common::config_text(&format!("http://{addr}"), ""))
+        .replace("max_message_bytes: 4194304", "max_message_bytes: 4096");
+    std::fs::write(&p, text).unwrap();
+    let sidecar =
+        aesp_sidecar::sidecar::Sidecar::start(aesp_sidecar::config::Config::load(&p).unwrap())
+            .await
+            .unwrap();
+    let mut raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
+    let session = create_session(&mut raw).await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/ExecuteTool",
+            &[],
+            vec![frame(&echo_call(&session))],
+        )
+        .await;
+    let e = r.enterprise_error().expect("a refusal in the trailers");
+    assert_eq!(e.code, "MALFORMED_MESSAGE");
+    assert_eq!(e.details["direction"], "response");
+    assert_eq!(e.details["reason"], "response too large");
+    assert_eq!(e.details["max_message_bytes"], "4096");
+    assert!(e.message.contains("the request was fine"), "{}", e.message);
+    sidecar.shutdown().await;
+}

@@ -92,6 +92,9 @@ impl<'a> DecisionInput<'a> {
 pub(crate) enum Stage {
     /// A call, decided before anything of it reached the host.
     Call,
+    /// The message that decides an allowed `Connect`: its `announce` (or what came in its
+    /// place). `aesp_calls_total` counts a `Connect` here, once, not at its headers.
+    Announce,
     /// One message of an allowed stream (a runtime's `Connect`), decided as it passes.
     Message,
     /// A call already allowed, refused on its way back (the host failed, or sent what does

@@ -73,10 +73,13 @@ impl Recorder {
                 code = den.code.as_str(), reason = %den.message, "deny"
             ),
         }
-        // A refusal on the way back is not a second decision about the call.
-        let slot = match facts.stage {
-            Stage::Response => None,
-            Stage::Call | Stage::Message => Some(slot(facts.route)),
+        // Each call is counted once: a refusal on the way back, or of a later message of an
+        // allowed stream, is not a second decision about it; an allowed `Connect` counts
+        // when its announcement is decided.
+        let slot = match (facts.stage, facts.route, denial) {
+            (Stage::Response | Stage::Message, _, _) => None,
+            (Stage::Call, Route::Grid(GridMethod::Connect), None) => None,
+            (Stage::Call | Stage::Announce, _, _) => Some(slot(facts.route)),
         };
         self.metrics.record(slot, denial.map(|d| d.code));
         if !facts.dry_run_denied.is_empty() {
@@ -104,8 +107,8 @@ impl Recorder {
 fn event_type(stage: Stage, route: Route, allowed: bool) -> &'static str {
     match (stage, route) {
         (Stage::Response, _) => "RESPONSE_REFUSED",
-        (Stage::Message, _) if allowed => "RUNTIME_ANNOUNCE",
-        (Stage::Message, _) => "RUNTIME_MESSAGE",
+        (Stage::Announce | Stage::Message, _) if allowed => "RUNTIME_ANNOUNCE",
+        (Stage::Announce | Stage::Message, _) => "RUNTIME_MESSAGE",
         (Stage::Call, Route::Grid(m)) => match m {
             GridMethod::CreateSession => "SESSION_CREATE",
             GridMethod::DestroySession => "SESSION_DESTROY",

@@ -243,7 +243,31 @@ where
         }
         self.scratch = msgs;
         self.flush();
-        result.and(pushed.map_err(Denial::malformed))
+        result.and(pushed.map_err(|e| self.framing(e)))
+    }
+
+    /// The refusal for a framing error: on the response side it says that it is the host's
+    /// response, and a message over the limit is named as that, not as a malformed request.
+    fn framing(&self, e: crate::grpc::FrameError) -> Denial {
+        match (&self.side, &e) {
+            (Side::Request { .. }, _) => Denial::malformed(e),
+            (Side::Response { .. }, crate::grpc::FrameError::TooLarge { len, max }) => {
+                Denial::new(
+                    ErrorCode::MalformedMessage,
+                    format!(
+                        "the GRID host's response message of {len} bytes is over limits.max_message_bytes ({max} bytes); the request was fine"
+                    ),
+                )
+                .detail("direction", "response")
+                .detail("reason", "response too large")
+                .detail("max_message_bytes", max.to_string())
+            }
+            (Side::Response { .. }, _) => Denial::new(
+                ErrorCode::MalformedMessage,
+                format!("the GRID host sent a malformed response: {e}"),
+            )
+            .detail("direction", "response"),
+        }
     }
 
     /// Queues one outgoing message frame, coalescing small ones.
@@ -279,7 +303,8 @@ where
     }
 
     fn on_message(&mut self, msg: GrpcMessage) -> Result<(), Denial> {
-        let payload = message_payload(&msg, self.encoding, self.max).map_err(Denial::malformed)?;
+        let payload =
+            message_payload(&msg, self.encoding, self.max).map_err(|e| self.framing(e))?;
         match self.hook.on_message(&payload)? {
             // Towards the host, messages travel uncompressed: the sidecar cannot know which
             // encodings the host accepts, and every gRPC peer accepts identity.
@@ -290,7 +315,7 @@ where
             Verdict::Drop => {}
             Verdict::Replace(p) => {
                 if p.len() > self.max {
-                    return Err(Denial::malformed(crate::grpc::FrameError::TooLarge {
+                    return Err(self.framing(crate::grpc::FrameError::TooLarge {
                         len: p.len(),
                         max: self.max,
                     }));

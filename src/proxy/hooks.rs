@@ -527,12 +527,12 @@ impl RuntimeHook {
         let mut allowed = match decided {
             Ok(a) => a,
             Err(Denied { denial, mut facts }) => {
-                facts.stage = Stage::Message;
+                facts.stage = Stage::Announce;
                 self.refused_announce = Some(facts);
                 return Err(denial);
             }
         };
-        allowed.facts.stage = Stage::Message;
+        allowed.facts.stage = Stage::Announce;
         let id = allowed.identity;
         let facts = RuntimeFacts {
             runtime_id_fallback: id.principal_id.to_string(),
@@ -676,9 +676,16 @@ impl MessageHook for RuntimeHook {
     }
 
     fn refused(&mut self, denial: &Denial) {
+        // Before the announcement, the refusal decides the Connect call; after it, it is
+        // one message of an allowed stream.
+        let stage = if self.announced {
+            Stage::Message
+        } else {
+            Stage::Announce
+        };
         let facts = self.refused_announce.take().unwrap_or_else(|| {
             Facts::new(
-                Stage::Message,
+                stage,
                 GridMethod::Connect.path(),
                 Route::Grid(GridMethod::Connect),
                 self.conn.identity().ok(),
