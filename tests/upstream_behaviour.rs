@@ -635,8 +635,9 @@ async fn a_host_that_never_answers_ends_calls_in_upstream_unavailable_and_others
 }
 
 /// A host that answers `CreateSession` (session `s-big`) and answers every `ExecuteTool`
-/// with one `ToolResult` of `size` bytes.
-async fn big_answer_host(size: usize) -> std::net::SocketAddr {
+/// with one `ToolResult` of `size` bytes, or, with `status`, with that gRPC status and
+/// message alone (no message, no details).
+async fn big_answer_host(size: usize, status: Option<(u32, &'static str)>) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -670,9 +671,17 @@ async fn big_answer_host(size: usize) -> std::net::SocketAddr {
                             .body(())
                             .unwrap();
                         let mut send = respond.send_response(ok, false).unwrap();
-                        let _ = send.send_data(Bytes::from(frame(&msg)), false);
                         let mut t = http::HeaderMap::new();
-                        t.insert("grpc-status", "0".parse().unwrap());
+                        match status {
+                            Some((code, message)) if !path.ends_with("/CreateSession") => {
+                                t.insert("grpc-status", code.into());
+                                t.insert("grpc-message", message.parse().unwrap());
+                            }
+                            _ => {
+                                let _ = send.send_data(Bytes::from(frame(&msg)), false);
+                                t.insert("grpc-status", "0".parse().unwrap());
+                            }
+                        }
                         let _ = send.send_trailers(t);
                     });
                 }
@@ -684,7 +693,7 @@ async fn big_answer_host(size: usize) -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn a_host_result_over_the_message_limit_is_reported_as_a_response_too_large() {
-    let addr = big_answer_host(8000).await;
+    let addr = big_answer_host(8000, None).await;
     let dir = tempfile::tempdir().unwrap();
     aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
     common::permissive_rbac(dir.path());
@@ -712,5 +721,38 @@ async fn a_host_result_over_the_message_limit_is_reported_as_a_response_too_larg
     assert_eq!(e.details["reason"], "response too large");
     assert_eq!(e.details["max_message_bytes"], "4096");
     assert!(e.message.contains("the request was fine"), "{}", e.message);
+    sidecar.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_host_status_without_details_reaches_the_client_with_an_enterprise_error() {
+    let addr = big_answer_host(0, Some((13, "disk%20on%20fire"))).await;
+    let (dir, sidecar) = sidecar_for(addr, "").await;
+    let mut raw =
+        common::RawH2::connect(sidecar.data_addr, client_config(dir.path(), "acme")).await;
+    let session = create_session(&mut raw).await;
+    let r = raw
+        .call(
+            "/altar.grid.v1.GridHost/ExecuteTool",
+            &[("x-aesp-correlation-id", "trace-13")],
+            vec![frame(&echo_call(&session))],
+        )
+        .await;
+    assert_eq!(
+        r.grpc_status(),
+        Some(13),
+        "the host's status is kept: {r:?}"
+    );
+    let e = r.enterprise_error().expect("details added by the sidecar");
+    assert_eq!(
+        (
+            e.code.as_str(),
+            e.message.as_str(),
+            e.correlation_id.as_str()
+        ),
+        ("INTERNAL", "disk on fire", "trace-13")
+    );
+    assert_eq!(e.details["origin"], "grid-host");
+    assert_eq!(e.details["grpc_status"], "13");
     sidecar.shutdown().await;
 }

@@ -228,6 +228,78 @@ impl Denial {
     }
 }
 
+/// The canonical name of a gRPC status code.
+fn grpc_code_name(code: i32) -> &'static str {
+    match code {
+        1 => "CANCELLED",
+        2 => "UNKNOWN",
+        3 => "INVALID_ARGUMENT",
+        4 => "DEADLINE_EXCEEDED",
+        5 => "NOT_FOUND",
+        6 => "ALREADY_EXISTS",
+        7 => "PERMISSION_DENIED",
+        8 => "RESOURCE_EXHAUSTED",
+        9 => "FAILED_PRECONDITION",
+        10 => "ABORTED",
+        11 => "OUT_OF_RANGE",
+        12 => "UNIMPLEMENTED",
+        13 => "INTERNAL",
+        14 => "UNAVAILABLE",
+        15 => "DATA_LOSS",
+        16 => "UNAUTHENTICATED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// A non-OK `grpc-status` of the host without a `grpc-status-details-bin` gets one: a
+/// `google.rpc.Status` with an `EnterpriseError` (code = the status's name, the host's
+/// message, `details.origin = grid-host`, `details.grpc_status`, the call's correlation id),
+/// so every error a client sees carries the rich model. Headers already carrying details
+/// (the host's own) are left alone.
+pub fn add_host_status_details(h: &mut HeaderMap, correlation_id: &str) {
+    let Some(code) = h
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    if code == 0 || h.contains_key("grpc-status-details-bin") {
+        return;
+    }
+    let message = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| {
+            percent_encoding::percent_decode_str(m)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    let mut details = HashMap::with_capacity(2);
+    details.insert("origin".to_string(), "grid-host".to_string());
+    details.insert("grpc_status".to_string(), code.to_string());
+    let ee = EnterpriseError {
+        code: grpc_code_name(code).to_string(),
+        message: message.clone(),
+        details,
+        correlation_id: correlation_id.to_string(),
+        ..Default::default()
+    };
+    let status = rpc::Status {
+        code,
+        message,
+        details: vec![prost_types::Any {
+            type_url: ENTERPRISE_ERROR_TYPE_URL.to_string(),
+            value: ee.encode_to_vec(),
+        }],
+    };
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD.encode(status.encode_to_vec());
+    if let Ok(v) = HeaderValue::from_str(&b64) {
+        h.insert("grpc-status-details-bin", v);
+    }
+}
+
 /// Characters of `grpc-message` that must be percent-encoded (the gRPC spec allows printable
 /// ASCII except `%`; everything else, non-ASCII included, is encoded).
 const GRPC_MESSAGE_SET: &AsciiSet = &CONTROLS.add(b'%');

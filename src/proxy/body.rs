@@ -446,12 +446,16 @@ where
                     }
                     Err(frame) => {
                         if let Ok(mut t) = frame.into_trailers() {
-                            match this.side {
+                            match &this.side {
                                 Side::Request { .. } => {
                                     super::headers::filter_request_trailers(&mut t)
                                 }
-                                Side::Response { .. } => {
-                                    super::headers::filter_response_trailers(&mut t)
+                                Side::Response { correlation_id, .. } => {
+                                    super::headers::filter_response_trailers(&mut t);
+                                    crate::grpc::status::add_host_status_details(
+                                        &mut t,
+                                        correlation_id,
+                                    );
                                 }
                             }
                             if let Err(e) = this.decoder.finish() {

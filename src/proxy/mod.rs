@@ -534,6 +534,8 @@ impl Proxy {
         *out.status_mut() = parts.status;
         *out.headers_mut() =
             headers::downstream_response_headers(&parts.headers, &correlation_header(cid));
+        // A trailers-only answer of the host (its status in the headers).
+        crate::grpc::status::add_host_status_details(out.headers_mut(), cid);
         out
     }
 }
