@@ -330,8 +330,27 @@ async fn a_host_that_misroutes_a_call_to_another_tenants_runtime_is_answered_by_
             .unwrap();
         got.push(aesp::EnterpriseRuntimeMessage::decode(&m[..]).unwrap());
     }
+    // The runtime now offers to fulfil bob's session itself: not forwarded, answered by the
+    // sidecar with a FulfillAck carrying the refusal.
+    let fulfil = grid::RuntimeMessage {
+        kind: Some(grid::runtime_message::Kind::Fulfill(grid::FulfillTools {
+            session_id: "s-bob".into(),
+            tool_contract_names: vec!["echo".into()],
+        })),
+    }
+    .encode_to_vec();
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(
+        common::frame(&fulfil),
+    ))))
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(tx);
     let runtime_saw = call.await.unwrap();
+    assert!(
+        from_runtime_side.try_recv().is_err(),
+        "the host never received the runtime's fulfilment of bob's session"
+    );
     use aesp::enterprise_runtime_message::Kind;
     assert!(matches!(got[0].kind, Some(Kind::Announce(_))), "{got:?}");
     let result = got
@@ -354,18 +373,22 @@ async fn a_host_that_misroutes_a_call_to_another_tenants_runtime_is_answered_by_
         .expect("a FulfillTools fulfilling nothing");
     assert_eq!(fulfil.session_id, "s-bob");
     assert!(fulfil.tool_contract_names.is_empty());
-    // The runtime got the announce_ack and nothing of bob's.
-    let to_runtime: Vec<grid::HostMessage> = runtime_saw
+    // The runtime got the announce_ack, then the sidecar's FulfillAck, and nothing of bob's.
+    let to_runtime: Vec<aesp::EnterpriseHostMessage> = runtime_saw
         .messages()
         .iter()
-        .map(|m| grid::HostMessage::decode(&m[..]).unwrap())
+        .map(|m| aesp::EnterpriseHostMessage::decode(&m[..]).unwrap())
         .collect();
-    assert!(
-        to_runtime
-            .iter()
-            .all(|m| matches!(m.kind, Some(grid::host_message::Kind::AnnounceAck(_)))),
-        "{to_runtime:?}"
-    );
-    assert!(common::denials(&sidecar, "TENANT_ISOLATION_VIOLATION") >= 2);
+    use aesp::enterprise_host_message::Kind as HostKind;
+    assert_eq!(to_runtime.len(), 2, "{to_runtime:?}");
+    assert!(matches!(to_runtime[0].kind, Some(HostKind::AnnounceAck(_))));
+    let Some(HostKind::FulfillAck(ack)) = &to_runtime[1].kind else {
+        panic!("{to_runtime:?}")
+    };
+    assert!(ack.accepted.is_empty());
+    let e = ack.error.as_ref().unwrap();
+    assert_eq!(e.code, "TENANT_ISOLATION_VIOLATION");
+    assert_eq!(e.details["refused_contracts"], "echo");
+    assert!(common::denials(&sidecar, "TENANT_ISOLATION_VIOLATION") >= 3);
     sidecar.shutdown().await;
 }

@@ -41,6 +41,7 @@ impl Proxy {
         let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel();
         let conversation = Arc::new(Conversation::default());
         let (to_host, inject_rx) = tokio::sync::mpsc::channel(body::INJECT_QUEUE);
+        let (to_runtime, to_runtime_rx) = tokio::sync::mpsc::channel(body::INJECT_QUEUE);
         let hook = RuntimeHook {
             proxy: self.clone(),
             conn: conn.clone(),
@@ -50,6 +51,7 @@ impl Proxy {
             refused_announce: None,
             runtime_id: String::new(),
             conversation: conversation.clone(),
+            to_runtime,
         };
         let req_body = InterceptBody::new(
             body,
@@ -78,7 +80,14 @@ impl Proxy {
                     sessions: self.pipeline.sessions.clone(),
                     to_host,
                 };
-                self.intercepted_response(&conn, resp, &cid, hook, Some(abort_rx))
+                self.intercepted_response(
+                    &conn,
+                    resp,
+                    &cid,
+                    hook,
+                    Some(abort_rx),
+                    Some(to_runtime_rx),
+                )
             }
             Err(e) => match abort_rx.try_recv() {
                 // The runtime's side refused (and its hook recorded) before the host answered.

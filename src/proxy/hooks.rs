@@ -228,6 +228,9 @@ const ENVELOPE_KINDS: [u32; 4] = [1, 2, 3, 4];
 #[derive(Default)]
 pub(super) struct Conversation {
     refused_fulfil: std::sync::Mutex<HashMap<String, Denial>>,
+    /// The host's `announce_ack` has gone to the runtime: the sidecar's own answers to the
+    /// runtime may follow it (never precede it).
+    announce_acked: std::sync::atomic::AtomicBool,
 }
 
 /// At most this many refused fulfilments wait for their `FulfillAck` (a host that never
@@ -424,6 +427,11 @@ impl MessageHook for HostHook {
         let member = kind.map(|m| m.number);
         // The governance rewrite first (rare: once per runtime, once per narrowed
         // fulfilment), then the error upgrade on what will be sent.
+        if member == Some(1) {
+            self.conversation
+                .announce_acked
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let rewritten = match member {
             Some(1) => self.narrowed_announce_ack(payload).map_err(|e| bad(&e))?,
             Some(3) => self.refused_fulfil_ack(payload).map_err(|e| bad(&e))?,
@@ -468,6 +476,8 @@ pub(super) struct RuntimeHook {
     /// The announced runtime id.
     pub runtime_id: String,
     pub conversation: Arc<Conversation>,
+    /// Answers to the runtime, sent on the host → runtime body.
+    pub to_runtime: super::body::Injector,
 }
 
 impl Drop for RuntimeHook {
@@ -629,6 +639,28 @@ impl RuntimeHook {
         facts.tool_name = Some(refused.join(","));
         p.recorder
             .record(crate::decision::Decision::Deny(&facts, &denial));
+        if f.tool_contract_names.is_empty()
+            && self
+                .conversation
+                .announce_acked
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Nothing of it may go on: not forwarded; the sidecar answers the runtime with a
+            // FulfillAck carrying the refusal.
+            let ack = aesp::EnterpriseHostMessage {
+                kind: Some(aesp::enterprise_host_message::Kind::FulfillAck(
+                    aesp::EnterpriseFulfillAck {
+                        session_id: f.session_id.clone(),
+                        accepted: Vec::new(),
+                        error: Some(denial.to_enterprise_error(&self.correlation_id)),
+                    },
+                )),
+            };
+            return match self.to_runtime.try_send(Bytes::from(ack.encode_to_vec())) {
+                Ok(()) => Ok(Verdict::Drop),
+                Err(_) => Err(denial),
+            };
+        }
         {
             let mut waiting = self.conversation.lock();
             if waiting.len() >= MAX_WAITING_ACKS {

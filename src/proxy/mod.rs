@@ -510,6 +510,7 @@ impl Proxy {
         cid: &str,
         hook: H,
         abort: Option<tokio::sync::oneshot::Receiver<Denial>>,
+        injected: Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>,
     ) -> Response<ProxyBody> {
         let (parts, body) = resp.into_parts();
         let encoding = parts
@@ -530,6 +531,10 @@ impl Proxy {
             self.cfg.limits.max_message_bytes,
         )
         .with_limits(&conn.budget, self.cfg.limits.message_timeout);
+        let b = match injected {
+            Some(rx) => b.with_injected(rx),
+            None => b,
+        };
         let mut out = Response::new(http_body_util::BodyExt::boxed_unsync(b));
         *out.status_mut() = parts.status;
         *out.headers_mut() =

@@ -169,7 +169,7 @@ impl Proxy {
                     field: method.response_error_field(),
                     outcome,
                 };
-                self.intercepted_response(&conn, resp, &cid, hook, None)
+                self.intercepted_response(&conn, resp, &cid, hook, None, None)
             }
             Err(e) => self.failed(allowed, e).await,
         }
