@@ -653,6 +653,11 @@ async fn query_filters_follow_tenant_scoping_and_a_signed_report() {
     );
     assert!(c.attributes["after"].contains("auditor"), "{c:?}");
 
+    // An allowed call to a tool tagged PUBLIC (echo, in the demo's contracts).
+    let echo = aesp_sidecar::client::tool_call("s-acme", "echo", &serde_json::json!({"text": "t"}))
+        .unwrap();
+    acme.execute_tool(echo).await.unwrap();
+
     // A signed report.
     let report = admin
         .get_compliance_report(ComplianceReportRequest {
@@ -677,6 +682,48 @@ async fn query_filters_follow_tenant_scoping_and_a_signed_report() {
         "{:?}",
         report.findings
     );
+    // Narrowed to a compliance tag: only the records of calls to tools tagged with it
+    // (echo is PUBLIC in the demo's contracts; nothing is tagged NO-SUCH-TAG).
+    let tagged = |tag: &str| ComplianceReportRequest {
+        tenant_id: "acme".into(),
+        compliance_tag: tag.into(),
+        ..Default::default()
+    };
+    // (The result's record is queued when the response ends: wait for it.)
+    let mut public = Default::default();
+    for _ in 0..50 {
+        public = admin
+            .get_compliance_report(tagged("PUBLIC"))
+            .await
+            .unwrap()
+            .into_inner();
+        if public.events_by_type.contains_key("TOOL_RESULT") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let public: aesp_sidecar::proto::aesp::ComplianceReport = public;
+    assert!(
+        public.total_events >= 2,
+        "the echo decision and its result: {public:?}"
+    );
+    assert!(
+        public
+            .events_by_type
+            .keys()
+            .all(|k| k == "TOOL_INVOCATION" || k == "TOOL_RESULT"),
+        "only records of tagged tool calls: {public:?}"
+    );
+    assert_eq!(
+        public.events_by_type.get("TOOL_INVOCATION"),
+        public.events_by_type.get("TOOL_RESULT")
+    );
+    let none = admin
+        .get_compliance_report(tagged("NO-SUCH-TAG"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.total_events, 0, "{none:?}");
     let pem = stack.dir.path().join("audit.pub");
     let key = stack.sidecar.audit.as_ref().unwrap().public_key;
     std::fs::write(&pem, aesp_sidecar::audit::key::public_pem(&key).unwrap()).unwrap();

@@ -251,6 +251,14 @@ fn report(
             if e.tenant_id != tenant {
                 continue;
             }
+            if !r.compliance_tag.is_empty()
+                && !e
+                    .attributes
+                    .get("compliance_tags")
+                    .is_some_and(|tags| tags.split(',').any(|t| t == r.compliance_tag))
+            {
+                continue;
+            }
             out.total_events += 1;
             if out.first_sequence == 0 {
                 out.first_sequence = e.sequence;
@@ -310,7 +318,7 @@ fn report(
     }
     if !r.compliance_tag.is_empty() {
         f.push(format!(
-            "compliance_tag {:?}: tool contracts carry no tags yet (governed contracts land with the policy issue), so the counts cover every tool",
+            "compliance_tag {:?}: the counts cover the decisions and results of calls to tools whose approved contract carries this tag",
             r.compliance_tag
         ));
     }

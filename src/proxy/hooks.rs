@@ -196,6 +196,12 @@ impl Drop for Outcome {
         a.insert("request_bytes".into(), self.request_bytes.to_string());
         a.insert("response_bytes".into(), self.response_bytes.to_string());
         a.insert("messages".into(), self.messages.to_string());
+        if let Some(c) = &self.facts.contract {
+            a.insert("tool_revision".into(), c.revision.to_string());
+            if !c.compliance_tags.is_empty() {
+                a.insert("compliance_tags".into(), c.compliance_tags.join(","));
+            }
+        }
         self.recorder.event(e);
     }
 }
