@@ -163,11 +163,9 @@ impl EnterpriseIdentityService for IdentityService {
         };
         let control = self.shared.control.clone();
         let rec = record.clone();
-        let stored = tokio::task::spawn_blocking(move || {
-            control.put_service_account(&rec)?;
-            bindings.iter().try_for_each(|b| control.add_binding(b))
-        })
-        .await;
+        let stored =
+            tokio::task::spawn_blocking(move || control.create_service_account(&rec, &bindings))
+                .await;
         store_result(&c, stored)?;
         if let Some(next) = next {
             self.shared.authz.replace(next);

@@ -772,6 +772,43 @@ impl ControlStore {
         })
     }
 
+    /// Records a new service account and the bindings of its roles in one transaction: both
+    /// or neither. A principal id already there is [`StoreError::Exists`] (see
+    /// [`ControlStore::put_service_account`]).
+    pub fn create_service_account(
+        &self,
+        sa: &ServiceAccountRecord,
+        bindings: &[BindingRecord],
+    ) -> Result<(), StoreError> {
+        let key = sa.principal_id.as_str().as_bytes();
+        let value = encode(&ServiceAccountV1::from(sa));
+        self.write(|t| {
+            let present = t
+                .service_accounts
+                .get(key)
+                .map_err(|e| self.io(e))?
+                .is_some();
+            if present {
+                return Err(StoreError::Exists(format!(
+                    "{}: service account {:?} already exists",
+                    self.path.display(),
+                    sa.principal_id.as_str()
+                )));
+            }
+            t.service_accounts
+                .insert(key, value.as_slice())
+                .map_err(|e| self.io(e))?;
+            for b in bindings {
+                let k = b.key();
+                let v = encode(&BindingV1::from(b));
+                t.bindings
+                    .insert(k.as_slice(), v.as_slice())
+                    .map_err(|e| self.io(e))?;
+            }
+            Ok(Outcome::Changed(()))
+        })
+    }
+
     /// Marks the service account `principal` revoked at `at_unix` for `reason`, and returns
     /// the record as stored. An account already revoked is returned unchanged (its first
     /// revocation's time and reason kept; nothing written). No such account:
@@ -1266,6 +1303,28 @@ mod tests {
     fn mode(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
         fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_service_account_and_its_bindings_are_written_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ControlStore::open(dir.path()).unwrap();
+        let bindings = [binding("bot", "operator"), binding("bot", "viewer")];
+        store.fault_switch().set(true);
+        assert!(store.create_service_account(&account("bot"), &bindings).is_err());
+        store.fault_switch().set(false);
+        assert_eq!(store.load().unwrap(), ControlState::default(), "neither");
+        store
+            .create_service_account(&account("bot"), &bindings)
+            .unwrap();
+        let state = store.load().unwrap();
+        assert_eq!(state.service_accounts, vec![account("bot")]);
+        assert_eq!(state.bindings.len(), 2);
+        assert_eq!(state.revision, 1, "one transaction");
+        assert!(matches!(
+            store.create_service_account(&account("bot"), &[]),
+            Err(StoreError::Exists(_))
+        ));
     }
 
     #[test]
