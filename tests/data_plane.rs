@@ -159,6 +159,15 @@ async fn base_client_gets_the_same_results_through_the_sidecar_as_directly() {
         (e.code.as_str(), e.correlation_id.as_str()),
         ("TOOL_ERROR", "trace-42")
     );
+    // The tool's approved contract is named in the host's error (fail is tagged TEST).
+    assert_eq!(
+        (
+            e.details["origin"].as_str(),
+            e.details["compliance_tags"].as_str(),
+            e.details["tool_revision"].as_str()
+        ),
+        ("grid-host", "TEST", "1")
+    );
     assert_eq!(
         r.correlation_id, "trace-42",
         "the host saw the propagated correlation id"

@@ -260,18 +260,40 @@ pub fn upgrade_announce(
 #[derive(Debug, Clone)]
 pub struct ErrorPatch {
     correlation_id: String,
+    /// Details added besides `origin` (the tool's contract: compliance tags, revision).
+    extra: Vec<(String, String)>,
 }
 
 impl ErrorPatch {
     pub fn new(correlation_id: &str) -> ErrorPatch {
         ErrorPatch {
             correlation_id: correlation_id.to_string(),
+            extra: Vec::new(),
         }
     }
 
+    /// The tool's approved contract, named in the details of the errors of its calls
+    /// (`compliance_tags`, `tool_revision`, `risk_assessment`).
+    pub fn with_contract(mut self, c: Option<&aesp::EnterpriseToolContract>) -> ErrorPatch {
+        if let Some(c) = c {
+            if !c.compliance_tags.is_empty() {
+                self.extra
+                    .push(("compliance_tags".into(), c.compliance_tags.join(",")));
+            }
+            self.extra
+                .push(("tool_revision".into(), c.revision.to_string()));
+            self.extra
+                .push(("risk_assessment".into(), c.risk_assessment.clone()));
+        }
+        self
+    }
+
     fn body(&self) -> Vec<u8> {
-        let mut details = HashMap::with_capacity(1);
+        let mut details = HashMap::with_capacity(1 + self.extra.len());
         details.insert("origin".to_string(), "grid-host".to_string());
+        for (k, v) in &self.extra {
+            details.insert(k.clone(), v.clone());
+        }
         aesp::EnterpriseError {
             correlation_id: self.correlation_id.clone(),
             details,

@@ -159,13 +159,14 @@ impl Proxy {
                 ) {
                     outcome.sessions = Some(self.pipeline.sessions.clone());
                 }
+                let patch = ErrorPatch::new(&cid).with_contract(allowed.facts.contract.as_deref());
                 let hook = ErrorHook {
                     recorder: self.recorder.clone(),
                     facts: Facts {
                         stage: Stage::Response,
                         ..allowed.facts
                     },
-                    patch: ErrorPatch::new(&cid),
+                    patch,
                     field: method.response_error_field(),
                     outcome,
                 };

@@ -1311,7 +1311,11 @@ mod tests {
         let store = ControlStore::open(dir.path()).unwrap();
         let bindings = [binding("bot", "operator"), binding("bot", "viewer")];
         store.fault_switch().set(true);
-        assert!(store.create_service_account(&account("bot"), &bindings).is_err());
+        assert!(
+            store
+                .create_service_account(&account("bot"), &bindings)
+                .is_err()
+        );
         store.fault_switch().set(false);
         assert_eq!(store.load().unwrap(), ControlState::default(), "neither");
         store
