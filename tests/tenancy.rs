@@ -344,14 +344,49 @@ async fn a_host_that_misroutes_a_call_to_another_tenants_runtime_is_answered_by_
     ))))
     .await
     .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    use aesp::enterprise_runtime_message::Kind;
+    // A result carrying an error, runtime → host: upgraded on its way to the host.
+    let result = grid::RuntimeMessage {
+        kind: Some(grid::runtime_message::Kind::Result(grid::ToolResult {
+            invocation_id: "inv-9".into(),
+            status: grid::ResultStatus::Error as i32,
+            error_details: Some(grid::Error {
+                code: "TOOL_ERROR".into(),
+                message: "the tool broke".into(),
+            }),
+            correlation_id: "trace-rt".into(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    tx.send(Ok(http_body::Frame::data(bytes::Bytes::from(
+        common::frame(&result),
+    ))))
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(std::time::Duration::from_secs(10), from_runtime_side.recv())
+        .await
+        .expect("the result reaches the host")
+        .unwrap();
+    let next = aesp::EnterpriseRuntimeMessage::decode(&next[..]).unwrap();
+    let Some(Kind::Result(r)) = &next.kind else {
+        panic!("the host got the runtime's fulfilment of bob's session, or else: {next:?}")
+    };
+    let e = r.error_details.as_ref().unwrap();
+    assert_eq!(
+        (
+            e.code.as_str(),
+            e.correlation_id.as_str(),
+            e.details["origin"].as_str()
+        ),
+        ("TOOL_ERROR", "trace-rt", "runtime")
+    );
     drop(tx);
     let runtime_saw = call.await.unwrap();
     assert!(
         from_runtime_side.try_recv().is_err(),
         "the host never received the runtime's fulfilment of bob's session"
     );
-    use aesp::enterprise_runtime_message::Kind;
     assert!(matches!(got[0].kind, Some(Kind::Announce(_))), "{got:?}");
     let result = got
         .iter()

@@ -262,6 +262,7 @@ pub struct ErrorPatch {
     correlation_id: String,
     /// Details added besides `origin` (the tool's contract: compliance tags, revision).
     extra: Vec<(String, String)>,
+    origin: &'static str,
 }
 
 impl ErrorPatch {
@@ -269,6 +270,15 @@ impl ErrorPatch {
         ErrorPatch {
             correlation_id: correlation_id.to_string(),
             extra: Vec::new(),
+            origin: "grid-host",
+        }
+    }
+
+    /// The same for an error a runtime sends toward the host (`details.origin = runtime`).
+    pub fn from_runtime(correlation_id: &str) -> ErrorPatch {
+        ErrorPatch {
+            origin: "runtime",
+            ..ErrorPatch::new(correlation_id)
         }
     }
 
@@ -290,7 +300,7 @@ impl ErrorPatch {
 
     fn body(&self) -> Vec<u8> {
         let mut details = HashMap::with_capacity(1 + self.extra.len());
-        details.insert("origin".to_string(), "grid-host".to_string());
+        details.insert("origin".to_string(), self.origin.to_string());
         for (k, v) in &self.extra {
             details.insert(k.clone(), v.clone());
         }

@@ -710,6 +710,24 @@ impl MessageHook for RuntimeHook {
         if kind.number == 2 {
             return self.fulfil(&kind.merged());
         }
+        // A result (3) or chunk (4) carrying an error: upgraded toward the host too, with
+        // the call's correlation id (a result's own, else the stream's).
+        let error_field = if kind.number == 3 { 4 } else { 5 };
+        if kind.has_len_field(error_field).map_err(Self::bad)? {
+            let body = kind.merged();
+            let cid = wire::fields(&body)
+                .flatten()
+                .find(|f| kind.number == 3 && f.number == 5 && f.wire_type == 2)
+                .map(|f| String::from_utf8_lossy(f.value).into_owned())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| self.correlation_id.clone());
+            if let Some(up) = ErrorPatch::from_runtime(&cid)
+                .apply_nested(payload, &ENVELOPE_KINDS, kind.number, error_field)
+                .map_err(Self::bad)?
+            {
+                return Ok(Verdict::Replace(up));
+            }
+        }
         Ok(Verdict::Forward)
     }
 
