@@ -1214,18 +1214,7 @@ impl ControlStore {
 
     /// Writes `key` → `value` in `table` (replacing any value), durably, before returning.
     pub fn put_in(&self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| self.io(e))?;
-        txn.set_two_phase_commit(true);
-        {
-            let def: TableDefinition<Raw, Raw> = TableDefinition::new(table);
-            let mut t = txn.open_table(def).map_err(|e| self.io(e))?;
-            t.insert(key, value).map_err(|e| self.io(e))?;
-            self.bump_revision(&txn)?;
-        }
-        self.faults.check().map_err(|e| self.io(e))?;
-        txn.commit().map_err(|e| self.io(e))
+        self.write_many(table, &[(key.to_vec(), Some(value.to_vec()))])
     }
 }
 
