@@ -279,6 +279,8 @@ pub struct Sidecar {
     /// Makes every write to `audit.redb` fail while on: a disk-failure drill for the
     /// fail-closed path (tests use it; nothing in the sidecar turns it on).
     pub audit_faults: crate::store::audit::FaultSwitch,
+    /// Metering and budgets; its usage is written once more at shutdown.
+    meter: Arc<crate::cost::Meter>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -363,6 +365,15 @@ impl Sidecar {
                 )
             })?,
         );
+        let meter = Arc::new(
+            crate::cost::Meter::open(
+                cfg.cost.clone(),
+                metrics.cost.clone(),
+                control.clone(),
+                unix_now(),
+            )
+            .context("the metered usage and budgets (docs/cost.md)")?,
+        );
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
@@ -370,6 +381,7 @@ impl Sidecar {
             policies: in_force,
             organization_id: Arc::from(cfg.identity.organization_id.as_str()),
             governance: governance.clone(),
+            cost: Some(meter.clone()),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -415,6 +427,7 @@ impl Sidecar {
             ));
         }
         fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
+        tasks.spawn(persist_usage(meter.clone(), shutdown.clone()));
 
         // Everything that can fail is built before the first listener opens: once a port
         // answers, the sidecar is up (a supervisor or a test may signal it at once).
@@ -473,6 +486,14 @@ impl Sidecar {
                 routes = routes.add_service(
                     crate::proto::aesp::enterprise_policy_service_server::EnterprisePolicyServiceServer::new(
                         policy_service,
+                    ),
+                );
+                routes = routes.add_service(
+                    crate::proto::aesp::enterprise_cost_service_server::EnterpriseCostServiceServer::new(
+                        crate::admin::cost::CostService {
+                            shared: shared.clone(),
+                            meter: meter.clone(),
+                        },
                     ),
                 );
                 if let Some(a) = &audit {
@@ -535,6 +556,7 @@ impl Sidecar {
             metrics,
             audit,
             audit_faults,
+            meter,
             shutdown,
             tasks,
         })
@@ -548,6 +570,15 @@ impl Sidecar {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        // Every call has drained: the usage they were charged is written once more.
+        let meter = self.meter.clone();
+        match tokio::task::spawn_blocking(move || meter.persist()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the metered usage could not be written at shutdown; what was charged since the last write is lost")
+            }
+            Err(e) => tracing::error!(error = %e, "the usage write at shutdown failed"),
+        }
         if let Some(a) = &self.audit {
             a.stop(crate::audit::event("SIDECAR_STOPPED", "INFO")).await;
         }
@@ -558,6 +589,34 @@ impl Sidecar {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
         self.shutdown().await;
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes the charged usage that changed to the control store every
+/// `cost.persist_seconds`, off the calls' path (docs/cost.md). A write that fails is logged,
+/// counted (`aesp_cost_persist_failures_total`) and retried at the next interval; shutdown
+/// writes once more after the calls drained ([`Sidecar::shutdown`]).
+async fn persist_usage(meter: Arc<crate::cost::Meter>, shutdown: CancellationToken) {
+    let every = meter.config().persist_every;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let m = meter.clone();
+        match tokio::task::spawn_blocking(move || m.persist()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the metered usage could not be written; kept in memory, retried at the next interval")
+            }
+            Err(_) => return,
+        }
     }
 }
 
