@@ -513,6 +513,51 @@ async fn get_usage_and_set_budget_need_their_permission_on_the_tenant() {
         denied(bob_now.set_budget(budget("globex", "", 1, 0, 60)).await),
         "AUTHORIZATION_DENIED"
     );
+    // Each change is audited with the budget before and after.
+    let mut audit = aesp_sidecar::proto::aesp::enterprise_audit_service_client::EnterpriseAuditServiceClient::new(
+        stack.management("admin").await,
+    );
+    let mut events = audit
+        .query_events(aesp_sidecar::proto::aesp::QueryEventsRequest {
+            event_type: "MANAGEMENT_CHANGE".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut changes = Vec::new();
+    while let Some(e) = events.message().await.unwrap() {
+        if e.attributes.get("change").map(String::as_str) == Some("budget.set") {
+            let a = |k: &str| e.attributes.get(k).cloned().unwrap_or_default();
+            changes.push((
+                e.principal_id.clone(),
+                a("target_tenant"),
+                a("before"),
+                a("after"),
+            ));
+        }
+    }
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(
+        (
+            changes[0].0.as_str(),
+            changes[0].1.as_str(),
+            changes[0].2.as_str()
+        ),
+        ("root", "globex", "null")
+    );
+    assert!(
+        changes[0].3.contains("\"max_invocations\":7"),
+        "{changes:?}"
+    );
+    assert_eq!(
+        (changes[1].0.as_str(), changes[1].1.as_str()),
+        ("alice", "acme")
+    );
+    assert!(
+        changes[1].3.contains("\"principal_id\":\"carol\""),
+        "{changes:?}"
+    );
     // A budget that limits something needs a window; ids must be ids.
     let s = root
         .set_budget(budget("acme", "", 5, 0, 0))

@@ -196,6 +196,15 @@ fn window_seconds(limits: Option<Limits>, default_seconds: u64) -> u64 {
     }
 }
 
+/// What the policies read of an account.
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    invocations: u64,
+    cost_units: u64,
+    in_flight: u64,
+    fraction: f64,
+}
+
 /// Which limit a call would break.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -608,6 +617,28 @@ impl Meter {
         Some(w)
     }
 
+    /// An account's counters at `now` (rolled) without copying its per-tool figures: what
+    /// the policies read on every call.
+    fn figures(&self, tenant: &str, principal: Option<&str>, now: u64) -> Option<Figures> {
+        let t = self.find_tenant(tenant)?;
+        let of = |w: &mut Window| {
+            w.roll(now);
+            Figures {
+                invocations: w.invocations,
+                cost_units: w.cost_units,
+                in_flight: w.reserved_invocations,
+                fraction: w.fraction(),
+            }
+        };
+        match principal {
+            None => Some(of(&mut lock(&t.account.window))),
+            Some(p) => {
+                let a = read(&t.principals).get(p).cloned()?;
+                Some(of(&mut lock(&a.window)))
+            }
+        }
+    }
+
     /// The `usage` variable of the CEL policies for a call of `tool` by `principal` of
     /// `tenant` (docs/cost.md): the principal's and the tenant's window so far (before
     /// this call), the fraction of the tightest budget used, this call's cost.
@@ -618,29 +649,18 @@ impl Meter {
         tool: &str,
         now: u64,
     ) -> HashMap<String, f64> {
-        let fresh = |p: &str| {
-            Window::new(
-                self.budget_of(tenant.as_str(), p),
-                self.cfg.window_seconds,
-                now,
-            )
-        };
+        // An account never seen has used nothing: 0 everywhere.
         let pw = self
-            .peek(tenant.as_str(), Some(principal.as_str()), now)
-            .unwrap_or_else(|| fresh(principal.as_str()));
-        let tw = self
-            .peek(tenant.as_str(), None, now)
-            .unwrap_or_else(|| fresh(""));
+            .figures(tenant.as_str(), Some(principal.as_str()), now)
+            .unwrap_or_default();
+        let tw = self.figures(tenant.as_str(), None, now).unwrap_or_default();
         HashMap::from([
             ("invocations".to_string(), pw.invocations as f64),
             ("cost_units".to_string(), pw.cost_units as f64),
-            ("in_flight".to_string(), pw.reserved_invocations as f64),
+            ("in_flight".to_string(), pw.in_flight as f64),
             ("tenant_invocations".to_string(), tw.invocations as f64),
             ("tenant_cost_units".to_string(), tw.cost_units as f64),
-            (
-                "budget_fraction".to_string(),
-                pw.fraction().max(tw.fraction()),
-            ),
+            ("budget_fraction".to_string(), pw.fraction.max(tw.fraction)),
             ("call_cost_units".to_string(), self.units_of(tool) as f64),
         ])
     }
