@@ -1,9 +1,11 @@
 //! What authentication and authorization cost per call on the hot path, in isolation: a warm
 //! bearer token (SHA-256 of the token, cache lookup, the live-account check) and the RBAC
 //! checks of a tool call (two permission lookups), beside a cold token verification and a
-//! cold grants resolution for scale; then the whole decision of a tool invocation as the
-//! sidecar makes it (RBAC + governance + strict argument schema + the shipped CEL policies of
-//! `policies/cel/`), median and p99 of single calls. Nothing is asserted; `cargo bench --bench decision`
+//! cold grants resolution for scale; the budget stage (docs/cost.md): a reservation and
+//! its settlement, alone and with two threads on the same tenant; then the whole decision of a
+//! tool invocation as the sidecar makes it (RBAC + governance + strict argument schema + the
+//! shipped CEL policies of `policies/cel/`), median and p99 of single calls. Nothing is
+//! asserted; `cargo bench --bench decision`
 //! prints medians of 7 rounds. Run without `--bench` (as `cargo test --benches` does) it is a
 //! short smoke run whose numbers mean nothing.
 
@@ -107,6 +109,72 @@ fn main() -> anyhow::Result<()> {
         black_box(rbac.grants(&who));
     });
 
+    // The budget stage: reserve (both accounts, against both budgets) + settle (charged).
+    use aesp_sidecar::cost::{CostConfig, Limits, Meter, Settlement};
+    let budgets = vec![
+        (
+            acme.clone(),
+            None,
+            Limits {
+                max_invocations: u64::MAX / 2,
+                max_cost_units: 0,
+                window_seconds: 86_400,
+            },
+        ),
+        (
+            acme.clone(),
+            Some(alice.clone()),
+            Limits {
+                max_invocations: u64::MAX / 2,
+                max_cost_units: u64::MAX / 2,
+                window_seconds: 3600,
+            },
+        ),
+    ];
+    let meter = std::sync::Arc::new(Meter::new(
+        CostConfig {
+            budgets,
+            ..Default::default()
+        },
+        aesp_sidecar::metrics::CostMetrics::unregistered()?,
+    ));
+    let settled = Settlement {
+        charged: true,
+        request_bytes: 64,
+        response_bytes: 128,
+        duration: std::time::Duration::from_micros(300),
+    };
+    let reserve_settle = ns_per_call(rounds, n, || {
+        if let Ok(r) = meter.reserve(&acme, &alice, black_box("echo"), now) {
+            r.settle(settled);
+        }
+    });
+    let released = ns_per_call(rounds, n, || {
+        black_box(meter.reserve(&acme, &alice, black_box("echo"), now).is_ok());
+    });
+    let usage = ns_per_call(rounds, n, || {
+        black_box(meter.policy_usage(&acme, &alice, black_box("echo"), now));
+    });
+    // Two threads, two principals of one tenant: the tenant's account is shared.
+    let bob = PrincipalId::new("bob").ok_or_else(|| anyhow::anyhow!("principal id"))?;
+    let contended = {
+        let (m, a, t) = (meter.clone(), bob.clone(), acme.clone());
+        let other = std::thread::spawn(move || {
+            ns_per_call(rounds, n, || {
+                if let Ok(r) = m.reserve(&t, &a, "echo", now) {
+                    r.settle(settled);
+                }
+            })
+        });
+        let mine = ns_per_call(rounds, n, || {
+            if let Ok(r) = meter.reserve(&acme, &alice, black_box("echo"), now) {
+                r.settle(settled);
+            }
+        });
+        let theirs = other.join().map_err(|_| anyhow::anyhow!("bench thread"))?;
+        (mine + theirs) / 2.0
+    };
+
     println!("## Authentication and RBAC per call (ns; median of {rounds} rounds)");
     println!();
     println!("| step | ns/call |");
@@ -120,6 +188,21 @@ fn main() -> anyhow::Result<()> {
     println!("| for scale: a cold token (EdDSA verify + claim mapping) | {cold:.0} |");
     println!(
         "| for scale: resolving a subject's grants (once per connection or token) | {resolve:.0} |"
+    );
+    println!();
+    println!("## The budget stage per tool call (ns; median of {rounds} rounds)");
+    println!();
+    println!("| step | ns/call |");
+    println!("|---|---:|");
+    println!(
+        "| **reserve (principal + tenant, both budgets) + settle charged** | **{reserve_settle:.0}** |"
+    );
+    println!("| reserve + release (a refused or failed call) | {released:.0} |");
+    println!(
+        "| the same, 2 threads, 2 principals of one tenant (per call, each thread) | {contended:.0} |"
+    );
+    println!(
+        "| the `usage` map of the CEL policies (only when policies are in force) | {usage:.0} |"
     );
     whole_decision(full)
 }

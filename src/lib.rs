@@ -21,6 +21,7 @@ pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;
+pub mod cost;
 pub(crate) mod decision;
 /// The whole decision of a tool call, for the benchmarks (not an API).
 #[doc(hidden)]

@@ -118,6 +118,8 @@ enum Cmd {
     /// Governed tool contracts against a running sidecar: submit, import a host's manifest,
     /// approve, reject, list (docs/governance.md).
     Tool(ToolArgs),
+    /// Metering and budgets against a running sidecar: usage, set-budget (docs/cost.md).
+    Cost(CostArgs),
 }
 
 #[derive(Subcommand)]
@@ -1162,6 +1164,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
         }
         Cmd::Audit(op) => audit(op),
         Cmd::Tool(args) => tool(args).await,
+        Cmd::Cost(args) => cost(args).await,
     }
 }
 
@@ -1663,6 +1666,165 @@ async fn tool(a: ToolArgs) -> anyhow::Result<ExitCode> {
                 )];
                 lines.extend(x.into_inner().contracts.iter().map(contract_line));
                 lines.join("\n")
+            }),
+    };
+    match out {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(s) => {
+            println!("{}", client::describe_status(&s));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct CostArgs {
+    #[command(flatten)]
+    conn: Management,
+    #[command(subcommand)]
+    op: CostOp,
+}
+
+#[derive(Subcommand)]
+enum CostOp {
+    /// GetUsage: an account's usage in its current window, and its budget.
+    Usage {
+        /// The tenant; empty = your own.
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// A principal of the tenant; empty = the tenant's own account.
+        #[arg(long, value_name = "ID", default_value = "")]
+        principal: String,
+    },
+    /// SetBudget: the budget of a tenant or of one of its principals (0 = unlimited; both
+    /// limits 0 removes the budget).
+    SetBudget {
+        /// The tenant; empty = your own.
+        #[arg(long, value_name = "ID", default_value = "")]
+        tenant: String,
+        /// A principal of the tenant; empty = the whole tenant.
+        #[arg(long, value_name = "ID", default_value = "")]
+        principal: String,
+        /// Calls per window (0 = unlimited).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_invocations: u64,
+        /// Cost units per window (0 = unlimited).
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max_cost_units: u64,
+        /// The window, in seconds (windows are aligned to the Unix epoch).
+        #[arg(long, value_name = "S", default_value_t = 0)]
+        window_seconds: u64,
+    },
+}
+
+fn limit_text(n: u64) -> String {
+    if n == 0 {
+        "unlimited".into()
+    } else {
+        n.to_string()
+    }
+}
+
+fn unix_text(s: u64) -> String {
+    i64::try_from(s)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .map_or_else(
+            || s.to_string(),
+            |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        )
+}
+
+async fn cost(a: CostArgs) -> anyhow::Result<ExitCode> {
+    use aesp_sidecar::proto::aesp;
+    use aesp_sidecar::proto::aesp::enterprise_cost_service_client::EnterpriseCostServiceClient;
+    let mut c = EnterpriseCostServiceClient::new(management_channel(&a.conn).await?);
+    let out: Result<String, tonic::Status> = match a.op {
+        CostOp::Usage { tenant, principal } => c
+            .get_usage(aesp::GetUsageRequest {
+                tenant_id: tenant,
+                principal_id: principal,
+            })
+            .await
+            .map(|r| {
+                let u = r.into_inner();
+                let who = if u.principal_id.is_empty() {
+                    format!("tenant {}", u.tenant_id)
+                } else {
+                    format!("principal {} of tenant {}", u.principal_id, u.tenant_id)
+                };
+                let mut lines = vec![
+                    format!(
+                        "usage of {who}, window {} .. {}",
+                        unix_text(u.window_started_at),
+                        unix_text(u.window_resets_at)
+                    ),
+                    format!(
+                        "  invocations {}  cost_units {}  in_flight {}  request_bytes {}  response_bytes {}  duration_ms {}",
+                        u.invocations,
+                        u.cost_units,
+                        u.in_flight,
+                        u.request_bytes,
+                        u.response_bytes,
+                        u.duration_ms
+                    ),
+                ];
+                match &u.budget {
+                    Some(b) => lines.push(format!(
+                        "  budget: max_invocations {}  max_cost_units {}  window_seconds {}",
+                        limit_text(b.max_invocations),
+                        limit_text(b.max_cost_units),
+                        b.window_seconds
+                    )),
+                    None => lines.push("  budget: none".into()),
+                }
+                let mut tools: Vec<_> = u.invocations_by_tool.iter().collect();
+                tools.sort();
+                for (tool, n) in tools {
+                    lines.push(format!(
+                        "  {tool}: invocations {n}  cost_units {}",
+                        u.cost_units_by_tool.get(tool).copied().unwrap_or(0)
+                    ));
+                }
+                lines.join("\n")
+            }),
+        CostOp::SetBudget {
+            tenant,
+            principal,
+            max_invocations,
+            max_cost_units,
+            window_seconds,
+        } => c
+            .set_budget(aesp::SetBudgetRequest {
+                budget: Some(aesp::Budget {
+                    tenant_id: tenant,
+                    principal_id: principal,
+                    max_invocations,
+                    max_cost_units,
+                    window_seconds,
+                }),
+            })
+            .await
+            .map(|r| {
+                let b = r.into_inner();
+                let who = if b.principal_id.is_empty() {
+                    format!("tenant {}", b.tenant_id)
+                } else {
+                    format!("principal {} of tenant {}", b.principal_id, b.tenant_id)
+                };
+                if b.max_invocations == 0 && b.max_cost_units == 0 {
+                    format!("budget of {who}: none (unlimited)")
+                } else {
+                    format!(
+                        "budget of {who}: max_invocations {}  max_cost_units {}  window_seconds {}",
+                        limit_text(b.max_invocations),
+                        limit_text(b.max_cost_units),
+                        b.window_seconds
+                    )
+                }
             }),
     };
     match out {

@@ -4,7 +4,8 @@
 use crate::grid::GridMethod;
 use crate::grpc::ErrorCode;
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -28,6 +29,96 @@ pub struct Metrics {
     pub jwks_fetches: IntCounterVec,
     /// Keys in force per issuer fetched over HTTPS (0 until a first fetch succeeds).
     pub jwks_keys: IntGaugeVec,
+    /// Metering of tool calls by tenant and tool (docs/cost.md).
+    pub cost: CostMetrics,
+}
+
+/// The metering series (docs/cost.md), by tenant and tool, never by principal (per-principal
+/// figures are in `EnterpriseCostService.GetUsage`). The cost module resolves a series once
+/// per (tenant, tool) and keeps it, so a call's metering is atomic increments.
+#[derive(Clone, Debug)]
+pub struct CostMetrics {
+    /// `aesp_tool_invocations_total{tenant,tool,outcome}`: `charged` or `released`.
+    pub invocations: IntCounterVec,
+    /// `aesp_cost_units_total{tenant,tool}`: cost units charged.
+    pub cost_units: IntCounterVec,
+    /// `aesp_tool_request_bytes_total{tenant,tool}` of charged calls.
+    pub request_bytes: IntCounterVec,
+    /// `aesp_tool_response_bytes_total{tenant,tool}` of charged calls.
+    pub response_bytes: IntCounterVec,
+    /// `aesp_tool_duration_seconds_total{tenant,tool}` of charged calls.
+    pub duration_seconds: CounterVec,
+    /// `aesp_budget_exceeded_total{tenant,scope}`: `tenant` or `principal` budget.
+    pub budget_exceeded: IntCounterVec,
+    /// `aesp_cost_persist_failures_total`: usage that could not be written to the control
+    /// store (kept in memory and retried at the next interval).
+    pub persist_failures: IntCounter,
+}
+
+impl CostMetrics {
+    /// The series, not registered anywhere (unit tests, benches).
+    pub fn unregistered() -> Result<CostMetrics, prometheus::Error> {
+        let tt = &["tenant", "tool"];
+        Ok(CostMetrics {
+            invocations: IntCounterVec::new(
+                Opts::new(
+                    "aesp_tool_invocations_total",
+                    "Tool calls that passed the budget stage, by tenant, tool and what became of their reservation: charged (the host answered) or released (refused later, or the host failed)",
+                ),
+                &["tenant", "tool", "outcome"],
+            )?,
+            cost_units: IntCounterVec::new(
+                Opts::new(
+                    "aesp_cost_units_total",
+                    "Cost units charged (cost.tools, else cost.default_units per call)",
+                ),
+                tt,
+            )?,
+            request_bytes: IntCounterVec::new(
+                Opts::new(
+                    "aesp_tool_request_bytes_total",
+                    "Request bytes of charged tool calls",
+                ),
+                tt,
+            )?,
+            response_bytes: IntCounterVec::new(
+                Opts::new(
+                    "aesp_tool_response_bytes_total",
+                    "Response bytes of charged tool calls",
+                ),
+                tt,
+            )?,
+            duration_seconds: CounterVec::new(
+                Opts::new(
+                    "aesp_tool_duration_seconds_total",
+                    "Time from forwarding to the end of the response, of charged tool calls",
+                ),
+                tt,
+            )?,
+            budget_exceeded: IntCounterVec::new(
+                Opts::new(
+                    "aesp_budget_exceeded_total",
+                    "Tool calls refused with BUDGET_EXCEEDED, by tenant and by the budget (tenant or principal) they would have exceeded",
+                ),
+                &["tenant", "scope"],
+            )?,
+            persist_failures: IntCounter::new(
+                "aesp_cost_persist_failures_total",
+                "Writes of metered usage to the control store that failed (retried at the next interval)",
+            )?,
+        })
+    }
+
+    fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.invocations.clone()))?;
+        registry.register(Box::new(self.cost_units.clone()))?;
+        registry.register(Box::new(self.request_bytes.clone()))?;
+        registry.register(Box::new(self.response_bytes.clone()))?;
+        registry.register(Box::new(self.duration_seconds.clone()))?;
+        registry.register(Box::new(self.budget_exceeded.clone()))?;
+        registry.register(Box::new(self.persist_failures.clone()))?;
+        Ok(())
+    }
 }
 
 pub const PASSTHROUGH: usize = 5;
@@ -119,6 +210,8 @@ impl Metrics {
             &["issuer"],
         )?;
         registry.register(Box::new(jwks_keys.clone()))?;
+        let cost = CostMetrics::unregistered()?;
+        cost.register(&registry)?;
         let names: Vec<&str> = GridMethod::ALL
             .iter()
             .map(|m| m.path())
@@ -154,6 +247,7 @@ impl Metrics {
             rate_limit_closes,
             jwks_fetches,
             jwks_keys,
+            cost,
         })
     }
 

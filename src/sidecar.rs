@@ -281,6 +281,8 @@ pub struct Sidecar {
     pub audit_faults: crate::store::audit::FaultSwitch,
     /// Makes every write to `control.redb` fail while on (a disk-failure drill).
     pub control_faults: crate::store::audit::FaultSwitch,
+    /// Metering and budgets; its usage is written once more at shutdown.
+    meter: Arc<crate::cost::Meter>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -370,6 +372,15 @@ impl Sidecar {
                 )
             })?,
         );
+        let meter = Arc::new(
+            crate::cost::Meter::open(
+                cfg.cost.clone(),
+                metrics.cost.clone(),
+                control.clone(),
+                unix_now(),
+            )
+            .context("the metered usage and budgets (docs/cost.md)")?,
+        );
         let pipeline = Pipeline {
             overwrite_identity_fields: cfg.identity.overwrite_identity_fields,
             tokens: token_rules(&cfg, verifier.clone()),
@@ -378,6 +389,7 @@ impl Sidecar {
             organization_id: Arc::from(cfg.identity.organization_id.as_str()),
             governance: governance.clone(),
             sessions: sessions.clone(),
+            cost: Some(meter.clone()),
         };
         let buffered_total = crate::proxy::budget::Total {
             semaphore: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_buffered_bytes)),
@@ -432,6 +444,7 @@ impl Sidecar {
             ));
         }
         fetch_remote_keys(&cfg, &verifier, &metrics, &shutdown, &mut tasks).await;
+        tasks.spawn(persist_usage(meter.clone(), shutdown.clone()));
 
         // Everything that can fail is built before the first listener opens: once a port
         // answers, the sidecar is up (a supervisor or a test may signal it at once).
@@ -490,6 +503,14 @@ impl Sidecar {
                 routes = routes.add_service(
                     crate::proto::aesp::enterprise_policy_service_server::EnterprisePolicyServiceServer::new(
                         policy_service,
+                    ),
+                );
+                routes = routes.add_service(
+                    crate::proto::aesp::enterprise_cost_service_server::EnterpriseCostServiceServer::new(
+                        crate::admin::cost::CostService {
+                            shared: shared.clone(),
+                            meter: meter.clone(),
+                        },
                     ),
                 );
                 if let Some(a) = &audit {
@@ -553,6 +574,7 @@ impl Sidecar {
             audit,
             audit_faults,
             control_faults,
+            meter,
             shutdown,
             tasks,
         })
@@ -566,6 +588,15 @@ impl Sidecar {
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        // Every call has drained: the usage they were charged is written once more.
+        let meter = self.meter.clone();
+        match tokio::task::spawn_blocking(move || meter.persist()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the metered usage could not be written at shutdown; what was charged since the last write is lost")
+            }
+            Err(e) => tracing::error!(error = %e, "the usage write at shutdown failed"),
+        }
         if let Some(a) = &self.audit {
             a.stop(crate::audit::event("SIDECAR_STOPPED", "INFO")).await;
         }
@@ -630,6 +661,34 @@ async fn reload_tls(
                 tracing::error!(error = %e, "TLS files not reloaded; the certificate, key and client CA in force stay");
             }
             Err(e) => tracing::error!(error = %e, "TLS reload task failed"),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes the charged usage that changed to the control store every
+/// `cost.persist_seconds`, off the calls' path (docs/cost.md). A write that fails is logged,
+/// counted (`aesp_cost_persist_failures_total`) and retried at the next interval; shutdown
+/// writes once more after the calls drained ([`Sidecar::shutdown`]).
+async fn persist_usage(meter: Arc<crate::cost::Meter>, shutdown: CancellationToken) {
+    let every = meter.config().persist_every;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let m = meter.clone();
+        match tokio::task::spawn_blocking(move || m.persist()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the metered usage could not be written; kept in memory, retried at the next interval")
+            }
+            Err(_) => return,
         }
     }
 }

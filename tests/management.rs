@@ -71,7 +71,7 @@ async fn permissions_answer_what_enforcement_does_and_only_to_whom_they_may() {
     assert_eq!(ee.details["permission"], "aesp.identity.admin");
     assert_eq!(ee.details["target_tenant"], "globex");
 
-    // A service not served yet, and no identity at all.
+    // A service the sidecar does not serve, and no identity at all.
     let ep = format!(
         "https://127.0.0.1:{}",
         stack.sidecar.management_addr.unwrap().port()
@@ -79,7 +79,7 @@ async fn permissions_answer_what_enforcement_does_and_only_to_whom_they_may() {
     let ch = client::channel(&ep, Some(&stack.tls("admin")))
         .await
         .unwrap();
-    let e = client::call_raw(ch, "/altar.aesp.v1.EnterpriseCostService/SetBudget")
+    let e = client::call_raw(ch, "/altar.aesp.v1.EnterpriseTenantService/CreateTenant")
         .await
         .unwrap_err();
     assert_eq!(code(&e), "METHOD_NOT_ALLOWED");

@@ -36,7 +36,7 @@ fn the_shipped_policies_lint_and_pass_their_tests() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(
-        stdout.contains("policies/cel: ok: 4 file(s), 10 policies (3 dry run, 0 disabled)"),
+        stdout.contains("policies/cel: ok: 5 file(s), 11 policies (3 dry run, 0 disabled)"),
         "{stdout}"
     );
     assert!(stdout.contains("refund-amount-limit"), "{stdout}");

@@ -5,11 +5,12 @@
 //! tenant it acts on) and records its refusals through the same recorder.
 //!
 //! Served today: `EnterpriseIdentityService` ([`identity`]), `EnterprisePolicyService`
-//! ([`policy`]), `EnterpriseGovernanceService` ([`governance`]) and `EnterpriseAuditService`
-//! ([`audit`], when the audit trail is on). The other services answer `METHOD_NOT_ALLOWED`
+//! ([`policy`]), `EnterpriseGovernanceService` ([`governance`]), `EnterpriseCostService`
+//! ([`cost`]) and `EnterpriseAuditService` ([`audit`], when the audit trail is on). The other services answer `METHOD_NOT_ALLOWED`
 //! until they land.
 
 pub mod audit;
+pub mod cost;
 pub mod governance;
 pub mod identity;
 pub mod policy;
@@ -24,9 +25,11 @@ use prost::Message;
 use std::sync::Arc;
 
 /// The RPCs served here; any other path is `METHOD_NOT_ALLOWED`.
-pub const SERVED: [&str; 21] = [
+pub const SERVED: [&str; 23] = [
     "/altar.aesp.v1.EnterpriseAuditService/QueryEvents",
     "/altar.aesp.v1.EnterpriseAuditService/GetComplianceReport",
+    "/altar.aesp.v1.EnterpriseCostService/SetBudget",
+    "/altar.aesp.v1.EnterpriseCostService/GetUsage",
     "/altar.aesp.v1.EnterpriseGovernanceService/SubmitToolContract",
     "/altar.aesp.v1.EnterpriseGovernanceService/ApproveToolContract",
     "/altar.aesp.v1.EnterpriseGovernanceService/RejectToolContract",

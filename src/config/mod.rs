@@ -58,6 +58,8 @@ pub struct Config {
     /// `policies.require_approval`: a change made through `EnterprisePolicyService` waits
     /// as a pending revision until a second principal approves it (default false).
     pub policies_require_approval: bool,
+    /// Metering and budgets of tool calls (docs/cost.md).
+    pub cost: crate::cost::CostConfig,
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     /// gRPC method paths (`/pkg.Service/Method`) forwarded without inspection.
@@ -243,6 +245,8 @@ struct RawConfig {
     policies: Option<RawPolicies>,
     #[serde(default)]
     governance: RawGovernance,
+    #[serde(default)]
+    cost: crate::cost::RawCost,
     #[serde(default)]
     runtime: RawRuntime,
     #[serde(default)]
@@ -537,6 +541,10 @@ impl Validator<'_> {
         };
 
         let governance = self.governance(raw.governance)?;
+        let cost = raw
+            .cost
+            .validate()
+            .map_err(|(field, problem)| self.err(&field, problem))?;
 
         let mut passthrough = HashSet::new();
         for (i, m) in raw.passthrough.iter().enumerate() {
@@ -587,6 +595,7 @@ impl Validator<'_> {
             policies_reload,
             governance,
             policies_require_approval,
+            cost,
             runtime,
             limits,
             passthrough,

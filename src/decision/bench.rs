@@ -66,6 +66,7 @@ impl WholeDecision {
                 organization_id: Arc::from("bench-org"),
                 governance: Arc::new(governance),
                 sessions: Arc::new(sessions),
+                cost: None,
             },
             identity,
             grants: GrantsCache::default(),

@@ -12,12 +12,13 @@
 //! [`Recorder`] as a [`Denied`].
 //!
 //! Order of the checks: authentication (certificate) → caller (bearer token) → method known
-//! → identity consistency → RBAC. Tenancy, governance, schema, CEL policy and budget slot in
-//! after these, each as a file of its own beside these.
+//! → identity consistency → RBAC → governance (contract, roles, arguments) → CEL policies →
+//! budget (the call's cost reserved, docs/cost.md). Each is a file of its own beside this.
 
 mod authn;
 #[doc(hidden)]
 pub mod bench;
+mod budget;
 mod claims;
 mod governance;
 mod method;
@@ -121,6 +122,9 @@ pub(crate) struct Facts {
     /// The approved tool contract the call runs against (revision, risk, compliance tags
     /// for the record).
     pub contract: Option<Arc<crate::proto::aesp::EnterpriseToolContract>>,
+    /// The call's reserved cost (docs/cost.md), settled when the call ends; released when
+    /// the last copy of the facts is dropped unsettled.
+    pub reservation: Option<Arc<crate::cost::Reservation>>,
     /// Policies that matched (CEL policy ids).
     pub matched_policies: Vec<String>,
     /// Policies in `dry_run` mode that would have denied (recorded, not enforced).
@@ -179,6 +183,7 @@ impl Facts {
             tool_name: None,
             session_id: None,
             contract: None,
+            reservation: None,
             matched_policies: Vec::new(),
             dry_run_denied: Vec::new(),
             overwrote_identity: false,
@@ -278,6 +283,9 @@ pub(crate) struct Pipeline {
     pub governance: Arc<crate::governance::Registry>,
     /// The sessions created through the sidecar, and whose they are.
     pub sessions: Arc<crate::tenancy::Sessions>,
+    /// Metering and budgets (docs/cost.md); `None`: tool calls are neither metered nor
+    /// limited.
+    pub cost: Option<Arc<crate::cost::Meter>>,
 }
 
 impl Pipeline {
@@ -380,8 +388,17 @@ impl Pipeline {
                     method: input.method,
                     source: input.source,
                     correlation_id: input.correlation_id,
+                    cost: self.cost.as_deref(),
                 },
                 facts,
+            )?;
+            facts.reservation = budget::reserve(
+                self.cost.as_deref(),
+                tenant,
+                principal,
+                tool,
+                Some(&c),
+                unix_now(),
             )?;
             facts.contract = Some(c);
         }
@@ -431,6 +448,7 @@ mod tests {
             organization_id: Arc::from(""),
             governance: Arc::new(crate::governance::Registry::empty()),
             sessions: Default::default(),
+            cost: None,
         };
         let cache = GrantsCache::default();
         // (identity, route, claims) -> expected code; `None` = allowed.

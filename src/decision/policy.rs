@@ -29,6 +29,8 @@ pub(crate) struct Call<'a> {
     pub method: &'a str,
     pub source: &'a str,
     pub correlation_id: &'a str,
+    /// The meter whose figures are the `usage` variable (docs/cost.md); `None`: empty.
+    pub cost: Option<&'a crate::cost::Meter>,
 }
 
 /// The caller as the `principal` variable: the effective principal and tenant, its roles
@@ -67,6 +69,12 @@ pub(crate) fn evaluate(set: &PolicySet, c: &Call<'_>, facts: &mut Facts) -> Resu
         return Ok(());
     }
     let esc = principal(c);
+    let usage = c.cost.map(|m| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        m.policy_usage(c.tenant, c.principal, c.tool, now)
+    });
     let out = set.evaluate(&Input {
         principal: &esc,
         tool_name: c.tool,
@@ -80,7 +88,7 @@ pub(crate) fn evaluate(set: &PolicySet, c: &Call<'_>, facts: &mut Facts) -> Resu
             source_address: c.source,
             correlation_id: c.correlation_id,
         },
-        usage: None,
+        usage: usage.as_ref(),
     });
     facts.matched_policies.extend(out.matched_ids());
     if out.dry_run_would_deny() {

@@ -214,7 +214,7 @@ mod tests {
             "/policies/cel"
         )))
         .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(set.len(), 10);
+        assert_eq!(set.len(), 11);
     }
 
     #[test]

@@ -148,6 +148,18 @@ impl Outcome {
 
 impl Drop for Outcome {
     fn drop(&mut self) {
+        // The call's reserved cost (docs/cost.md): charged when the host answered with a
+        // result (an in-band tool error included) that the sidecar did not refuse; released
+        // when no response message came (the host failed or reset the stream, the client
+        // went away first) or the response was refused.
+        if let Some(r) = self.facts.reservation.take() {
+            r.settle(crate::cost::Settlement {
+                charged: self.messages > 0 && self.refused.is_none(),
+                request_bytes: self.request_bytes as u64,
+                response_bytes: self.response_bytes as u64,
+                duration: self.started.elapsed(),
+            });
+        }
         if self.recorder.audit().is_none() {
             return;
         }

@@ -166,6 +166,71 @@ impl Stack {
         stack
     }
 
+    /// Starts again on the directory of a stopped stack (its certificates, `sidecar.yaml`
+    /// and `state/` kept): a new reference host, the sidecar pointed at it, and the
+    /// reference runtime when `with_runtime`.
+    pub async fn restart(dir: tempfile::TempDir, with_runtime: bool) -> Stack {
+        let (files, _) = certs::ensure(dir.path()).unwrap();
+        let host = host::spawn(host::HostOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cfg_path = dir.path().join("sidecar.yaml");
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        let text = regex::Regex::new(r"address: http://127\.0\.0\.1:\d+")
+            .unwrap()
+            .replace(
+                &text,
+                format!("address: http://{}", host.local_addr).as_str(),
+            )
+            .into_owned();
+        std::fs::write(&cfg_path, text).unwrap();
+        let sidecar = Sidecar::start(Config::load(&cfg_path).unwrap())
+            .await
+            .unwrap();
+        let endpoint = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
+        let mut stack = Stack {
+            dir,
+            files,
+            host,
+            sidecar,
+            runtime: None,
+            endpoint,
+        };
+        if with_runtime {
+            let t = stack.tls("runtime");
+            let rt = runtime::spawn(runtime::RuntimeOptions {
+                endpoint: stack.endpoint.clone(),
+                tls: Some(runtime::RuntimeTls {
+                    ca_pem: t.ca_pem,
+                    cert_pem: t.cert_pem,
+                    key_pem: t.key_pem,
+                    domain: t.domain,
+                }),
+                runtime_id: "acme-runtime-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            rt.wait_announced(Duration::from_secs(10)).await.unwrap();
+            stack.runtime = Some(rt);
+        }
+        stack
+    }
+
+    /// A tonic channel to the management listener with the certificate `stem` and its
+    /// demo token.
+    pub async fn management(&self, stem: &str) -> client::GridChannel {
+        let ep = format!(
+            "https://127.0.0.1:{}",
+            self.sidecar.management_addr.unwrap().port()
+        );
+        let ch = client::channel(&ep, Some(&self.tls(stem))).await.unwrap();
+        client::with_token(ch, self.token(stem).as_deref()).unwrap()
+    }
+
     pub fn tls(&self, stem: &str) -> ClientTls {
         ClientTls::from_files(
             &self.files.path("ca.crt"),
