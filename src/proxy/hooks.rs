@@ -334,22 +334,30 @@ impl HostHook {
         &mut self,
         member: &wire::OneofMember<'_>,
     ) -> Result<Option<Verdict>, Denial> {
-        let body = member.merged();
-        let mut session = String::new();
-        let mut invocation = String::new();
-        let mut correlation = String::new();
-        for f in wire::fields(&body).flatten() {
-            let text = || String::from_utf8_lossy(f.value).into_owned();
-            match (member.number, f.number, f.wire_type) {
-                (2, 1, 2) | (4, 2, 2) => session = text(),
-                (4, 1, 2) => invocation = text(),
-                (4, 4, 2) => correlation = text(),
-                _ => {}
+        // Read in place (no copy on the common path: a call of the runtime's own tenant).
+        let (mut session, mut invocation, mut correlation): (&[u8], &[u8], &[u8]) =
+            (b"", b"", b"");
+        for r in &member.records {
+            for f in wire::fields(r).flatten() {
+                match (member.number, f.number, f.wire_type) {
+                    (2, 1, 2) | (4, 2, 2) => session = f.value,
+                    (4, 1, 2) => invocation = f.value,
+                    (4, 4, 2) => correlation = f.value,
+                    _ => {}
+                }
             }
         }
-        let reason = match self.sessions.owner(&session) {
-            Some(o) if o.tenant == self.tenant => return Ok(None),
-            Some(_) => "another tenant's session",
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let owner = std::str::from_utf8(session)
+            .ok()
+            .and_then(|id| self.sessions.tenant_is(id, &self.tenant));
+        let (session, invocation, correlation) = match owner {
+            Some(true) => return Ok(None),
+            _ => (text(session), text(invocation), text(correlation)),
+        };
+        let reason = match owner {
+            Some(true) => return Ok(None),
+            Some(false) => "another tenant's session",
             // A fulfilment asked while the session is being created (its ack has not
             // passed yet) goes on; a call needs a session the sidecar knows.
             None if member.number == 2 => return Ok(None),

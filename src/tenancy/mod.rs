@@ -167,6 +167,16 @@ impl Sessions {
             .cloned()
     }
 
+    /// Whether session `id` belongs to `tenant` (`None`: the sidecar does not know it). No
+    /// copy: for the per-call check on `Connect`.
+    pub fn tenant_is(&self, id: &str, tenant: &TenantId) -> Option<bool> {
+        self.shards[shard(id)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|o| o.tenant == *tenant)
+    }
+
     /// Whether `tenant`/`principal` may use session `id`; `any_principal`: a role lets the
     /// caller use the sessions of other principals of its tenant.
     pub fn check(
@@ -175,8 +185,12 @@ impl Sessions {
         tenant: &TenantId,
         principal: &PrincipalId,
         any_principal: bool,
-    ) -> Result<Owner, Refusal> {
-        let o = self.owner(id).ok_or(Refusal::Unknown)?;
+    ) -> Result<(), Refusal> {
+        // Under the read lock, copying nothing unless refusing.
+        let shard = self.shards[shard(id)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let o = shard.get(id).ok_or(Refusal::Unknown)?;
         if o.tenant != *tenant {
             return Err(Refusal::OtherTenant);
         }
@@ -184,9 +198,9 @@ impl Sessions {
             return Err(Refusal::Expired(o.expires_at));
         }
         if o.principal != *principal && !any_principal {
-            return Err(Refusal::OtherPrincipal(o.principal));
+            return Err(Refusal::OtherPrincipal(o.principal.clone()));
         }
-        Ok(o)
+        Ok(())
     }
 
     /// Writes the changes since the last flush to the control store (one transaction), and
