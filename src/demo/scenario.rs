@@ -263,6 +263,13 @@ pub async fn run(endpoint: &str, acme: Party<'_>, globex: Party<'_>) -> anyhow::
     }
 
     if !session.is_empty() {
+        // Tenant isolation: bob may not use alice's session.
+        let title = "ExecuteTool echo as bob in alice's session (another tenant's)".to_string();
+        steps.push(expect_denied(
+            title,
+            bob.execute_tool(call(&session, "echo", serde_json::json!({"text": "peek"})))
+                .await,
+        ));
         let title = "DestroySession (alice's session)".to_string();
         match alice
             .destroy_session(grid::DestroySession {
