@@ -335,8 +335,7 @@ impl HostHook {
         member: &wire::OneofMember<'_>,
     ) -> Result<Option<Verdict>, Denial> {
         // Read in place (no copy on the common path: a call of the runtime's own tenant).
-        let (mut session, mut invocation, mut correlation): (&[u8], &[u8], &[u8]) =
-            (b"", b"", b"");
+        let (mut session, mut invocation, mut correlation): (&[u8], &[u8], &[u8]) = (b"", b"", b"");
         for r in &member.records {
             for f in wire::fields(r).flatten() {
                 match (member.number, f.number, f.wire_type) {

@@ -750,26 +750,7 @@ impl ControlStore {
     /// [`StoreError::Exists`]: ids are never reused, so an old credential can never name a
     /// new account.
     pub fn put_service_account(&self, sa: &ServiceAccountRecord) -> Result<(), StoreError> {
-        let key = sa.principal_id.as_str().as_bytes();
-        let value = encode(&ServiceAccountV1::from(sa));
-        self.write(|t| {
-            let present = t
-                .service_accounts
-                .get(key)
-                .map_err(|e| self.io(e))?
-                .is_some();
-            if present {
-                return Err(StoreError::Exists(format!(
-                    "{}: service account {:?} already exists",
-                    self.path.display(),
-                    sa.principal_id.as_str()
-                )));
-            }
-            t.service_accounts
-                .insert(key, value.as_slice())
-                .map_err(|e| self.io(e))?;
-            Ok(Outcome::Changed(()))
-        })
+        self.create_service_account(sa, &[])
     }
 
     /// Records a new service account and the bindings of its roles in one transaction: both
