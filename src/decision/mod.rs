@@ -12,8 +12,9 @@
 //! [`Recorder`] as a [`Denied`].
 //!
 //! Order of the checks: authentication (certificate) → caller (bearer token) → method known
-//! → identity consistency → RBAC → governance (contract, roles, arguments) → CEL policies →
-//! budget (the call's cost reserved, docs/cost.md). Each is a file of its own beside this.
+//! → identity consistency → RBAC → tenancy (the session's owner, docs/tenancy.md) →
+//! governance (contract, roles, arguments) → CEL policies → budget (the call's cost reserved,
+//! docs/cost.md). Each is a file of its own beside this.
 
 mod authn;
 #[doc(hidden)]
