@@ -20,17 +20,8 @@ use std::time::Duration;
 
 type Governance = EnterpriseGovernanceServiceClient<client::GridChannel>;
 
-async fn management(stack: &Stack, stem: &str) -> client::GridChannel {
-    let ep = format!(
-        "https://127.0.0.1:{}",
-        stack.sidecar.management_addr.unwrap().port()
-    );
-    let ch = client::channel(&ep, Some(&stack.tls(stem))).await.unwrap();
-    client::with_token(ch, stack.token(stem).as_deref()).unwrap()
-}
-
 async fn governance(stack: &Stack, stem: &str) -> Governance {
-    EnterpriseGovernanceServiceClient::new(management(stack, stem).await)
+    EnterpriseGovernanceServiceClient::new(stack.management(stem).await)
 }
 
 fn code(s: &tonic::Status) -> String {
@@ -83,7 +74,7 @@ async fn only_an_approved_contract_runs_and_arguments_must_match_it_before_the_h
 
     // Pending in the seed (delete_records), unknown (teleport): refused before the host,
     // even to a caller RBAC lets run every tool (tool-admin: tool:*:execute).
-    EnterpriseIdentityServiceClient::new(management(&stack, "admin").await)
+    EnterpriseIdentityServiceClient::new(stack.management("admin").await)
         .assign_role(AssignRoleRequest {
             principal_id: "alice".into(),
             tenant_id: "acme".into(),
@@ -208,7 +199,7 @@ async fn the_approval_workflow_separates_duties_enforces_required_roles_and_list
     assert_eq!(code(&s), "AUTHORIZATION_DENIED", "{s:?}");
 
     // alice becomes acme's tool-admin (aesp.governance.approve) and reviews it.
-    let mut ids = EnterpriseIdentityServiceClient::new(management(&stack, "admin").await);
+    let mut ids = EnterpriseIdentityServiceClient::new(stack.management("admin").await);
     ids.assign_role(AssignRoleRequest {
         principal_id: "alice".into(),
         tenant_id: "acme".into(),
@@ -442,7 +433,7 @@ async fn a_declaration_that_drifts_on_the_host_is_refused_until_its_new_revision
         .unwrap_err();
     assert_eq!(code(&s), "TOOL_NOT_APPROVED");
     // A second principal: alice, made acme's tool-admin, approves acme's revision.
-    let mut ids = EnterpriseIdentityServiceClient::new(management(&stack, "admin").await);
+    let mut ids = EnterpriseIdentityServiceClient::new(stack.management("admin").await);
     ids.assign_role(AssignRoleRequest {
         principal_id: "alice".into(),
         tenant_id: "acme".into(),

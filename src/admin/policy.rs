@@ -238,6 +238,27 @@ impl PolicyService {
         )
     }
 
+    /// A listing's `tenant_id` filter: `None` for every tenant the caller may read, else the
+    /// tenant (refused when it is not a tenant id, or the caller may not read it).
+    fn tenant_filter(
+        &self,
+        c: &ManagementCaller,
+        tenant_id: &str,
+    ) -> Result<Option<TenantId>, Status> {
+        if tenant_id.is_empty() {
+            return Ok(None);
+        }
+        let t = TenantId::new(tenant_id).ok_or_else(|| {
+            self.malformed(
+                c,
+                "tenant_id",
+                format!("tenant_id: not a tenant id: {tenant_id:?}"),
+            )
+        })?;
+        self.shared.require(c, READ, &t)?;
+        Ok(Some(t))
+    }
+
     /// The proto policy as a validated spec and its compiled policy.
     fn validate(
         &self,
@@ -759,19 +780,7 @@ impl EnterprisePolicyService for PolicyService {
     ) -> Result<Response<aesp::ListPoliciesResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
-        let only = if r.tenant_id.is_empty() {
-            None
-        } else {
-            let t = TenantId::new(&r.tenant_id).ok_or_else(|| {
-                self.malformed(
-                    &c,
-                    "tenant_id",
-                    format!("tenant_id: not a tenant id: {:?}", r.tenant_id),
-                )
-            })?;
-            self.shared.require(&c, READ, &t)?;
-            Some(t)
-        };
+        let only = self.tenant_filter(&c, &r.tenant_id)?;
         let api = self.api.lock().await;
         let policies = self
             .installed
@@ -833,19 +842,7 @@ impl EnterprisePolicyService for PolicyService {
     ) -> Result<Response<aesp::ListPendingPolicyChangesResponse>, Status> {
         let c = caller(&req)?;
         let r = req.into_inner();
-        let only = if r.tenant_id.is_empty() {
-            None
-        } else {
-            let t = TenantId::new(&r.tenant_id).ok_or_else(|| {
-                self.malformed(
-                    &c,
-                    "tenant_id",
-                    format!("tenant_id: not a tenant id: {:?}", r.tenant_id),
-                )
-            })?;
-            self.shared.require(&c, READ, &t)?;
-            Some(t)
-        };
+        let only = self.tenant_filter(&c, &r.tenant_id)?;
         let api = self.api.lock().await;
         let changes = api
             .changes

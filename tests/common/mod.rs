@@ -136,34 +136,7 @@ impl Stack {
         .unwrap();
         let cfg = Config::load(&cfg_path).unwrap();
         let sidecar = Sidecar::start(cfg).await.unwrap();
-        let endpoint = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
-        let mut stack = Stack {
-            dir,
-            files,
-            host,
-            sidecar,
-            runtime: None,
-            endpoint,
-        };
-        if with_runtime {
-            let t = stack.tls("runtime");
-            let rt = runtime::spawn(runtime::RuntimeOptions {
-                endpoint: stack.endpoint.clone(),
-                tls: Some(runtime::RuntimeTls {
-                    ca_pem: t.ca_pem,
-                    cert_pem: t.cert_pem,
-                    key_pem: t.key_pem,
-                    domain: t.domain,
-                }),
-                runtime_id: "acme-runtime-1".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            rt.wait_announced(Duration::from_secs(10)).await.unwrap();
-            stack.runtime = Some(rt);
-        }
-        stack
+        Stack::assemble(dir, files, host, sidecar, with_runtime).await
     }
 
     /// Starts again on the directory of a stopped stack (its certificates, `sidecar.yaml`
@@ -190,6 +163,18 @@ impl Stack {
         let sidecar = Sidecar::start(Config::load(&cfg_path).unwrap())
             .await
             .unwrap();
+        Stack::assemble(dir, files, host, sidecar, with_runtime).await
+    }
+
+    /// The stack of a started host and sidecar, with the reference runtime connected through
+    /// the sidecar when `with_runtime`.
+    async fn assemble(
+        dir: tempfile::TempDir,
+        files: certs::DevFiles,
+        host: host::HostHandle,
+        sidecar: Sidecar,
+        with_runtime: bool,
+    ) -> Stack {
         let endpoint = format!("https://127.0.0.1:{}", sidecar.data_addr.port());
         let mut stack = Stack {
             dir,
