@@ -15,6 +15,14 @@
 // A `Denial` (the cold path) is larger than clippy likes in an `Err`; boxing it would buy nothing.
 #![allow(clippy::result_large_err)]
 
+/// mimalloc instead of glibc's malloc: measured under load (bench/README.md, 2026-12-03),
+/// glibc's arena locks were contended wherever memory is freed on another thread than
+/// the one that allocated it (an audit record made on a worker, freed by the audit writer;
+/// h2 buffers), and malloc/free were ~12 % of the process's CPU. Every binary linking this
+/// library (the `aesp` binary, tests, benches) uses it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod adm;
 pub(crate) mod admin;
 pub mod audit;

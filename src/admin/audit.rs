@@ -109,6 +109,8 @@ impl EnterpriseAuditService for AuditService {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuditEvent, Status>>(CHUNK);
         tokio::spawn(async move {
             let mut head = audit.subscribe();
+            // Every record durable so far, readable (the writer moves them from its journal).
+            audit.flush().await;
             let mut next = filter.q.from_sequence.max(1);
             let mut sent = 0u64;
             loop {
@@ -186,6 +188,7 @@ impl EnterpriseAuditService for AuditService {
                 .detail("field", "until_unix_nanos"),
             ));
         }
+        self.audit.flush().await;
         let Some(store) = self.audit.store() else {
             return Err(unavailable());
         };

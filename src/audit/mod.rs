@@ -15,9 +15,12 @@
 pub mod export;
 pub mod key;
 pub mod offline;
+mod queue;
 pub mod record;
 pub mod verify;
 mod writer;
+
+use queue::Msg;
 
 use crate::proto::aesp::AuditEvent;
 use crate::store::audit::{AuditStore, FaultSwitch};
@@ -46,6 +49,14 @@ pub struct AuditConfig {
     pub key_file: Option<PathBuf>,
     pub batch_max_records: usize,
     pub batch_max_delay: Duration,
+    /// How long a record nobody waits for (a tool's result, a session event, every record
+    /// in mode `async`) may wait to ride with the next group: such records are committed
+    /// with the next decision someone waits on, or after this long at the latest.
+    pub background_delay: Duration,
+    /// How long records durable in the journal (`audit.wal`) may wait before they are moved
+    /// into `audit.redb`, where readers in other processes see them (the management API
+    /// asks for them first, so it always sees every durable record).
+    pub apply_delay: Duration,
     pub checkpoint_every_records: u64,
     pub checkpoint_every: Duration,
     /// Records queued before callers wait (back-pressure).
@@ -60,6 +71,8 @@ impl Default for AuditConfig {
             key_file: None,
             batch_max_records: 256,
             batch_max_delay: Duration::ZERO,
+            background_delay: Duration::from_millis(5),
+            apply_delay: Duration::from_millis(50),
             checkpoint_every_records: 1000,
             checkpoint_every: Duration::from_secs(10),
             queue: 10_000,
@@ -71,11 +84,6 @@ impl Default for AuditConfig {
 pub enum AuditError {
     #[error("the audit trail cannot record the decision")]
     Unavailable,
-}
-
-enum Msg {
-    Record(Box<writer::Pending>),
-    Stop(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -98,7 +106,7 @@ pub fn event(event_type: &str, decision: &str) -> AuditEvent {
 /// The running audit trail.
 #[derive(Clone)]
 pub struct Audit {
-    tx: std::sync::mpsc::Sender<Msg>,
+    tx: Arc<queue::Sender>,
     permits: Arc<tokio::sync::Semaphore>,
     mode: Mode,
     healthy: Arc<AtomicBool>,
@@ -153,7 +161,8 @@ impl Audit {
         let shared = Arc::new(arc_swap::ArcSwapOption::from(Some(store.clone())));
         let healthy = Arc::new(AtomicBool::new(true));
         let (head_tx, head_rx) = tokio::sync::watch::channel(seq);
-        let (tx, rx) = std::sync::mpsc::channel();
+        let inbox = Arc::new(queue::Inbox::new(cfg.batch_max_records));
+        let tx = Arc::new(queue::Sender(inbox.clone()));
         let w = writer::Writer {
             cfg: cfg.clone(),
             dir: state_dir.to_path_buf(),
@@ -172,7 +181,7 @@ impl Audit {
         };
         std::thread::Builder::new()
             .name("aesp-audit-writer".into())
-            .spawn(move || w.run(rx))
+            .spawn(move || w.run(inbox))
             .context("cannot start the audit writer")?;
         let audit = Audit {
             tx,
@@ -225,6 +234,17 @@ impl Audit {
         self.head.clone()
     }
 
+    /// Moves every durable record into `audit.redb`, where readers see it; `false` if the
+    /// trail cannot be written now. Readers of this process call it before they read.
+    pub async fn flush(&self) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.0.push(Msg::Flush(tx));
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), rx).await,
+            Ok(Ok(true))
+        )
+    }
+
     /// The store, for reads (`None` while the file is being reopened after a failure).
     pub fn store(&self) -> Option<Arc<AuditStore>> {
         self.store.load_full()
@@ -233,11 +253,20 @@ impl Audit {
     /// Queues `e` without waiting (never lost: beyond the queue size it is queued anyway).
     pub fn log(&self, e: AuditEvent) {
         let permit = self.permits.clone().try_acquire_owned().ok();
-        let _ = self.tx.send(Msg::Record(Box::new(writer::Pending {
-            event: e,
-            done: None,
+        self.send(e, None, permit);
+    }
+
+    fn send(
+        &self,
+        event: AuditEvent,
+        done: Option<tokio::sync::oneshot::Sender<Result<u64, AuditError>>>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        self.tx.0.push(Msg::Record(writer::Pending {
+            event,
+            done,
             permit,
-        })));
+        }));
     }
 
     /// Queues `e`, waiting for room (back-pressure); in mode `sync` also waits until it is
@@ -246,11 +275,7 @@ impl Audit {
         if !self.healthy() && self.mode == Mode::Sync {
             // Failing closed: the writer still keeps the record for when the disk is back.
             let (tx, _rx) = tokio::sync::oneshot::channel();
-            let _ = self.tx.send(Msg::Record(Box::new(writer::Pending {
-                event: e,
-                done: Some(tx),
-                permit: None,
-            })));
+            self.send(e, Some(tx), None);
             return Err(AuditError::Unavailable);
         }
         let permit = self
@@ -261,24 +286,12 @@ impl Audit {
             .map_err(|_| AuditError::Unavailable)?;
         match self.mode {
             Mode::Async => {
-                self.tx
-                    .send(Msg::Record(Box::new(writer::Pending {
-                        event: e,
-                        done: None,
-                        permit: Some(permit),
-                    })))
-                    .map_err(|_| AuditError::Unavailable)?;
+                self.send(e, None, Some(permit));
                 Ok(())
             }
             Mode::Sync => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                self.tx
-                    .send(Msg::Record(Box::new(writer::Pending {
-                        event: e,
-                        done: Some(tx),
-                        permit: Some(permit),
-                    })))
-                    .map_err(|_| AuditError::Unavailable)?;
+                self.send(e, Some(tx), Some(permit));
                 match rx.await {
                     Ok(Ok(_)) => Ok(()),
                     _ => Err(AuditError::Unavailable),
@@ -291,8 +304,7 @@ impl Audit {
     pub async fn stop(&self, e: AuditEvent) {
         self.log(e);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Stop(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
-        }
+        self.tx.0.push(Msg::Stop(tx));
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
     }
 }

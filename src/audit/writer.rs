@@ -10,21 +10,19 @@
 //! and how many records, if any, could not be kept.
 
 use super::key::AuditKey;
+use super::queue::{Inbox, Msg};
 use super::record::{self, GENESIS};
-use super::{AuditConfig, AuditError, Msg, now_nanos};
+use super::{AuditConfig, AuditError, now_nanos};
 use crate::proto::aesp::{AuditCheckpoint, AuditEvent};
 use crate::store::audit::{AuditStore, FaultSwitch};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// Records kept in memory while the file cannot be written.
 const MAX_RETAINED: usize = 100_000;
 const RETRY: Duration = Duration::from_secs(1);
-/// Groups at least this large are signed on two threads.
-const PARALLEL_SIGNING: usize = 32;
 
 /// A record the file cannot take now: its waiter is told (the call is refused, and its
 /// record says so) and the record is kept for when the file is writable again, up to
@@ -74,50 +72,43 @@ pub(super) struct Pending {
 }
 
 impl Writer {
-    pub fn run(mut self, rx: Receiver<Msg>) {
+    pub fn run(mut self, inbox: Arc<Inbox>) {
+        inbox.set_writer(std::thread::current());
         let mut retained: Vec<AuditEvent> = Vec::new();
         let mut lost = 0u64;
         let mut outage: Option<(Instant, u64)> = None;
         let mut batch: Vec<Pending> = Vec::with_capacity(self.cfg.batch_max_records);
+        let mut mail: Vec<Msg> = Vec::with_capacity(self.cfg.batch_max_records);
         let mut stop: Option<tokio::sync::oneshot::Sender<()>> = None;
+        let mut flushes: Vec<tokio::sync::oneshot::Sender<bool>> = Vec::new();
+        // Since when the group has held records nobody waits for (see `background_delay`).
+        let mut held_since: Option<Instant> = None;
         loop {
-            let wait = if outage.is_some() {
-                RETRY
-            } else {
-                self.cfg.checkpoint_every
-            };
-            match rx.recv_timeout(wait) {
-                Ok(m) => self.take(m, &mut batch, &mut stop),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    if outage.is_none() && self.since_checkpoint > 0 {
-                        let _ = self.commit(&mut Vec::new(), true);
-                    }
-                    return;
+            // Closed is read before the queue: everything sent before the last handle went
+            // is in what is drained after.
+            let closed = inbox.closed();
+            inbox.drain(&mut mail);
+            for m in mail.drain(..) {
+                match m {
+                    Msg::Record(p) => batch.push(p),
+                    Msg::Stop(tx) => stop = Some(tx),
+                    Msg::Flush(tx) => flushes.push(tx),
                 }
             }
-            // Everything queued joins this group, up to the batch size. With
-            // `batch_max_delay`, groups are at least that far apart (fewer, larger commits);
-            // a record arriving after a quiet spell is committed at once. Default 0: measured
-            // on this machine, waiting cost mode sync more latency than it saved CPU.
-            let deadline = self.last_commit + self.cfg.batch_max_delay;
-            while batch.len() < self.cfg.batch_max_records && stop.is_none() {
-                match rx.try_recv() {
-                    Ok(m) => self.take(m, &mut batch, &mut stop),
-                    Err(_) => {
-                        let now = Instant::now();
-                        if now >= deadline {
-                            break;
-                        }
-                        match rx.recv_timeout(deadline - now) {
-                            Ok(m) => self.take(m, &mut batch, &mut stop),
-                            Err(_) => break,
-                        }
-                    }
+            if closed && stop.is_none() {
+                if outage.is_none() && (self.since_checkpoint > 0 || !batch.is_empty()) {
+                    let _ = self.commit_all(&mut batch, true);
                 }
+                let _ = self.apply(true);
+                return;
             }
 
             if let Some((since, _)) = outage {
+                held_since = None;
+                // Nothing is readable that is not in audit.redb, and it cannot be written.
+                for f in flushes.drain(..) {
+                    let _ = f.send(false);
+                }
                 // Failing: tell the waiters now, keep their records for later.
                 for p in batch.drain(..) {
                     refuse_and_keep(p, &mut retained, &mut lost);
@@ -127,6 +118,7 @@ impl Writer {
                         self.close(s);
                         return;
                     }
+                    inbox.park(RETRY, false);
                     continue;
                 }
                 let mut r: Vec<Pending> = retained
@@ -149,7 +141,7 @@ impl Writer {
                     done: None,
                     permit: None,
                 });
-                match self.commit(&mut r, true) {
+                match self.commit_all(&mut r, true) {
                     Ok(()) => {
                         tracing::warn!(
                             outage_ms = since.elapsed().as_millis() as u64,
@@ -172,27 +164,66 @@ impl Writer {
                     }
                 }
             } else {
-                let due = self.since_checkpoint + batch.len() as u64
-                    >= self.cfg.checkpoint_every_records
-                    || (self.since_checkpoint + batch.len() as u64 > 0
-                        && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_every)
+                let now = Instant::now();
+                let pending = self.since_checkpoint + batch.len() as u64;
+                let checkpoint = pending >= self.cfg.checkpoint_every_records
+                    || (pending > 0 && now >= self.last_checkpoint + self.cfg.checkpoint_every)
                     || stop.is_some();
-                if batch.is_empty() && !due {
+                let asked = stop.is_some() || !flushes.is_empty();
+                if batch.is_empty() && !checkpoint && !asked {
+                    held_since = None;
+                    // Idle: move what the journal holds into audit.redb when it is due.
+                    let mut wait = if self.since_checkpoint > 0 {
+                        (self.last_checkpoint + self.cfg.checkpoint_every)
+                            .saturating_duration_since(now)
+                    } else {
+                        self.cfg.checkpoint_every
+                    };
+                    match self.apply(false) {
+                        Ok(Some(next)) => wait = wait.min(next.saturating_duration_since(now)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.fail(&e, &mut outage);
+                            continue;
+                        }
+                    }
+                    inbox.park(wait, false);
                     continue;
                 }
-                if let Err(e) = self.commit(&mut batch, due) {
-                    tracing::error!(error = %e, "audit trail cannot be written: refusing traffic (fail closed)");
-                    if let Some(m) = &self.metrics {
-                        m.audit_write_failures.inc();
-                    }
-                    self.healthy.store(false, Ordering::SeqCst);
-                    outage = Some((Instant::now(), 0));
+                // With `batch_max_delay`, groups are at least that far apart (fewer, larger
+                // commits). Default 0: measured on this machine, waiting cost mode sync more
+                // latency than it saved CPU.
+                let spaced = self.last_commit + self.cfg.batch_max_delay;
+                // A group of records nobody waits for is held a little, so it rides with
+                // the next decision's commit instead of costing a sync of its own.
+                let held = *held_since.get_or_insert(now);
+                let waited = batch.iter().any(|p| p.done.is_some());
+                let until = if waited {
+                    spaced
+                } else {
+                    spaced.max(held + self.cfg.background_delay)
+                };
+                if !checkpoint && !asked && batch.len() < self.cfg.batch_max_records && now < until
+                {
+                    inbox.park(until - now, !waited);
+                    continue;
+                }
+                held_since = None;
+                let mut done = Ok(());
+                if !batch.is_empty() || checkpoint {
+                    done = self.commit_all(&mut batch, checkpoint);
+                }
+                if done.is_ok() {
+                    done = self.apply(asked).map(|_| ());
+                }
+                for f in flushes.drain(..) {
+                    let _ = f.send(done.is_ok());
+                }
+                if let Err(e) = done {
+                    self.fail(&e, &mut outage);
                     for p in batch.drain(..) {
                         refuse_and_keep(p, &mut retained, &mut lost);
                     }
-                    // redb refuses every operation after a failed write: reopen later.
-                    self.store = None;
-                    self.shared.store(None);
                 }
             }
             if let Some(s) = stop.take() {
@@ -202,23 +233,46 @@ impl Writer {
         }
     }
 
+    /// The trail cannot be written: traffic is refused (fail closed) until the file is
+    /// reopened.
+    fn fail(&mut self, e: &crate::store::StoreError, outage: &mut Option<(Instant, u64)>) {
+        tracing::error!(error = %e, "audit trail cannot be written: refusing traffic (fail closed)");
+        if let Some(m) = &self.metrics {
+            m.audit_write_failures.inc();
+        }
+        self.healthy.store(false, Ordering::SeqCst);
+        *outage = Some((Instant::now(), 0));
+        // redb refuses every operation after a failed write: reopen later.
+        self.store = None;
+        self.shared.store(None);
+    }
+
+    /// Moves the journaled records into audit.redb if `now`, if it is due (`apply_delay`
+    /// after the oldest was journaled) or if the journal is half full; then readers see
+    /// them. `Ok(Some(t))`: records still wait, until `t`.
+    fn apply(&mut self, now: bool) -> Result<Option<Instant>, crate::store::StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(None);
+        };
+        let (since, full) = store.waiting();
+        let Some(since) = since else {
+            return Ok(None);
+        };
+        let at = since + self.cfg.apply_delay;
+        if !now && !full && Instant::now() < at {
+            return Ok(Some(at));
+        }
+        store.apply()?;
+        self.head.send_replace(self.seq);
+        Ok(None)
+    }
+
     /// Closes the file, then says so: once `stop` returns, another writer may open it.
     fn close(&mut self, done: tokio::sync::oneshot::Sender<()>) {
+        let _ = self.apply(true);
         self.store = None;
         self.shared.store(None);
         let _ = done.send(());
-    }
-
-    fn take(
-        &mut self,
-        m: Msg,
-        batch: &mut Vec<Pending>,
-        stop: &mut Option<tokio::sync::oneshot::Sender<()>>,
-    ) {
-        match m {
-            Msg::Record(p) => batch.push(*p),
-            Msg::Stop(tx) => *stop = Some(tx),
-        }
     }
 
     /// Reopens the file and resumes the chain from its last record.
@@ -248,8 +302,35 @@ impl Writer {
         }
     }
 
+    /// Commits `batch` in groups of at most `batch_max_records`, the checkpoint (if any)
+    /// with the last. On error the rest stays in `batch`.
+    fn commit_all(
+        &mut self,
+        batch: &mut Vec<Pending>,
+        checkpoint: bool,
+    ) -> Result<(), crate::store::StoreError> {
+        let max = self.cfg.batch_max_records.max(1);
+        if batch.len() <= max {
+            return self.commit(batch, checkpoint);
+        }
+        let mut rest = batch.split_off(max);
+        loop {
+            let last = rest.is_empty();
+            if let Err(e) = self.commit(batch, checkpoint && last) {
+                batch.append(&mut rest);
+                return Err(e);
+            }
+            if last {
+                return Ok(());
+            }
+            let tail = rest.split_off(rest.len().min(max));
+            *batch = std::mem::replace(&mut rest, tail);
+        }
+    }
+
     /// Seals `batch` onto the chain and commits it (with a checkpoint if `checkpoint`);
-    /// answers the waiters. On error nothing of the chain state moved.
+    /// answers the waiters. On error nothing of the chain state moved (the records keep
+    /// the sequence and hashes given here; the next attempt gives them anew).
     fn commit(
         &mut self,
         batch: &mut Vec<Pending>,
@@ -264,50 +345,42 @@ impl Writer {
         };
         let mut seq = self.seq;
         let mut prev = self.prev;
-        let mut events = Vec::with_capacity(batch.len());
-        for p in batch.iter() {
-            let mut e = p.event.clone();
+        let key = &self.key.fast;
+        for p in batch.iter_mut() {
+            let e = &mut p.event;
             seq += 1;
             e.sequence = seq;
             e.key_id.clone_from(&self.key.id);
-            prev = record::link(&mut e, prev);
-            events.push(e);
-        }
-        // The chain is sequential (and cheap); the signatures are not: a large group is
-        // signed on two threads.
-        let key = &self.key.fast;
-        if events.len() >= PARALLEL_SIGNING {
-            let half = events.len() / 2;
-            let (a, b) = events.split_at_mut(half);
-            std::thread::scope(|s| {
-                s.spawn(|| a.iter_mut().for_each(|e| record::sign(e, key)));
-                b.iter_mut().for_each(|e| record::sign(e, key));
-            });
-        } else {
-            events.iter_mut().for_each(|e| record::sign(e, key));
+            prev = record::link(e, prev);
+            record::sign(e, key);
         }
         let cp: Option<AuditCheckpoint> = (checkpoint && seq > 0)
             .then(|| record::checkpoint(seq, &prev, now_nanos(), &self.key.id, &self.key.fast));
-        store.append(&events, cp.as_ref())?;
+        store.append(batch.iter().map(|p| &p.event), cp.as_ref())?;
+        self.committed(batch, seq, prev, cp.is_some());
+        Ok(())
+    }
+
+    /// The group `batch` (ending at `seq`, hash `prev`) is durable: the chain moves on and
+    /// its waiters are answered.
+    fn committed(&mut self, batch: &mut Vec<Pending>, seq: u64, prev: [u8; 32], checkpoint: bool) {
         self.last_commit = Instant::now();
         self.seq = seq;
         self.prev = prev;
-        if cp.is_some() {
+        if checkpoint {
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
         } else {
-            self.since_checkpoint += events.len() as u64;
+            self.since_checkpoint += batch.len() as u64;
         }
         if let Some(m) = &self.metrics {
-            m.audit_records.inc_by(events.len() as u64);
+            m.audit_records.inc_by(batch.len() as u64);
         }
-        for (p, e) in batch.drain(..).zip(&events) {
+        for p in batch.drain(..) {
             if let Some(tx) = p.done {
-                let _ = tx.send(Ok(e.sequence));
+                let _ = tx.send(Ok(p.event.sequence));
             }
             drop(p.permit);
         }
-        self.head.send_replace(seq);
-        Ok(())
     }
 }

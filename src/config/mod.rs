@@ -280,6 +280,8 @@ struct RawAudit {
     key_file: Option<String>,
     batch_max_records: Option<u64>,
     batch_max_delay_ms: Option<u64>,
+    background_delay_ms: Option<u64>,
+    apply_delay_ms: Option<u64>,
     checkpoint_every_records: Option<u64>,
     checkpoint_every_seconds: Option<u64>,
     queue: Option<u64>,
@@ -659,6 +661,12 @@ impl Validator<'_> {
             batch_max_delay: raw
                 .batch_max_delay_ms
                 .map_or(d.batch_max_delay, |ms| Duration::from_millis(ms.min(1000))),
+            background_delay: raw
+                .background_delay_ms
+                .map_or(d.background_delay, |ms| Duration::from_millis(ms.min(1000))),
+            apply_delay: raw
+                .apply_delay_ms
+                .map_or(d.apply_delay, |ms| Duration::from_millis(ms.min(10_000))),
             checkpoint_every_records: self.positive(
                 "audit.checkpoint_every_records",
                 raw.checkpoint_every_records,

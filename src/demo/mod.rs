@@ -312,6 +312,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<Vec<scenario::Step>> {
         );
     }
 
+    if let Some(a) = &sidecar.audit {
+        a.flush().await;
+    }
     if let Some(head) = sidecar
         .audit
         .as_ref()

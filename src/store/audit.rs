@@ -26,6 +26,10 @@ use std::ops::{Bound, ControlFlow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::audit_wal::{self, Wal};
+use crate::audit::record;
 
 /// The file in `state_dir`.
 pub const FILE_NAME: &str = "audit.redb";
@@ -113,10 +117,22 @@ fn builder() -> Builder {
     b
 }
 
-/// The writer's handle on `audit.redb`.
+/// The writer's handle on `audit.redb` and its journal (`audit.wal`, see
+/// [`super::audit_wal`]).
 pub struct AuditStore {
     db: Database,
     path: PathBuf,
+    journal: std::sync::Mutex<Journal>,
+}
+
+struct Journal {
+    wal: Wal,
+    /// The entries journaled since `audit.redb` was last written (the journal's bytes
+    /// since its start), and the key of each: moved into `audit.redb` by [`AuditStore::apply`].
+    entries: Vec<u8>,
+    keys: Vec<u64>,
+    /// When the oldest of them was journaled.
+    since: Option<Instant>,
 }
 
 impl std::fmt::Debug for AuditStore {
@@ -148,11 +164,98 @@ impl AuditStore {
         let err = |e: redb::Error| redb_error(&path, OPENING, REMEDY, e);
         let file = redb::backends::FileBackend::new(file).map_err(|e| err(e.into()))?;
         let db = builder()
-            .create_with_backend(Backend { file, faults })
+            .create_with_backend(Backend {
+                file,
+                faults: faults.clone(),
+            })
             .map_err(|e| err(e.into()))?;
-        let store = AuditStore { db, path };
+        let wal = Wal::open(dir, faults)?;
+        let store = AuditStore {
+            db,
+            path,
+            journal: std::sync::Mutex::new(Journal {
+                wal,
+                entries: Vec::new(),
+                keys: Vec::new(),
+                since: None,
+            }),
+        };
         store.init()?;
+        store.replay()?;
         Ok(store)
+    }
+
+    fn journal(&self) -> Result<std::sync::MutexGuard<'_, Journal>, StoreError> {
+        self.journal.lock().map_err(|_| StoreError::Io {
+            path: self.path.clone(),
+            during: "appending audit records",
+            why: "an earlier write panicked".into(),
+        })
+    }
+
+    /// Moves into `audit.redb` the records the journal has and the file lacks (the groups
+    /// made durable since its last sync, before a crash), then syncs it.
+    fn replay(&self) -> Result<(), StoreError> {
+        let mut j = self.journal()?;
+        let head = self.head()?;
+        let base = head.as_ref().map_or(0, |h| h.sequence);
+        let mut prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
+        let mut next = base + 1;
+        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut checkpoints: Vec<(u64, Vec<u8>)> = Vec::new();
+        for entry in j.wal.read_all()? {
+            match entry.kind {
+                audit_wal::KIND_RECORD => {
+                    let Ok(e) = AuditEvent::decode(entry.payload.as_slice()) else {
+                        break;
+                    };
+                    if e.sequence < next {
+                        // In audit.redb already (or from an earlier round of the journal).
+                        continue;
+                    }
+                    if e.sequence > next || e.prev_hash != prev {
+                        break;
+                    }
+                    next += 1;
+                    prev = e.hash;
+                    events.push((e.sequence, entry.payload));
+                }
+                audit_wal::KIND_CHECKPOINT => {
+                    let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice()) else {
+                        break;
+                    };
+                    if c.sequence > base && c.sequence < next {
+                        checkpoints.push((c.sequence, entry.payload));
+                    }
+                }
+                _ => break,
+            }
+        }
+        if !events.is_empty() {
+            const MOVING: &str = "moving journaled audit records into the store";
+            let err = |e: redb::Error| redb_error(&self.path, MOVING, REMEDY, e);
+            let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| err(e.into()))?;
+            {
+                let mut t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
+                for (k, v) in &events {
+                    t.insert(*k, v.as_slice()).map_err(|e| err(e.into()))?;
+                }
+                let mut t = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
+                for (k, v) in &checkpoints {
+                    t.insert(*k, v.as_slice()).map_err(|e| err(e.into()))?;
+                }
+            }
+            txn.commit().map_err(|e| err(e.into()))?;
+            tracing::warn!(
+                records = events.len(),
+                from = base + 1,
+                "audit trail: records journaled before an unclean stop moved into audit.redb"
+            );
+        }
+        j.wal.restart();
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -188,37 +291,86 @@ impl AuditStore {
         txn.commit().map_err(|e| err(e.into()))
     }
 
-    /// Appends `events` (and `checkpoint`) in one durable transaction.
-    pub fn append(
+    /// Appends `events` (and `checkpoint`) as one group, durable in the journal once this
+    /// returns `Ok`. They are readable from `audit.redb` once [`AuditStore::apply`] has
+    /// moved them there.
+    pub fn append<'e>(
         &self,
-        events: &[AuditEvent],
+        events: impl Iterator<Item = &'e AuditEvent> + Clone,
         checkpoint: Option<&AuditCheckpoint>,
     ) -> Result<(), StoreError> {
+        let mut j = self.journal()?;
+        j.wal.begin();
+        for e in events.clone() {
+            j.wal.add(audit_wal::KIND_RECORD, |b| e.encode_raw(b));
+        }
+        if let Some(c) = checkpoint {
+            j.wal.add(audit_wal::KIND_CHECKPOINT, |b| c.encode_raw(b));
+        }
+        if j.wal.too_large() {
+            return Err(StoreError::Io {
+                path: self.path.clone(),
+                during: "appending audit records",
+                why: "a group larger than the whole journal".into(),
+            });
+        }
+        if !j.wal.fits() {
+            self.apply_locked(&mut j)?;
+        }
+        j.wal.write()?;
+        // Durable from here on.
+        let j = &mut *j;
+        j.entries.extend_from_slice(j.wal.group());
+        j.keys.extend(events.map(|e| e.sequence));
+        if let Some(c) = checkpoint {
+            j.keys.push(c.sequence);
+        }
+        j.since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Since when journaled records wait to be moved into `audit.redb` (`None`: nothing
+    /// waits); `full`: the journal is half full and they should be moved now.
+    pub fn waiting(&self) -> (Option<Instant>, bool) {
+        self.journal()
+            .map_or((None, false), |j| (j.since, j.wal.half_full()))
+    }
+
+    /// Moves the journaled records into `audit.redb` in one durable transaction; the journal
+    /// then starts again. Until this returns, readers (this process's and others') do not see
+    /// them.
+    pub fn apply(&self) -> Result<(), StoreError> {
+        let mut j = self.journal()?;
+        self.apply_locked(&mut j)
+    }
+
+    fn apply_locked(&self, j: &mut Journal) -> Result<(), StoreError> {
+        if j.keys.is_empty() {
+            j.wal.restart();
+            return Ok(());
+        }
         const WRITING: &str = "appending audit records";
         let err = |e: redb::Error| redb_error(&self.path, WRITING, REMEDY, e);
         let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| err(e.into()))?;
         {
-            let mut t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
-            let mut buf = Vec::with_capacity(512);
-            for e in events {
-                buf.clear();
-                e.encode(&mut buf).map_err(|x| StoreError::Io {
-                    path: self.path.clone(),
-                    during: WRITING,
-                    why: x.to_string(),
-                })?;
-                t.insert(e.sequence, buf.as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
-            if let Some(c) = checkpoint {
-                let mut t = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
-                t.insert(c.sequence, c.encode_to_vec().as_slice())
-                    .map_err(|e| err(e.into()))?;
+            let mut events = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
+            let mut cps = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
+            for ((kind, payload), key) in audit_wal::entries(&j.entries).zip(&j.keys) {
+                if kind == audit_wal::KIND_CHECKPOINT {
+                    cps.insert(*key, payload).map_err(|e| err(e.into()))?;
+                } else {
+                    events.insert(*key, payload).map_err(|e| err(e.into()))?;
+                }
             }
         }
-        txn.commit().map_err(|e| err(e.into()))
+        txn.commit().map_err(|e| err(e.into()))?;
+        j.entries.clear();
+        j.keys.clear();
+        j.since = None;
+        j.wal.restart();
+        Ok(())
     }
 
     /// The last record, if any.
@@ -342,4 +494,89 @@ fn checkpoints(
         out.push(c);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record;
+
+    /// `n` records chained after `prev` from sequence `from`, signed with a test key.
+    fn chain(from: u64, n: u64, mut prev: [u8; 32]) -> (Vec<AuditEvent>, [u8; 32]) {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut out = Vec::new();
+        for s in from..from + n {
+            let mut e = crate::audit::event("TOOL_INVOCATION", "ALLOW");
+            e.sequence = s;
+            e.key_id = "k".into();
+            prev = record::link(&mut e, prev);
+            record::sign(&mut e, &key);
+            out.push(e);
+        }
+        (out, prev)
+    }
+
+    #[test]
+    fn a_group_is_durable_in_the_journal_and_moved_into_the_file_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let after = tempfile::tempdir().unwrap();
+        let (a, prev) = chain(1, 3, record::GENESIS);
+        let (b, _) = chain(4, 2, prev);
+        {
+            let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+            s.append(a.iter(), None).unwrap();
+            assert!(s.head().unwrap().is_none(), "journaled, not yet applied");
+            assert!(s.waiting().0.is_some());
+            s.apply().unwrap();
+            assert_eq!(s.head().unwrap().unwrap().sequence, 3);
+            assert!(s.waiting().0.is_none());
+            s.append(b.iter(), None).unwrap();
+            assert_eq!(s.head().unwrap().unwrap().sequence, 3);
+            // A crash: the files as the process leaves them, 4 and 5 in the journal only.
+            for f in [FILE_NAME, audit_wal::FILE_NAME] {
+                std::fs::copy(dir.path().join(f), after.path().join(f)).unwrap();
+            }
+        }
+        // Opening them moves 4 and 5 into the file.
+        let s = AuditStore::open(after.path(), FaultSwitch::default()).unwrap();
+        let got: Vec<u64> = s.read(1, 100).unwrap().iter().map(|r| r.key).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        let head = s.head().unwrap().unwrap();
+        assert_eq!(head.hash, b[1].hash);
+    }
+
+    #[test]
+    fn a_journal_write_that_fails_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        let (a, _) = chain(1, 2, record::GENESIS);
+        let s = AuditStore::open(dir.path(), faults.clone()).unwrap();
+        faults.set(true);
+        s.append(a.iter(), None).unwrap_err();
+        faults.set(false);
+        assert!(s.head().unwrap().is_none());
+        drop(s);
+        let s = AuditStore::open(dir.path(), faults).unwrap();
+        assert!(s.head().unwrap().is_none());
+    }
+
+    #[test]
+    fn journal_entries_that_do_not_continue_the_chain_are_not_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = chain(1, 2, record::GENESIS);
+        // Records 1 and 2 in the journal, written as if by another chain: a different
+        // prev_hash for the first.
+        {
+            let mut w = Wal::open(dir.path(), FaultSwitch::default()).unwrap();
+            w.begin();
+            for e in &a {
+                let mut e = e.clone();
+                e.prev_hash = vec![9; 32];
+                w.add(audit_wal::KIND_RECORD, |b| e.encode_raw(b));
+            }
+            w.write().unwrap();
+        }
+        let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+        assert!(s.head().unwrap().is_none());
+    }
 }

@@ -20,6 +20,7 @@
 //! - A store never holds a credential: only metadata about it.
 
 pub mod audit;
+pub mod audit_wal;
 pub mod control;
 
 pub use control::{BindingRecord, ControlState, ControlStore, ServiceAccountRecord};
