@@ -161,6 +161,13 @@ impl Audit {
         let shared = Arc::new(arc_swap::ArcSwapOption::from(Some(store.clone())));
         let healthy = Arc::new(AtomicBool::new(true));
         let (head_tx, head_rx) = tokio::sync::watch::channel(seq);
+        let head_tx = Arc::new(head_tx);
+        {
+            let head = head_tx.clone();
+            store.on_moved(move |seq| {
+                head.send_replace(seq);
+            });
+        }
         let inbox = Arc::new(queue::Inbox::new(cfg.batch_max_records));
         let tx = Arc::new(queue::Sender(inbox.clone()));
         let w = writer::Writer {

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 /// Records kept in memory while the file cannot be written.
 const MAX_RETAINED: usize = 100_000;
 const RETRY: Duration = Duration::from_secs(1);
+/// How soon to try again to hand records to a busy mover.
+const RETRY_MOVE: Duration = Duration::from_millis(2);
 
 /// A record the file cannot take now: its waiter is told (the call is refused, and its
 /// record says so) and the record is kept for when the file is writable again, up to
@@ -53,7 +55,7 @@ pub(super) struct Writer {
     pub store: Option<Arc<AuditStore>>,
     pub shared: Arc<arc_swap::ArcSwapOption<AuditStore>>,
     pub healthy: Arc<AtomicBool>,
-    pub head: tokio::sync::watch::Sender<u64>,
+    pub head: Arc<tokio::sync::watch::Sender<u64>>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Chain state: the last durable record.
     pub seq: u64,
@@ -247,24 +249,32 @@ impl Writer {
         self.shared.store(None);
     }
 
-    /// Moves the journaled records into audit.redb if `now`, if it is due (`apply_delay`
-    /// after the oldest was journaled) or if the journal is half full; then readers see
-    /// them. `Ok(Some(t))`: records still wait, until `t`.
+    /// Moves the journaled records into audit.redb (where readers see them) if `now`
+    /// (waiting until they are readable), or hands them to the store's mover if it is due
+    /// (`apply_delay` after the oldest was journaled, or the journal's half filling up).
+    /// `Ok(Some(t))`: records still wait, until `t`.
     fn apply(&mut self, now: bool) -> Result<Option<Instant>, crate::store::StoreError> {
         let Some(store) = self.store.clone() else {
             return Ok(None);
         };
-        let (since, full) = store.waiting();
+        if now {
+            store.flush()?;
+            return Ok(None);
+        }
+        let (since, filling) = store.waiting();
         let Some(since) = since else {
             return Ok(None);
         };
         let at = since + self.cfg.apply_delay;
-        if !now && !full && Instant::now() < at {
+        if !filling && Instant::now() < at {
             return Ok(Some(at));
         }
-        store.apply()?;
-        self.head.send_replace(self.seq);
-        Ok(None)
+        if store.move_due()? {
+            Ok(None)
+        } else {
+            // The mover is still at the other half.
+            Ok(Some(Instant::now() + RETRY_MOVE))
+        }
     }
 
     /// Closes the file, then says so: once `stop` returns, another writer may open it.
@@ -290,6 +300,10 @@ impl Writer {
                 });
                 self.seq = seq;
                 self.prev = prev;
+                let head = self.head.clone();
+                s.on_moved(move |seq| {
+                    head.send_replace(seq);
+                });
                 let s = Arc::new(s);
                 self.store = Some(s.clone());
                 self.shared.store(Some(s));

@@ -118,21 +118,61 @@ fn builder() -> Builder {
 }
 
 /// The writer's handle on `audit.redb` and its journal (`audit.wal`, see
-/// [`super::audit_wal`]).
+/// [`super::audit_wal`]). Groups are journaled by the writer; a thread of the store's own
+/// moves them into `audit.redb` half a journal at a time.
 pub struct AuditStore {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
     journal: std::sync::Mutex<Journal>,
+    mover: Mover,
 }
 
 struct Journal {
     wal: Wal,
-    /// The entries journaled since `audit.redb` was last written (the journal's bytes
-    /// since its start), and the key of each: moved into `audit.redb` by [`AuditStore::apply`].
+    /// The entries journaled into the current half (its bytes), the key of each, and the
+    /// sequence of the last record among them.
     entries: Vec<u8>,
     keys: Vec<u64>,
+    last: u64,
     /// When the oldest of them was journaled.
     since: Option<Instant>,
+}
+
+/// Half a journal's records, to move into `audit.redb`.
+struct Job {
+    entries: Vec<u8>,
+    keys: Vec<u64>,
+    last: u64,
+}
+
+#[derive(Default)]
+struct Moving {
+    /// A half is being moved (the writer may not switch to it).
+    busy: bool,
+    /// Why a move failed (the store must be reopened, which moves it again).
+    failed: Option<String>,
+}
+
+/// Told the last sequence readable from `audit.redb` after each move.
+type OnMoved = Box<dyn Fn(u64) + Send>;
+
+/// The thread that moves journaled records into `audit.redb`.
+struct Mover {
+    tx: Option<std::sync::mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    state: Arc<(std::sync::Mutex<Moving>, std::sync::Condvar)>,
+    /// Told the last sequence readable from `audit.redb` after each move.
+    moved: Arc<std::sync::Mutex<Option<OnMoved>>>,
+}
+
+impl Drop for AuditStore {
+    /// Ends the mover after the move in hand: once dropped, the file is closed.
+    fn drop(&mut self) {
+        self.mover.tx = None;
+        if let Some(t) = self.mover.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for AuditStore {
@@ -170,6 +210,42 @@ impl AuditStore {
             })
             .map_err(|e| err(e.into()))?;
         let wal = Wal::open(dir, faults)?;
+        let db = Arc::new(db);
+        let state = Arc::new((
+            std::sync::Mutex::new(Moving::default()),
+            std::sync::Condvar::new(),
+        ));
+        let moved: Arc<std::sync::Mutex<Option<OnMoved>>> = Arc::default();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let thread = {
+            let (db, file, state, moved) = (db.clone(), path.clone(), state.clone(), moved.clone());
+            std::thread::Builder::new()
+                .name("aesp-audit-mover".into())
+                .spawn(move || {
+                    for job in rx {
+                        let done = move_into(&db, &file, &job);
+                        let (m, cv) = &*state;
+                        if let Ok(mut g) = m.lock() {
+                            g.busy = false;
+                            if let Err(e) = &done {
+                                g.failed = Some(e.to_string());
+                            }
+                        }
+                        cv.notify_all();
+                        if done.is_ok()
+                            && let Ok(f) = moved.lock()
+                            && let Some(f) = &*f
+                        {
+                            f(job.last);
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::Io {
+                    path: path.clone(),
+                    during: OPENING,
+                    why: format!("cannot start the audit store's mover: {e}"),
+                })?
+        };
         let store = AuditStore {
             db,
             path,
@@ -177,12 +253,26 @@ impl AuditStore {
                 wal,
                 entries: Vec::new(),
                 keys: Vec::new(),
+                last: 0,
                 since: None,
             }),
+            mover: Mover {
+                tx: Some(tx),
+                thread: Some(thread),
+                state,
+                moved,
+            },
         };
         store.init()?;
         store.replay()?;
         Ok(store)
+    }
+
+    /// `f` is told the last sequence readable from `audit.redb` after each move.
+    pub fn on_moved(&self, f: impl Fn(u64) + Send + 'static) {
+        if let Ok(mut g) = self.mover.moved.lock() {
+            *g = Some(Box::new(f));
+        }
     }
 
     fn journal(&self) -> Result<std::sync::MutexGuard<'_, Journal>, StoreError> {
@@ -196,41 +286,48 @@ impl AuditStore {
     /// Moves into `audit.redb` the records the journal has and the file lacks (the groups
     /// made durable since its last sync, before a crash), then syncs it.
     fn replay(&self) -> Result<(), StoreError> {
-        let mut j = self.journal()?;
+        let j = self.journal()?;
         let head = self.head()?;
         let base = head.as_ref().map_or(0, |h| h.sequence);
         let mut prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
         let mut next = base + 1;
-        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut checkpoints: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut records: Vec<(AuditEvent, Vec<u8>)> = Vec::new();
+        let mut cps: Vec<(u64, Vec<u8>)> = Vec::new();
         for entry in j.wal.read_all()? {
             match entry.kind {
                 audit_wal::KIND_RECORD => {
-                    let Ok(e) = AuditEvent::decode(entry.payload.as_slice()) else {
-                        break;
-                    };
-                    if e.sequence < next {
-                        // In audit.redb already (or from an earlier round of the journal).
-                        continue;
+                    if let Ok(e) = AuditEvent::decode(entry.payload.as_slice())
+                        && e.sequence > base
+                    {
+                        records.push((e, entry.payload));
                     }
-                    if e.sequence > next || e.prev_hash != prev {
-                        break;
-                    }
-                    next += 1;
-                    prev = e.hash;
-                    events.push((e.sequence, entry.payload));
                 }
                 audit_wal::KIND_CHECKPOINT => {
-                    let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice()) else {
-                        break;
-                    };
-                    if c.sequence > base && c.sequence < next {
-                        checkpoints.push((c.sequence, entry.payload));
+                    if let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice())
+                        && c.sequence > base
+                    {
+                        cps.push((c.sequence, entry.payload));
                     }
                 }
-                _ => break,
+                _ => {}
             }
         }
+        // The halves in order of sequence; what continues the chain from its head, without
+        // a gap, is moved.
+        records.sort_by_key(|(e, _)| e.sequence);
+        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (e, payload) in records {
+            if e.sequence < next {
+                continue;
+            }
+            if e.sequence > next || e.prev_hash != prev {
+                break;
+            }
+            next += 1;
+            prev = e.hash;
+            events.push((e.sequence, payload));
+        }
+        let checkpoints: Vec<(u64, Vec<u8>)> = cps.into_iter().filter(|(k, _)| *k < next).collect();
         if !events.is_empty() {
             const MOVING: &str = "moving journaled audit records into the store";
             let err = |e: redb::Error| redb_error(&self.path, MOVING, REMEDY, e);
@@ -254,7 +351,6 @@ impl AuditStore {
                 "audit trail: records journaled before an unclean stop moved into audit.redb"
             );
         }
-        j.wal.restart();
         Ok(())
     }
 
@@ -292,14 +388,15 @@ impl AuditStore {
     }
 
     /// Appends `events` (and `checkpoint`) as one group, durable in the journal once this
-    /// returns `Ok`. They are readable from `audit.redb` once [`AuditStore::apply`] has
-    /// moved them there.
+    /// returns `Ok`. They are readable from `audit.redb` once they have been moved there
+    /// ([`AuditStore::move_due`], [`AuditStore::flush`]).
     pub fn append<'e>(
         &self,
         events: impl Iterator<Item = &'e AuditEvent> + Clone,
         checkpoint: Option<&AuditCheckpoint>,
     ) -> Result<(), StoreError> {
         let mut j = self.journal()?;
+        self.check_moved()?;
         j.wal.begin();
         for e in events.clone() {
             j.wal.add(audit_wal::KIND_RECORD, |b| e.encode_raw(b));
@@ -311,17 +408,21 @@ impl AuditStore {
             return Err(StoreError::Io {
                 path: self.path.clone(),
                 during: "appending audit records",
-                why: "a group larger than the whole journal".into(),
+                why: "a group larger than half the journal".into(),
             });
         }
         if !j.wal.fits() {
-            self.apply_locked(&mut j)?;
+            // The current half is full: wait for the other to be free (back-pressure).
+            self.hand_over(&mut j, true)?;
         }
         j.wal.write()?;
         // Durable from here on.
         let j = &mut *j;
         j.entries.extend_from_slice(j.wal.group());
-        j.keys.extend(events.map(|e| e.sequence));
+        for e in events {
+            j.keys.push(e.sequence);
+            j.last = e.sequence;
+        }
         if let Some(c) = checkpoint {
             j.keys.push(c.sequence);
         }
@@ -329,59 +430,106 @@ impl AuditStore {
         Ok(())
     }
 
+    /// A failed move: the store must be reopened (which moves the journal again).
+    fn check_moved(&self) -> Result<(), StoreError> {
+        let (m, _) = &*self.mover.state;
+        match m.lock() {
+            Ok(g) => match &g.failed {
+                None => Ok(()),
+                Some(why) => Err(StoreError::Io {
+                    path: self.path.clone(),
+                    during: "moving journaled audit records into the store",
+                    why: why.clone(),
+                }),
+            },
+            Err(_) => Err(StoreError::Io {
+                path: self.path.clone(),
+                during: "moving journaled audit records into the store",
+                why: "the mover panicked".into(),
+            }),
+        }
+    }
+
+    /// Hands the current half to the mover and goes on in the other, once that one is free
+    /// (`wait`: waits for it; otherwise `Ok(false)` if it is not free yet).
+    fn hand_over(&self, j: &mut Journal, wait: bool) -> Result<bool, StoreError> {
+        if j.keys.is_empty() {
+            return Ok(true);
+        }
+        {
+            let (m, cv) = &*self.mover.state;
+            let mut g = m.lock().map_err(|_| self.mover_gone())?;
+            while g.busy {
+                if !wait {
+                    return Ok(false);
+                }
+                g = cv.wait(g).map_err(|_| self.mover_gone())?;
+            }
+            g.busy = true;
+        }
+        let job = Job {
+            entries: std::mem::take(&mut j.entries),
+            keys: std::mem::take(&mut j.keys),
+            last: j.last,
+        };
+        let sent = self
+            .mover
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok());
+        if !sent {
+            return Err(self.mover_gone());
+        }
+        j.wal.switch();
+        j.since = None;
+        self.check_moved()?;
+        Ok(true)
+    }
+
+    fn mover_gone(&self) -> StoreError {
+        StoreError::Io {
+            path: self.path.clone(),
+            during: "moving journaled audit records into the store",
+            why: "the mover is gone".into(),
+        }
+    }
+
     /// Since when journaled records wait to be moved into `audit.redb` (`None`: nothing
-    /// waits); `full`: the journal is half full and they should be moved now.
+    /// waits), and whether the current half is filling up.
     pub fn waiting(&self) -> (Option<Instant>, bool) {
         self.journal()
-            .map_or((None, false), |j| (j.since, j.wal.half_full()))
+            .map_or((None, false), |j| (j.since, j.wal.filling()))
     }
 
-    /// Moves the journaled records into `audit.redb` in one durable transaction; the journal
-    /// then starts again. Until this returns, readers (this process's and others') do not see
-    /// them.
-    pub fn apply(&self) -> Result<(), StoreError> {
+    /// Hands the journaled records to the mover if it is free (they become readable when it
+    /// is done). `Ok(false)`: it is busy; try again later.
+    pub fn move_due(&self) -> Result<bool, StoreError> {
         let mut j = self.journal()?;
-        self.apply_locked(&mut j)
+        self.hand_over(&mut j, false)
     }
 
-    fn apply_locked(&self, j: &mut Journal) -> Result<(), StoreError> {
-        if j.keys.is_empty() {
-            j.wal.restart();
-            return Ok(());
+    /// Moves every journaled record into `audit.redb` and waits until they are readable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut j = self.journal()?;
+        self.hand_over(&mut j, true)?;
+        let (m, cv) = &*self.mover.state;
+        let mut g = m.lock().map_err(|_| self.mover_gone())?;
+        while g.busy {
+            g = cv.wait(g).map_err(|_| self.mover_gone())?;
         }
-        const WRITING: &str = "appending audit records";
-        let err = |e: redb::Error| redb_error(&self.path, WRITING, REMEDY, e);
-        let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| err(e.into()))?;
-        {
-            let mut events = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
-            let mut cps = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
-            for ((kind, payload), key) in audit_wal::entries(&j.entries).zip(&j.keys) {
-                if kind == audit_wal::KIND_CHECKPOINT {
-                    cps.insert(*key, payload).map_err(|e| err(e.into()))?;
-                } else {
-                    events.insert(*key, payload).map_err(|e| err(e.into()))?;
-                }
-            }
-        }
-        txn.commit().map_err(|e| err(e.into()))?;
-        j.entries.clear();
-        j.keys.clear();
-        j.since = None;
-        j.wal.restart();
-        Ok(())
+        drop(g);
+        self.check_moved()
     }
 
     /// The last record, if any.
     pub fn head(&self) -> Result<Option<AuditEvent>, StoreError> {
-        head(&self.db, &self.path)
+        head(&*self.db, &self.path)
     }
 
     /// Records from `from` on (in key order), at most `limit`.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::new();
-        scan(&self.db, &self.path, from, |s| {
+        scan(&*self.db, &self.path, from, |s| {
             out.push(s);
             if out.len() >= limit {
                 ControlFlow::Break(())
@@ -394,7 +542,7 @@ impl AuditStore {
 
     /// Every checkpoint, in order.
     pub fn checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
-        checkpoints(&self.db, &self.path)
+        checkpoints(&*self.db, &self.path)
     }
 }
 
@@ -434,6 +582,27 @@ impl AuditReader {
         let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
         t.len().map_err(|e| err(e.into()))
     }
+}
+
+/// Moves one half's records into `audit.redb`, in one durable transaction.
+fn move_into(db: &Database, path: &Path, job: &Job) -> Result<(), StoreError> {
+    const WRITING: &str = "moving journaled audit records into the store";
+    let err = |e: redb::Error| redb_error(path, WRITING, REMEDY, e);
+    let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| err(e.into()))?;
+    {
+        let mut events = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
+        let mut cps = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
+        for ((kind, payload), key) in audit_wal::entries(&job.entries).zip(&job.keys) {
+            if kind == audit_wal::KIND_CHECKPOINT {
+                cps.insert(*key, payload).map_err(|e| err(e.into()))?;
+            } else {
+                events.insert(*key, payload).map_err(|e| err(e.into()))?;
+            }
+        }
+    }
+    txn.commit().map_err(|e| err(e.into()))
 }
 
 fn scan(
@@ -527,7 +696,7 @@ mod tests {
             s.append(a.iter(), None).unwrap();
             assert!(s.head().unwrap().is_none(), "journaled, not yet applied");
             assert!(s.waiting().0.is_some());
-            s.apply().unwrap();
+            s.flush().unwrap();
             assert_eq!(s.head().unwrap().unwrap().sequence, 3);
             assert!(s.waiting().0.is_none());
             s.append(b.iter(), None).unwrap();
