@@ -8,10 +8,12 @@
 //! - `checkpoints`: sequence (u64) → a protobuf `altar.aesp.v1.AuditCheckpoint`;
 //! - `meta`: `schema_version`.
 //!
-//! Invariants: a batch of records (and its checkpoint, if any) is one transaction committed
-//! with `Immediate` durability, so a batch is durable whole or not at all; nothing is ever
-//! deleted or rewritten; the file is opened in redb's single-writer mode so readers in other
-//! processes follow the writer's commits. The chain itself (sequences, hashes, signatures)
+//! Invariants: a group of records (and its checkpoint, if any) is durable once it is in the
+//! journal (`audit.wal`, [`super::audit_wal`]), whole or not at all; the store's mover thread
+//! moves journaled records into `audit.redb` in transactions committed with `Immediate`
+//! durability, and opening the store moves what the journal has and the file lacks; nothing
+//! is ever deleted or rewritten; the file is opened in redb's single-writer mode so readers
+//! in other processes follow the moves. The chain itself (sequences, hashes, signatures)
 //! is the writer's business ([`crate::audit`]); this store keeps bytes.
 
 use super::{OPENING, StoreError, redb_error};

@@ -12,8 +12,9 @@
 //!
 //! Invariants every store keeps:
 //!
-//! - Every write is one transaction committed with `Immediate` durability: when a write
-//!   returns `Ok`, it survives a crash or a power cut.
+//! - Every write is durable when it returns `Ok`: it survives a crash or a power cut (one
+//!   transaction committed with `Immediate` durability; for the audit trail, one group
+//!   synced in its journal, see [`audit_wal`]).
 //! - A file that cannot be read (corrupted, truncated, from a newer format) is an error that
 //!   names the file, says what is wrong and how to recover. A store never recreates, repairs
 //!   away or overwrites a file it cannot read.
