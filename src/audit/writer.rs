@@ -1,7 +1,10 @@
-//! The writer: one thread owns the chain. It receives records over a channel, gives each its
-//! sequence, hash and signature, and commits them in groups (everything queued, up to
-//! `batch_max_records`, in one durable transaction), adding a signed checkpoint every
-//! `checkpoint_every_records` records or `checkpoint_every` of time.
+//! The writer: one thread owns the chain. It takes records from its inbox ([`super::queue`]),
+//! gives each its sequence, hash and signature, and commits them in groups (everything
+//! queued, up to `batch_max_records`, made durable by one sync of the store's journal; a
+//! group of records nobody waits for is held up to `background_delay` to ride with the
+//! next), adding a signed checkpoint every `checkpoint_every_records` records or
+//! `checkpoint_every` of time. Journaled records are handed to the store's mover
+//! `apply_delay` later, or at once when a reader asks (`Msg::Flush`).
 //!
 //! When a commit fails, the writer fails closed: every waiting call is told (the proxy
 //! refuses it with `AUDIT_UNAVAILABLE`), readiness goes off, and the records are kept in
