@@ -225,7 +225,10 @@ impl AuditStore {
                 .name("aesp-audit-mover".into())
                 .spawn(move || {
                     for job in rx {
-                        let done = move_into(&db, &file, &job);
+                        let rows = audit_wal::entries(&job.entries)
+                            .zip(&job.keys)
+                            .map(|((kind, payload), key)| (kind, *key, payload));
+                        let done = move_into(&db, &file, rows);
                         let (m, cv) = &*state;
                         if let Ok(mut g) = m.lock() {
                             g.busy = false;
@@ -331,22 +334,15 @@ impl AuditStore {
         }
         let checkpoints: Vec<(u64, Vec<u8>)> = cps.into_iter().filter(|(k, _)| *k < next).collect();
         if !events.is_empty() {
-            const MOVING: &str = "moving journaled audit records into the store";
-            let err = |e: redb::Error| redb_error(&self.path, MOVING, REMEDY, e);
-            let mut txn = self.db.begin_write().map_err(|e| err(e.into()))?;
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| err(e.into()))?;
-            {
-                let mut t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
-                for (k, v) in &events {
-                    t.insert(*k, v.as_slice()).map_err(|e| err(e.into()))?;
-                }
-                let mut t = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
-                for (k, v) in &checkpoints {
-                    t.insert(*k, v.as_slice()).map_err(|e| err(e.into()))?;
-                }
-            }
-            txn.commit().map_err(|e| err(e.into()))?;
+            let rows = events
+                .iter()
+                .map(|(k, v)| (audit_wal::KIND_RECORD, *k, v.as_slice()))
+                .chain(
+                    checkpoints
+                        .iter()
+                        .map(|(k, v)| (audit_wal::KIND_CHECKPOINT, *k, v.as_slice())),
+                );
+            move_into(&self.db, &self.path, rows)?;
             tracing::warn!(
                 records = events.len(),
                 from = base + 1,
@@ -586,8 +582,13 @@ impl AuditReader {
     }
 }
 
-/// Moves one half's records into `audit.redb`, in one durable transaction.
-fn move_into(db: &Database, path: &Path, job: &Job) -> Result<(), StoreError> {
+/// Moves journaled entries (kind, key, payload) into `audit.redb`, in one durable
+/// transaction: half a journal from the mover, or what a restart finds in the journal.
+fn move_into<'a>(
+    db: &Database,
+    path: &Path,
+    rows: impl Iterator<Item = (u8, u64, &'a [u8])>,
+) -> Result<(), StoreError> {
     const WRITING: &str = "moving journaled audit records into the store";
     let err = |e: redb::Error| redb_error(path, WRITING, REMEDY, e);
     let mut txn = db.begin_write().map_err(|e| err(e.into()))?;
@@ -596,11 +597,11 @@ fn move_into(db: &Database, path: &Path, job: &Job) -> Result<(), StoreError> {
     {
         let mut events = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
         let mut cps = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
-        for ((kind, payload), key) in audit_wal::entries(&job.entries).zip(&job.keys) {
+        for (kind, key, payload) in rows {
             if kind == audit_wal::KIND_CHECKPOINT {
-                cps.insert(*key, payload).map_err(|e| err(e.into()))?;
+                cps.insert(key, payload).map_err(|e| err(e.into()))?;
             } else {
-                events.insert(*key, payload).map_err(|e| err(e.into()))?;
+                events.insert(key, payload).map_err(|e| err(e.into()))?;
             }
         }
     }

@@ -128,12 +128,9 @@ impl Wal {
         self.buf.extend_from_slice(&[0; 8]);
         encode(&mut self.buf);
         let len = (self.buf.len() - start - HEADER) as u32;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&[kind]);
-        crc.update(&len.to_be_bytes());
-        crc.update(&self.buf[start + HEADER..]);
+        let crc = checksum(kind, len, &self.buf[start + HEADER..]);
         self.buf[start + 8..start + 12].copy_from_slice(&len.to_be_bytes());
-        self.buf[start + 12..start + 16].copy_from_slice(&crc.finalize().to_be_bytes());
+        self.buf[start + 12..start + 16].copy_from_slice(&crc.to_be_bytes());
     }
 
     /// The group being built, as bytes.
@@ -177,6 +174,15 @@ impl Wal {
     }
 }
 
+/// The CRC-32 of an entry: kind, length, payload.
+fn checksum(kind: u8, len: u32, payload: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&[kind]);
+    crc.update(&len.to_be_bytes());
+    crc.update(payload);
+    crc.finalize()
+}
+
 /// The entries (kind, payload) of bytes built by [`Wal::add`], in order.
 pub fn entries(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut at = 0;
@@ -214,11 +220,7 @@ pub fn read_entries(file: &File, path: &Path) -> Result<Vec<Entry>, StoreError> 
             let mut payload = vec![0u8; n as usize];
             file.read_exact_at(&mut payload, at + HEADER as u64)
                 .map_err(|e| io(path, R, e))?;
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&[kind]);
-            crc.update(&n.to_be_bytes());
-            crc.update(&payload);
-            if crc.finalize() != want {
+            if checksum(kind, n, &payload) != want {
                 break;
             }
             out.push(Entry { kind, payload });
