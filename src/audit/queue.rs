@@ -5,8 +5,8 @@
 //! than one each (measured: the wake-ups of a channel per record were most of the writer's
 //! time that was neither signing nor writing).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 /// The writer's state, as senders see it.
@@ -30,7 +30,7 @@ pub(super) struct Inbox {
     items: Mutex<Vec<Msg>>,
     state: AtomicU8,
     closed: AtomicBool,
-    writer: Mutex<Option<Thread>>,
+    writer: OnceLock<Thread>,
     /// A group this large is committed without waiting for its deadline.
     full: usize,
 }
@@ -41,22 +41,18 @@ impl Inbox {
             items: Mutex::new(Vec::with_capacity(full)),
             state: AtomicU8::new(BUSY),
             closed: AtomicBool::new(false),
-            writer: Mutex::new(None),
+            writer: OnceLock::new(),
             full: full.max(1),
         }
     }
 
     /// Called by the writer thread once, before it first parks.
     pub fn set_writer(&self, t: Thread) {
-        if let Ok(mut w) = self.writer.lock() {
-            *w = Some(t);
-        }
+        let _ = self.writer.set(t);
     }
 
     fn unpark(&self) {
-        if let Ok(w) = self.writer.lock()
-            && let Some(t) = &*w
-        {
+        if let Some(t) = self.writer.get() {
             t.unpark();
         }
     }
