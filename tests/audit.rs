@@ -417,6 +417,17 @@ async fn the_chain_resumes_after_a_restart_and_a_new_key_is_a_recorded_rotation(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_recovers() {
+    refused_until_it_recovers(|f, on| f.set(on)).await;
+}
+
+/// The journal takes the group (into the page cache) but the sync fails: the call is
+/// refused all the same, and its record is written once, refused, after recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_syncs_fail_refuses_traffic_and_keeps_one_record_per_call() {
+    refused_until_it_recovers(|f, on| f.set_syncs(on)).await;
+}
+
+async fn refused_until_it_recovers(fault: impl Fn(&aesp_sidecar::store::audit::FaultSwitch, bool)) {
     let stack = Stack::start().await;
     let admin = stack.sidecar.admin_addr.unwrap();
     let acme = aesp_sidecar::client::AespGridClient::with_token(stack.channel("acme").await);
@@ -424,7 +435,7 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
     let sessions = stack.host.state.session_count();
     assert_eq!(common::http_get(admin, "/readyz").await.0, 200);
 
-    stack.sidecar.audit_faults.set(true);
+    fault(&stack.sidecar.audit_faults, true);
     let status = create(&acme, "s-refused").await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     let ee = aesp_sidecar::client::enterprise_error(&status).unwrap();
@@ -440,7 +451,7 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
         "AUDIT_UNAVAILABLE"
     );
 
-    stack.sidecar.audit_faults.set(false);
+    fault(&stack.sidecar.audit_faults, false);
     let mut back = false;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -465,6 +476,22 @@ async fn a_store_that_cannot_be_written_refuses_traffic_and_readiness_until_it_r
     assert_eq!(refused.decision, "DENY");
     assert_eq!(refused.reason_code, "AUDIT_UNAVAILABLE");
     assert!(recs.iter().any(|r| r.event_type == "AUDIT_RECOVERED"));
+    // One decision per call: none written before the failure survives beside its kept copy.
+    let mut decisions: Vec<&str> = recs
+        .iter()
+        .filter(|r| r.event_type == "SESSION_CREATE")
+        .map(|r| r.correlation_id.as_str())
+        .collect();
+    let n = decisions.len();
+    decisions.sort_unstable();
+    decisions.dedup();
+    assert_eq!(decisions.len(), n, "a call recorded twice");
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r.correlation_id == refused_cid && r.decision == "ALLOW"),
+        "the refused call recorded as allowed"
+    );
 }
 
 type AuditClient =

@@ -30,6 +30,8 @@ pub(super) struct Inbox {
     items: Mutex<Vec<Msg>>,
     state: AtomicU8,
     closed: AtomicBool,
+    /// A message that must be acted on at once is queued (cleared when drained).
+    urgent: AtomicBool,
     writer: OnceLock<Thread>,
     /// A group this large is committed without waiting for its deadline.
     full: usize,
@@ -41,6 +43,7 @@ impl Inbox {
             items: Mutex::new(Vec::with_capacity(full)),
             state: AtomicU8::new(BUSY),
             closed: AtomicBool::new(false),
+            urgent: AtomicBool::new(false),
             writer: OnceLock::new(),
             full: full.max(1),
         }
@@ -57,6 +60,16 @@ impl Inbox {
         }
     }
 
+    /// Wakes the writer (something other than a message needs it: a failed sync).
+    pub fn wake(&self) {
+        self.unpark();
+    }
+
+    /// Whether a message the writer must act on at once is queued.
+    pub fn urgent(&self) -> bool {
+        self.urgent.load(Ordering::SeqCst)
+    }
+
     /// Queues `m`; wakes the writer if it must act on it now.
     pub fn push(&self, m: Msg) {
         let urgent = match &m {
@@ -66,6 +79,9 @@ impl Inbox {
         let len = match self.items.lock() {
             Ok(mut q) => {
                 q.push(m);
+                if urgent {
+                    self.urgent.store(true, Ordering::SeqCst);
+                }
                 q.len()
             }
             // A writer that panicked holding the lock: nothing will read the queue again
@@ -82,6 +98,7 @@ impl Inbox {
     pub fn drain(&self, into: &mut Vec<Msg>) {
         if let Ok(mut q) = self.items.lock() {
             std::mem::swap(&mut *q, into);
+            self.urgent.store(false, Ordering::SeqCst);
         }
     }
 

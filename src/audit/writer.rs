@@ -1,10 +1,14 @@
 //! The writer: one thread owns the chain. It takes records from its inbox ([`super::queue`]),
-//! gives each its sequence, hash and signature, and commits them in groups (everything
-//! queued, up to `batch_max_records`, made durable by one sync of the store's journal; a
-//! group of records nobody waits for is held up to `background_delay` to ride with the
-//! next), adding a signed checkpoint every `checkpoint_every_records` records or
-//! `checkpoint_every` of time. Journaled records are handed to the store's mover
-//! `apply_delay` later, or at once when a reader asks (`Msg::Flush`).
+//! gives each its sequence, hash and signature, and writes them in groups to the store's
+//! journal (everything queued, up to `batch_max_records`; a group of records nobody waits
+//! for is held up to `background_delay` to ride with the next), adding a signed checkpoint
+//! every `checkpoint_every_records` records or `checkpoint_every` of time. A group is
+//! durable once a sync of the journal that began after it was written has succeeded, and
+//! only then are its waiters answered ([`Syncs`]): when nothing else is queued the writer
+//! syncs at once itself; otherwise a syncer thread syncs while the writer seals and writes
+//! the next group (one sync then makes every group written before it durable). Journaled
+//! records are handed to the store's mover `apply_delay` later, or at once when a reader
+//! asks (`Msg::Flush`).
 //!
 //! When a commit fails, the writer fails closed: every waiting call is told (the proxy
 //! refuses it with `AUDIT_UNAVAILABLE`), readiness goes off, and the records are kept in
@@ -18,9 +22,10 @@ use super::record::{self, GENESIS};
 use super::{AuditConfig, AuditError, now_nanos};
 use crate::proto::aesp::{AuditCheckpoint, AuditEvent};
 use crate::store::audit::{AuditStore, FaultSwitch};
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Records kept in memory while the file cannot be written.
@@ -60,13 +65,133 @@ pub(super) struct Writer {
     pub healthy: Arc<AtomicBool>,
     pub head: Arc<tokio::sync::watch::Sender<u64>>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
-    /// Chain state: the last durable record.
+    pub syncs: Arc<Syncs>,
+    /// Chain state: the last record written (durable, or waiting for a sync).
     pub seq: u64,
     pub prev: [u8; 32],
+    /// The last sequence known durable (where the chain resumes after a failed sync).
+    pub durable: u64,
     pub since_checkpoint: u64,
     pub last_checkpoint: Instant,
     /// When the last group was committed.
     pub last_commit: Instant,
+}
+
+/// A group written to the journal, waiting for a sync to be durable.
+struct Flight {
+    store: Arc<AuditStore>,
+    /// The store's number of the group.
+    group: u64,
+    pending: Vec<Pending>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// In the order written.
+    flights: VecDeque<Flight>,
+    /// A sync is in progress (the syncer's or the writer's: never both).
+    syncing: bool,
+    /// A sync failed: the writer settles the flights and reopens the store.
+    failed: Option<crate::store::StoreError>,
+    closed: bool,
+}
+
+/// The groups waiting for a sync, shared by the writer and the syncer thread.
+pub(super) struct Syncs {
+    state: Mutex<SyncState>,
+    cv: Condvar,
+    inbox: Arc<Inbox>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl Syncs {
+    pub fn new(inbox: Arc<Inbox>, metrics: Option<Arc<crate::metrics::Metrics>>) -> Syncs {
+        Syncs {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            inbox,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        // A panic while holding it cannot leave the state half-changed in a way that
+        // matters more than going on (flights are answered or dropped, never both).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One sync of everything written, if none is in progress and none has failed (`g`
+    /// then has flights): answers the flights it made durable. On failure the writer is
+    /// woken to settle them.
+    fn step(&self, mut g: MutexGuard<'_, SyncState>) {
+        let Some(store) = g.flights.back().map(|f| f.store.clone()) else {
+            return;
+        };
+        g.syncing = true;
+        drop(g);
+        let done = store.sync();
+        let mut g = self.lock();
+        g.syncing = false;
+        let mut answered = Vec::new();
+        match done {
+            Ok(synced) => {
+                while g
+                    .flights
+                    .front()
+                    .is_some_and(|f| Arc::ptr_eq(&f.store, &store) && f.group <= synced)
+                {
+                    answered.extend(g.flights.pop_front());
+                }
+            }
+            Err(e) => {
+                g.failed = Some(e);
+                self.inbox.wake();
+            }
+        }
+        self.cv.notify_all();
+        drop(g);
+        for f in answered {
+            self.answer(f);
+        }
+    }
+
+    /// A durable group: its waiters go on.
+    fn answer(&self, f: Flight) {
+        if let Some(m) = &self.metrics {
+            m.audit_records.inc_by(f.pending.len() as u64);
+        }
+        for p in f.pending {
+            if let Some(tx) = p.done {
+                let _ = tx.send(Ok(p.event.sequence));
+            }
+            drop(p.permit);
+        }
+    }
+
+    /// The syncer thread: syncs whenever groups wait and no sync is in progress.
+    fn run(&self) {
+        let mut g = self.lock();
+        loop {
+            if g.closed && g.flights.is_empty() {
+                return;
+            }
+            if !g.syncing && g.failed.is_none() && !g.flights.is_empty() {
+                self.step(g);
+                g = self.lock();
+                continue;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits for a sync in progress to end.
+    fn idle(&self) -> MutexGuard<'_, SyncState> {
+        let mut g = self.lock();
+        while g.syncing {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g
+    }
 }
 
 /// One record waiting to be written, and who waits for it.
@@ -79,6 +204,29 @@ pub(super) struct Pending {
 impl Writer {
     pub fn run(mut self, inbox: Arc<Inbox>) {
         inbox.set_writer(std::thread::current());
+        let syncer = {
+            let s = self.syncs.clone();
+            std::thread::Builder::new()
+                .name("aesp-audit-sync".into())
+                .spawn(move || s.run())
+        };
+        let syncer = match syncer {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // The writer then syncs every group itself (correct, only slower).
+                tracing::warn!(error = %e, "audit: cannot start the syncer thread; the writer syncs");
+                None
+            }
+        };
+        self.run_loop(&inbox, syncer.is_some());
+        self.syncs.lock().closed = true;
+        self.syncs.cv.notify_all();
+        if let Some(t) = syncer {
+            let _ = t.join();
+        }
+    }
+
+    fn run_loop(&mut self, inbox: &Inbox, syncer: bool) {
         let mut retained: Vec<AuditEvent> = Vec::new();
         let mut lost = 0u64;
         let mut outage: Option<(Instant, u64)> = None;
@@ -102,10 +250,17 @@ impl Writer {
             }
             if closed && stop.is_none() {
                 if outage.is_none() && (self.since_checkpoint > 0 || !batch.is_empty()) {
-                    let _ = self.commit_all(&mut batch, true);
+                    let _ = self.commit_all(&mut batch, true, inbox, syncer);
                 }
                 let _ = self.apply(true);
+                self.finish();
                 return;
+            }
+            if outage.is_none() {
+                let failed = self.syncs.lock().failed.take();
+                if let Some(e) = failed {
+                    self.fail(&e, &mut outage, &mut retained, &mut lost);
+                }
             }
 
             if let Some((since, _)) = outage {
@@ -146,7 +301,7 @@ impl Writer {
                     done: None,
                     permit: None,
                 });
-                match self.commit_all(&mut r, true) {
+                match self.commit_all(&mut r, true, inbox, syncer) {
                     Ok(()) => {
                         tracing::warn!(
                             outage_ms = since.elapsed().as_millis() as u64,
@@ -188,7 +343,7 @@ impl Writer {
                         Ok(Some(next)) => wait = wait.min(next.saturating_duration_since(now)),
                         Ok(None) => {}
                         Err(e) => {
-                            self.fail(&e, &mut outage);
+                            self.fail(&e, &mut outage, &mut retained, &mut lost);
                             continue;
                         }
                     }
@@ -216,7 +371,7 @@ impl Writer {
                 held_since = None;
                 let mut done = Ok(());
                 if !batch.is_empty() || checkpoint {
-                    done = self.commit_all(&mut batch, checkpoint);
+                    done = self.commit_all(&mut batch, checkpoint, inbox, syncer);
                 }
                 if done.is_ok() {
                     done = self.apply(asked).map(|_| ());
@@ -225,7 +380,7 @@ impl Writer {
                     let _ = f.send(done.is_ok());
                 }
                 if let Err(e) = done {
-                    self.fail(&e, &mut outage);
+                    self.fail(&e, &mut outage, &mut retained, &mut lost);
                     for p in batch.drain(..) {
                         refuse_and_keep(p, &mut retained, &mut lost);
                     }
@@ -240,13 +395,38 @@ impl Writer {
 
     /// The trail cannot be written: traffic is refused (fail closed) until the file is
     /// reopened.
-    fn fail(&mut self, e: &crate::store::StoreError, outage: &mut Option<(Instant, u64)>) {
+    /// The groups written but not known durable are refused (their records kept, written
+    /// anew once the store is back); those a sync did make durable are answered.
+    fn fail(
+        &mut self,
+        e: &crate::store::StoreError,
+        outage: &mut Option<(Instant, u64)>,
+        retained: &mut Vec<AuditEvent>,
+        lost: &mut u64,
+    ) {
         tracing::error!(error = %e, "audit trail cannot be written: refusing traffic (fail closed)");
         if let Some(m) = &self.metrics {
             m.audit_write_failures.inc();
         }
         self.healthy.store(false, Ordering::SeqCst);
         *outage = Some((Instant::now(), 0));
+        let flights = {
+            let mut g = self.syncs.idle();
+            g.failed = None;
+            std::mem::take(&mut g.flights)
+        };
+        for f in flights {
+            if f.group <= f.store.durable().0 {
+                self.syncs.answer(f);
+            } else {
+                for p in f.pending {
+                    refuse_and_keep(p, retained, lost);
+                }
+            }
+        }
+        if let Some(s) = &self.store {
+            self.durable = self.durable.max(s.durable().1);
+        }
         // redb refuses every operation after a failed write: reopen later.
         self.store = None;
         self.shared.store(None);
@@ -262,6 +442,8 @@ impl Writer {
         };
         if now {
             store.flush()?;
+            // Everything written is durable now: its waiters go on.
+            self.settle();
             return Ok(None);
         }
         let (since, filling) = store.waiting();
@@ -283,9 +465,50 @@ impl Writer {
     /// Closes the file, then says so: once `stop` returns, another writer may open it.
     fn close(&mut self, done: tokio::sync::oneshot::Sender<()>) {
         let _ = self.apply(true);
+        self.finish();
         self.store = None;
         self.shared.store(None);
         let _ = done.send(());
+    }
+
+    /// Answers the groups a sync made durable, if no sync is in progress (one that is
+    /// answers them itself).
+    fn settle(&self) {
+        let g = self.syncs.lock();
+        if !g.syncing && g.failed.is_none() && !g.flights.is_empty() {
+            self.syncs.step(g);
+        }
+    }
+
+    /// The end: every group written is answered, durable or refused (nothing more will
+    /// be written).
+    fn finish(&mut self) {
+        let g = self.syncs.idle();
+        if g.failed.is_none() && !g.flights.is_empty() {
+            self.syncs.step(g);
+        } else {
+            drop(g);
+        }
+        let left = std::mem::take(&mut self.syncs.idle().flights);
+        let mut n = 0;
+        for f in left {
+            if f.group <= f.store.durable().0 {
+                self.syncs.answer(f);
+            } else {
+                n += f.pending.len();
+                for p in f.pending {
+                    if let Some(tx) = p.done {
+                        let _ = tx.send(Err(AuditError::Unavailable));
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            tracing::error!(
+                records = n,
+                "audit trail: records written but not made durable before the stop are lost"
+            );
+        }
     }
 
     /// Reopens the file and resumes the chain from its last record.
@@ -293,7 +516,7 @@ impl Writer {
         if self.store.is_some() {
             return true;
         }
-        match AuditStore::open(&self.dir, self.faults.clone()).and_then(|s| {
+        match AuditStore::reopen(&self.dir, self.faults.clone(), self.durable).and_then(|s| {
             let head = s.head()?;
             Ok((s, head))
         }) {
@@ -303,6 +526,7 @@ impl Writer {
                 });
                 self.seq = seq;
                 self.prev = prev;
+                self.durable = seq;
                 let head = self.head.clone();
                 s.on_moved(move |seq| {
                     head.send_replace(seq);
@@ -325,15 +549,17 @@ impl Writer {
         &mut self,
         batch: &mut Vec<Pending>,
         checkpoint: bool,
+        inbox: &Inbox,
+        syncer: bool,
     ) -> Result<(), crate::store::StoreError> {
         let max = self.cfg.batch_max_records.max(1);
         if batch.len() <= max {
-            return self.commit(batch, checkpoint);
+            return self.commit(batch, checkpoint, inbox, syncer);
         }
         let mut rest = batch.split_off(max);
         loop {
             let last = rest.is_empty();
-            if let Err(e) = self.commit(batch, checkpoint && last) {
+            if let Err(e) = self.commit(batch, checkpoint && last, inbox, syncer) {
                 batch.append(&mut rest);
                 return Err(e);
             }
@@ -345,13 +571,18 @@ impl Writer {
         }
     }
 
-    /// Seals `batch` onto the chain and commits it (with a checkpoint if `checkpoint`);
-    /// answers the waiters. On error nothing of the chain state moved (the records keep
-    /// the sequence and hashes given here; the next attempt gives them anew).
+    /// Seals `batch` onto the chain and writes it to the journal (with a checkpoint if
+    /// `checkpoint`); its waiters are answered once a sync has made it durable: at once by
+    /// this thread if nothing else waits to be written (or there is no syncer thread),
+    /// else by the syncer while this thread goes on with the next group. On error nothing
+    /// of the chain state moved (the records keep the sequence and hashes given here; the
+    /// next attempt gives them anew) and the records stay in `batch`.
     fn commit(
         &mut self,
         batch: &mut Vec<Pending>,
         checkpoint: bool,
+        inbox: &Inbox,
+        syncer: bool,
     ) -> Result<(), crate::store::StoreError> {
         let Some(store) = self.store.clone() else {
             return Err(crate::store::StoreError::Io {
@@ -373,31 +604,28 @@ impl Writer {
         }
         let cp: Option<AuditCheckpoint> = (checkpoint && seq > 0)
             .then(|| record::checkpoint(seq, &prev, now_nanos(), &self.key.id, &self.key.fast));
-        store.append(batch.iter().map(|p| &p.event), cp.as_ref())?;
-        self.committed(batch, seq, prev, cp.is_some());
-        Ok(())
-    }
-
-    /// The group `batch` (ending at `seq`, hash `prev`) is durable: the chain moves on and
-    /// its waiters are answered.
-    fn committed(&mut self, batch: &mut Vec<Pending>, seq: u64, prev: [u8; 32], checkpoint: bool) {
+        let group = store.write(batch.iter().map(|p| &p.event), cp.as_ref())?;
         self.last_commit = Instant::now();
         self.seq = seq;
         self.prev = prev;
-        if checkpoint {
+        if cp.is_some() {
             self.since_checkpoint = 0;
             self.last_checkpoint = Instant::now();
         } else {
             self.since_checkpoint += batch.len() as u64;
         }
-        if let Some(m) = &self.metrics {
-            m.audit_records.inc_by(batch.len() as u64);
+        let mut g = self.syncs.lock();
+        g.flights.push_back(Flight {
+            store,
+            group,
+            pending: std::mem::take(batch),
+        });
+        if !g.syncing && g.failed.is_none() && (!syncer || !inbox.urgent()) {
+            self.syncs.step(g);
+        } else {
+            drop(g);
+            self.syncs.cv.notify_all();
         }
-        for p in batch.drain(..) {
-            if let Some(tx) = p.done {
-                let _ = tx.send(Ok(p.event.sequence));
-            }
-            drop(p.permit);
-        }
+        Ok(())
     }
 }

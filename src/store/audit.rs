@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::audit_wal::{self, Wal};
+use super::audit_wal::{self, Wal, WalSync};
 use crate::audit::record;
 
 /// The file in `state_dir`.
@@ -45,16 +45,30 @@ const REMEDY: &str = "the file was left as it is: keep it for the investigation 
 /// Makes every write to the audit file fail while on: a disk-failure drill, so the
 /// fail-closed path can be exercised on a real file.
 #[derive(Clone, Debug, Default)]
-pub struct FaultSwitch(Arc<AtomicBool>);
+pub struct FaultSwitch(Arc<(AtomicBool, AtomicBool)>);
 
 impl FaultSwitch {
+    /// Every write and every sync fails.
     pub fn set(&self, failing: bool) {
-        self.0.store(failing, Ordering::SeqCst);
+        self.0.0.store(failing, Ordering::SeqCst);
+    }
+
+    /// Only syncs fail: groups are written (into the page cache) but never made durable.
+    pub fn set_syncs(&self, failing: bool) {
+        self.0.1.store(failing, Ordering::SeqCst);
     }
 
     pub(crate) fn check(&self) -> std::io::Result<()> {
-        if self.0.load(Ordering::Relaxed) {
+        if self.0.0.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("write refused (fault drill)"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_sync(&self) -> std::io::Result<()> {
+        self.check()?;
+        if self.0.1.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("sync refused (fault drill)"));
         }
         Ok(())
     }
@@ -82,7 +96,7 @@ impl StorageBackend for Backend {
         self.file.set_len(len)
     }
     fn sync_data(&self) -> R<()> {
-        self.faults.check()?;
+        self.faults.check_sync()?;
         self.file.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> R<()> {
@@ -126,6 +140,8 @@ pub struct AuditStore {
     db: Arc<Database>,
     path: PathBuf,
     journal: std::sync::Mutex<Journal>,
+    /// Syncs the journal without holding it (groups go on being written meanwhile).
+    syncer: WalSync,
     mover: Mover,
 }
 
@@ -138,6 +154,11 @@ struct Journal {
     last: u64,
     /// When the oldest of them was journaled.
     since: Option<Instant>,
+    /// Groups written to the journal, and of them the ones known durable (a count each),
+    /// and the sequence of the last record of those.
+    written: u64,
+    synced: u64,
+    synced_last: u64,
 }
 
 /// Half a journal's records, to move into `audit.redb`.
@@ -192,8 +213,27 @@ pub struct Stored {
 }
 
 impl AuditStore {
-    /// Opens `dir/audit.redb`, or creates it (and `dir`, 0700; the file 0600).
+    /// Opens `dir/audit.redb`, or creates it (and `dir`, 0700; the file 0600), and moves
+    /// into it what the journal holds beyond it.
     pub fn open(dir: &Path, faults: FaultSwitch) -> Result<AuditStore, StoreError> {
+        Self::open_with(dir, faults, None)
+    }
+
+    /// Opens the store again after a failed write: of the journal, only records up to
+    /// `durable` (the last this process knows durable) are moved; the rest were written
+    /// but never made durable, their callers refused (the writer keeps those records and
+    /// writes them anew). The journal is then forgotten, so they are never read back.
+    pub fn reopen(dir: &Path, faults: FaultSwitch, durable: u64) -> Result<AuditStore, StoreError> {
+        let s = Self::open_with(dir, faults, Some(durable))?;
+        s.journal()?.wal.forget()?;
+        Ok(s)
+    }
+
+    fn open_with(
+        dir: &Path,
+        faults: FaultSwitch,
+        limit: Option<u64>,
+    ) -> Result<AuditStore, StoreError> {
         super::control::ensure_dir(dir)?;
         let path = dir.join(FILE_NAME);
         let mut o = OpenOptions::new();
@@ -212,6 +252,7 @@ impl AuditStore {
             })
             .map_err(|e| err(e.into()))?;
         let wal = Wal::open(dir, faults)?;
+        let syncer = wal.syncer()?;
         let db = Arc::new(db);
         let state = Arc::new((
             std::sync::Mutex::new(Moving::default()),
@@ -260,7 +301,11 @@ impl AuditStore {
                 keys: Vec::new(),
                 last: 0,
                 since: None,
+                written: 0,
+                synced: 0,
+                synced_last: 0,
             }),
+            syncer,
             mover: Mover {
                 tx: Some(tx),
                 thread: Some(thread),
@@ -269,7 +314,7 @@ impl AuditStore {
             },
         };
         store.init()?;
-        store.replay()?;
+        store.replay(limit)?;
         Ok(store)
     }
 
@@ -289,20 +334,23 @@ impl AuditStore {
     }
 
     /// Moves into `audit.redb` the records the journal has and the file lacks (the groups
-    /// made durable since its last sync, before a crash), then syncs it.
-    fn replay(&self) -> Result<(), StoreError> {
+    /// made durable since its last sync, before a crash), up to sequence `limit` if given,
+    /// then syncs it.
+    fn replay(&self, limit: Option<u64>) -> Result<(), StoreError> {
         let j = self.journal()?;
         let head = self.head()?;
         let base = head.as_ref().map_or(0, |h| h.sequence);
         let mut prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
         let mut next = base + 1;
         let mut records: Vec<(AuditEvent, Vec<u8>)> = Vec::new();
-        let mut cps: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut cps: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+        let limit = limit.unwrap_or(u64::MAX);
         for entry in j.wal.read_all()? {
             match entry.kind {
                 audit_wal::KIND_RECORD => {
                     if let Ok(e) = AuditEvent::decode(entry.payload.as_slice())
                         && e.sequence > base
+                        && e.sequence <= limit
                     {
                         records.push((e, entry.payload));
                     }
@@ -310,8 +358,9 @@ impl AuditStore {
                 audit_wal::KIND_CHECKPOINT => {
                     if let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice())
                         && c.sequence > base
+                        && c.sequence <= limit
                     {
-                        cps.push((c.sequence, entry.payload));
+                        cps.push((c.sequence, c.head_hash, entry.payload));
                     }
                 }
                 _ => {}
@@ -321,6 +370,7 @@ impl AuditStore {
         // a gap, is moved.
         records.sort_by_key(|(e, _)| e.sequence);
         let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut hashes = std::collections::HashMap::new();
         for (e, payload) in records {
             if e.sequence < next {
                 continue;
@@ -329,10 +379,16 @@ impl AuditStore {
                 break;
             }
             next += 1;
-            prev = e.hash;
+            prev.clone_from(&e.hash);
+            hashes.insert(e.sequence, e.hash);
             events.push((e.sequence, payload));
         }
-        let checkpoints: Vec<(u64, Vec<u8>)> = cps.into_iter().filter(|(k, _)| *k < next).collect();
+        // A checkpoint is moved with the record it vouches for.
+        let checkpoints: Vec<(u64, Vec<u8>)> = cps
+            .into_iter()
+            .filter(|(k, head, _)| hashes.get(k) == Some(head))
+            .map(|(k, _, payload)| (k, payload))
+            .collect();
         if !events.is_empty() {
             let rows = events
                 .iter()
@@ -386,13 +442,26 @@ impl AuditStore {
     }
 
     /// Appends `events` (and `checkpoint`) as one group, durable in the journal once this
-    /// returns `Ok`. They are readable from `audit.redb` once they have been moved there
-    /// ([`AuditStore::move_due`], [`AuditStore::flush`]).
+    /// returns `Ok` ([`AuditStore::write`], then [`AuditStore::sync`]).
     pub fn append<'e>(
         &self,
         events: impl Iterator<Item = &'e AuditEvent> + Clone,
         checkpoint: Option<&AuditCheckpoint>,
     ) -> Result<(), StoreError> {
+        self.write(events, checkpoint)?;
+        self.sync().map(|_| ())
+    }
+
+    /// Writes `events` (and `checkpoint`) to the journal as one group, not yet synced;
+    /// returns the group's number (groups are numbered from 1 in the order written). It is
+    /// durable once [`AuditStore::sync`] has returned a number at least as high. They are
+    /// readable from `audit.redb` once they have been moved there ([`AuditStore::move_due`],
+    /// [`AuditStore::flush`]).
+    pub fn write<'e>(
+        &self,
+        events: impl Iterator<Item = &'e AuditEvent> + Clone,
+        checkpoint: Option<&AuditCheckpoint>,
+    ) -> Result<u64, StoreError> {
         let mut j = self.journal()?;
         self.check_moved()?;
         j.wal.begin();
@@ -413,8 +482,7 @@ impl AuditStore {
             // The current half is full: wait for the other to be free (back-pressure).
             self.hand_over(&mut j, true)?;
         }
-        j.wal.write()?;
-        // Durable from here on.
+        j.wal.put()?;
         let j = &mut *j;
         j.entries.extend_from_slice(j.wal.group());
         for e in events {
@@ -425,7 +493,33 @@ impl AuditStore {
             j.keys.push(c.sequence);
         }
         j.since.get_or_insert_with(Instant::now);
-        Ok(())
+        j.written += 1;
+        Ok(j.written)
+    }
+
+    /// Makes every group written so far durable; returns the number of the last. The
+    /// journal is not held meanwhile: groups written during the sync wait for the next.
+    pub fn sync(&self) -> Result<u64, StoreError> {
+        let (target, last) = {
+            let j = self.journal()?;
+            if j.synced == j.written {
+                return Ok(j.synced);
+            }
+            (j.written, j.last)
+        };
+        self.syncer.sync()?;
+        let mut j = self.journal()?;
+        if target > j.synced {
+            j.synced = target;
+            j.synced_last = last;
+        }
+        Ok(target)
+    }
+
+    /// The groups known durable (a count), and the sequence of the last record among them
+    /// (0 if none was written through this handle).
+    pub fn durable(&self) -> (u64, u64) {
+        self.journal().map_or((0, 0), |j| (j.synced, j.synced_last))
     }
 
     /// A failed move: the store must be reopened (which moves the journal again).
@@ -453,6 +547,13 @@ impl AuditStore {
     fn hand_over(&self, j: &mut Journal, wait: bool) -> Result<bool, StoreError> {
         if j.keys.is_empty() {
             return Ok(true);
+        }
+        // What is moved must be durable in the journal first (the half it is in will be
+        // written over once the move is done).
+        if j.synced < j.written {
+            j.wal.sync()?;
+            j.synced = j.written;
+            j.synced_last = j.last;
         }
         {
             let (m, cv) = &*self.mover.state;
@@ -730,6 +831,73 @@ mod tests {
         drop(s);
         let s = AuditStore::open(dir.path(), faults).unwrap();
         assert!(s.head().unwrap().is_none());
+    }
+
+    /// `n` records chained after `prev` from `from`, each with `what` in an attribute.
+    fn chain_of(from: u64, n: u64, prev: [u8; 32], what: &str) -> (Vec<AuditEvent>, [u8; 32]) {
+        let (mut out, _) = chain(from, n, prev);
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut prev = prev;
+        for e in &mut out {
+            e.attributes.insert("what".into(), what.into());
+            prev = record::link(e, prev);
+            record::sign(e, &key);
+        }
+        (out, prev)
+    }
+
+    #[test]
+    fn groups_written_but_never_synced_are_not_read_back_after_the_store_is_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let after = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        let (a, prev) = chain(1, 2, record::GENESIS);
+        // What the writer sealed before the sync failed, and what it writes anew after.
+        let (stale, _) = chain_of(3, 3, prev, "refused");
+        let (real, _) = chain_of(3, 2, prev, "kept");
+        {
+            let s = AuditStore::open(dir.path(), faults.clone()).unwrap();
+            s.append(a.iter(), None).unwrap();
+            assert_eq!(s.durable(), (1, 2));
+            let group = s.write(stale.iter(), None).unwrap();
+            assert_eq!(group, 2);
+            faults.set(true);
+            s.sync().unwrap_err();
+            assert_eq!(
+                s.durable(),
+                (1, 2),
+                "the failed sync made nothing more durable"
+            );
+        }
+        faults.set(false);
+        {
+            // Reopened knowing 2 is the last durable record: 3-5 are not moved.
+            let s = AuditStore::reopen(dir.path(), faults.clone(), 2).unwrap();
+            assert_eq!(s.head().unwrap().unwrap().sequence, 2);
+            assert!(
+                s.journal().unwrap().wal.read_all().unwrap().is_empty(),
+                "forgotten"
+            );
+            s.append(real.iter(), None).unwrap();
+            // A crash now: the journal holds the new 3-4, and the old 3-5 were forgotten.
+            for f in [FILE_NAME, audit_wal::FILE_NAME] {
+                std::fs::copy(dir.path().join(f), after.path().join(f)).unwrap();
+            }
+        }
+        let s = AuditStore::open(after.path(), FaultSwitch::default()).unwrap();
+        let got: Vec<AuditEvent> = s
+            .read(1, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.unwrap())
+            .collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[2].hash, real[0].hash);
+        assert_eq!(got[3].hash, real[1].hash);
+        assert!(
+            got.iter()
+                .all(|e| e.attributes.get("what").map(String::as_str) != Some("refused"))
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The audit journal: `audit.wal` beside `audit.redb`, where a group of records becomes
-//! durable. A group is written to it and synced (one `fdatasync` of blocks the file already
-//! has). The file has two halves: records are journaled into one while those of the other
+//! durable. Groups are written to it one behind the other ([`Wal::put`]) and made durable by
+//! a sync (one `fdatasync` of blocks the file already has), which may run on another thread
+//! ([`WalSync`]) while the next groups are written. The file has two halves: records are journaled into one while those of the other
 //! are moved into `audit.redb` (one durable transaction, on a thread of its own); then the
 //! halves swap. After a crash, opening the store moves the records the journal has and
 //! `audit.redb` lacks into `audit.redb` before anything else is written.
@@ -156,14 +157,58 @@ impl Wal {
 
     /// Writes the group and syncs it: once this returns `Ok`, the group is durable.
     pub fn write(&mut self) -> Result<(), StoreError> {
+        self.put()?;
+        self.sync()
+    }
+
+    /// Writes the group behind what the current half holds, without syncing it: durable
+    /// once a sync that begins after this returns has succeeded.
+    pub fn put(&mut self) -> Result<(), StoreError> {
         const W: &str = "writing the audit journal";
         self.faults.check().map_err(|e| io(&self.path, W, e))?;
         self.file
             .write_all_at(&self.buf, self.half * HALF + self.at)
             .map_err(|e| io(&self.path, W, e))?;
-        self.faults.check().map_err(|e| io(&self.path, W, e))?;
-        self.file.sync_data().map_err(|e| io(&self.path, W, e))?;
         self.at += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        sync(&self.file, &self.path, &self.faults)
+    }
+
+    /// A handle that syncs the journal from another thread, while groups are written.
+    pub fn syncer(&self) -> Result<WalSync, StoreError> {
+        Ok(WalSync {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| io(&self.path, "opening the audit journal", e))?,
+            path: self.path.clone(),
+            faults: self.faults.clone(),
+        })
+    }
+
+    /// Forgets every entry the file holds (they are all in `audit.redb`): the whole file
+    /// is written with zeros and synced, and writing starts again at the first half. Done
+    /// when the store is reopened after a failed write, so that records written but never
+    /// made durable (their callers were refused; the writer seals them anew, with the same
+    /// sequences) can never be read back beside their new versions.
+    pub fn forget(&mut self) -> Result<(), StoreError> {
+        const W: &str = "resetting the audit journal";
+        self.faults.check().map_err(|e| io(&self.path, W, e))?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < CAPACITY {
+            self.file
+                .write_all_at(&zeros, at)
+                .map_err(|e| io(&self.path, W, e))?;
+            at += zeros.len() as u64;
+        }
+        self.sync()?;
+        self.half = 0;
+        self.at = 0;
         Ok(())
     }
 
@@ -172,6 +217,26 @@ impl Wal {
         self.half ^= 1;
         self.at = 0;
     }
+}
+
+/// Syncs the journal from a thread other than the one writing it.
+pub struct WalSync {
+    file: File,
+    path: PathBuf,
+    faults: FaultSwitch,
+}
+
+impl WalSync {
+    /// Makes everything written to the journal so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        sync(&self.file, &self.path, &self.faults)
+    }
+}
+
+fn sync(file: &File, path: &Path, faults: &FaultSwitch) -> Result<(), StoreError> {
+    const W: &str = "syncing the audit journal";
+    faults.check_sync().map_err(|e| io(path, W, e))?;
+    file.sync_data().map_err(|e| io(path, W, e))
 }
 
 /// The CRC-32 of an entry: kind, length, payload.
