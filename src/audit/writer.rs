@@ -131,7 +131,6 @@ impl Syncs {
         drop(g);
         let done = store.sync();
         let mut g = self.lock();
-        g.syncing = false;
         let mut answered = Vec::new();
         match done {
             Ok(synced) => {
@@ -148,11 +147,30 @@ impl Syncs {
                 self.inbox.wake();
             }
         }
-        self.cv.notify_all();
         drop(g);
         for f in answered {
             self.answer(f);
         }
+        // Not idle before every handle on the store taken here is gone (once the writer
+        // sees it idle, it may close the store and say it is closed).
+        drop(store);
+        self.lock().syncing = false;
+        self.cv.notify_all();
+    }
+
+    /// Syncs what is written and answers it, unless a sync is in progress (which will).
+    fn settle(&self) {
+        let g = self.idle();
+        if g.failed.is_none() && !g.flights.is_empty() {
+            self.step(g);
+        }
+    }
+
+    /// Every flight, out of the queue once no sync is in progress; clears a failure.
+    fn take_all(&self) -> VecDeque<Flight> {
+        let mut g = self.idle();
+        g.failed = None;
+        std::mem::take(&mut g.flights)
     }
 
     /// A durable group: its waiters go on.
@@ -194,6 +212,21 @@ impl Syncs {
     }
 }
 
+/// Ends the syncer when the writer's loop ends, however it ends.
+struct Closing(Arc<Syncs>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        let left = {
+            let mut g = self.0.lock();
+            g.closed = true;
+            std::mem::take(&mut g.flights)
+        };
+        self.0.cv.notify_all();
+        drop(left);
+    }
+}
+
 /// One record waiting to be written, and who waits for it.
 pub(super) struct Pending {
     pub event: AuditEvent,
@@ -218,9 +251,12 @@ impl Writer {
                 None
             }
         };
-        self.run_loop(&inbox, syncer.is_some());
-        self.syncs.lock().closed = true;
-        self.syncs.cv.notify_all();
+        {
+            // Even if the loop panics: the syncer ends, and waiters still queued are told
+            // (their answer dropped: refused, fail closed) rather than left waiting.
+            let _closing = Closing(self.syncs.clone());
+            self.run_loop(&inbox, syncer.is_some());
+        }
         if let Some(t) = syncer {
             let _ = t.join();
         }
@@ -301,7 +337,15 @@ impl Writer {
                     done: None,
                     permit: None,
                 });
-                match self.commit_all(&mut r, true, inbox, syncer) {
+                // Recovered once the records are durable, not just written.
+                let done = self.commit_all(&mut r, true, inbox, syncer).and_then(|()| {
+                    self.syncs.settle();
+                    match self.syncs.lock().failed.take() {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    }
+                });
+                match done {
                     Ok(()) => {
                         tracing::warn!(
                             outage_ms = since.elapsed().as_millis() as u64,
@@ -314,11 +358,11 @@ impl Writer {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "audit trail still not writable");
-                        retained.extend(
-                            r.into_iter()
-                                .filter(|p| p.event.event_type != "AUDIT_RECOVERED")
-                                .map(|p| p.event),
-                        );
+                        // The groups written before the failure first (their order kept),
+                        // then those never written; the note is made anew next time.
+                        self.settle_failed(&mut retained, &mut lost);
+                        retained.extend(r.into_iter().map(|p| p.event));
+                        retained.retain(|e| e.event_type != "AUDIT_RECOVERED");
                         self.store = None;
                         self.shared.store(None);
                     }
@@ -410,12 +454,17 @@ impl Writer {
         }
         self.healthy.store(false, Ordering::SeqCst);
         *outage = Some((Instant::now(), 0));
-        let flights = {
-            let mut g = self.syncs.idle();
-            g.failed = None;
-            std::mem::take(&mut g.flights)
-        };
-        for f in flights {
+        self.settle_failed(retained, lost);
+        // redb refuses every operation after a failed write: reopen later.
+        self.store = None;
+        self.shared.store(None);
+    }
+
+    /// After a failure: the groups a sync made durable are answered, the others refused
+    /// (their records kept, in order, to be written anew); the chain will resume after the
+    /// last durable record.
+    fn settle_failed(&mut self, retained: &mut Vec<AuditEvent>, lost: &mut u64) {
+        for f in self.syncs.take_all() {
             if f.group <= f.store.durable().0 {
                 self.syncs.answer(f);
             } else {
@@ -427,9 +476,6 @@ impl Writer {
         if let Some(s) = &self.store {
             self.durable = self.durable.max(s.durable().1);
         }
-        // redb refuses every operation after a failed write: reopen later.
-        self.store = None;
-        self.shared.store(None);
     }
 
     /// Moves the journaled records into audit.redb (where readers see them) if `now`
@@ -443,7 +489,7 @@ impl Writer {
         if now {
             store.flush()?;
             // Everything written is durable now: its waiters go on.
-            self.settle();
+            self.syncs.settle();
             return Ok(None);
         }
         let (since, filling) = store.waiting();
@@ -471,25 +517,11 @@ impl Writer {
         let _ = done.send(());
     }
 
-    /// Answers the groups a sync made durable, if no sync is in progress (one that is
-    /// answers them itself).
-    fn settle(&self) {
-        let g = self.syncs.lock();
-        if !g.syncing && g.failed.is_none() && !g.flights.is_empty() {
-            self.syncs.step(g);
-        }
-    }
-
     /// The end: every group written is answered, durable or refused (nothing more will
     /// be written).
     fn finish(&mut self) {
-        let g = self.syncs.idle();
-        if g.failed.is_none() && !g.flights.is_empty() {
-            self.syncs.step(g);
-        } else {
-            drop(g);
-        }
-        let left = std::mem::take(&mut self.syncs.idle().flights);
+        self.syncs.settle();
+        let left = self.syncs.take_all();
         let mut n = 0;
         for f in left {
             if f.group <= f.store.durable().0 {

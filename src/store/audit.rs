@@ -159,6 +159,9 @@ struct Journal {
     written: u64,
     synced: u64,
     synced_last: u64,
+    /// A sync failed: nothing written since can be known durable (the kernel reports a
+    /// write-back error once), so nothing more is written or synced through this handle.
+    broken: Option<String>,
 }
 
 /// Half a journal's records, to move into `audit.redb`.
@@ -304,6 +307,7 @@ impl AuditStore {
                 written: 0,
                 synced: 0,
                 synced_last: 0,
+                broken: None,
             }),
             syncer,
             mover: Mover {
@@ -357,7 +361,8 @@ impl AuditStore {
                 }
                 audit_wal::KIND_CHECKPOINT => {
                     if let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice())
-                        && c.sequence > base
+                        && c.sequence >= base
+                        && c.sequence > 0
                         && c.sequence <= limit
                     {
                         cps.push((c.sequence, c.head_hash, entry.payload));
@@ -371,6 +376,8 @@ impl AuditStore {
         records.sort_by_key(|(e, _)| e.sequence);
         let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut hashes = std::collections::HashMap::new();
+        // A checkpoint journaled on its own may vouch for the record already in the file.
+        hashes.insert(base, prev.clone());
         for (e, payload) in records {
             if e.sequence < next {
                 continue;
@@ -383,13 +390,15 @@ impl AuditStore {
             hashes.insert(e.sequence, e.hash);
             events.push((e.sequence, payload));
         }
-        // A checkpoint is moved with the record it vouches for.
+        // A checkpoint is moved with the record it vouches for (or, journaled on its own,
+        // for the file's last record, unless the file has it already).
+        let had = base > 0 && self.has_checkpoint(base)?;
         let checkpoints: Vec<(u64, Vec<u8>)> = cps
             .into_iter()
-            .filter(|(k, head, _)| hashes.get(k) == Some(head))
+            .filter(|(k, head, _)| hashes.get(k) == Some(head) && (*k > base || !had))
             .map(|(k, _, payload)| (k, payload))
             .collect();
-        if !events.is_empty() {
+        if !events.is_empty() || !checkpoints.is_empty() {
             let rows = events
                 .iter()
                 .map(|(k, v)| (audit_wal::KIND_RECORD, *k, v.as_slice()))
@@ -464,6 +473,7 @@ impl AuditStore {
     ) -> Result<u64, StoreError> {
         let mut j = self.journal()?;
         self.check_moved()?;
+        self.check_broken(&j)?;
         j.wal.begin();
         for e in events.clone() {
             j.wal.add(audit_wal::KIND_RECORD, |b| e.encode_raw(b));
@@ -502,13 +512,19 @@ impl AuditStore {
     pub fn sync(&self) -> Result<u64, StoreError> {
         let (target, last) = {
             let j = self.journal()?;
+            self.check_broken(&j)?;
             if j.synced == j.written {
                 return Ok(j.synced);
             }
             (j.written, j.last)
         };
-        self.syncer.sync()?;
+        let done = self.syncer.sync();
         let mut j = self.journal()?;
+        if let Err(e) = done {
+            j.broken = Some(e.to_string());
+            return Err(e);
+        }
+        self.check_broken(&j)?;
         if target > j.synced {
             j.synced = target;
             j.synced_last = last;
@@ -520,6 +536,18 @@ impl AuditStore {
     /// (0 if none was written through this handle).
     pub fn durable(&self) -> (u64, u64) {
         self.journal().map_or((0, 0), |j| (j.synced, j.synced_last))
+    }
+
+    /// A failed sync: the store must be reopened.
+    fn check_broken(&self, j: &Journal) -> Result<(), StoreError> {
+        match &j.broken {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Io {
+                path: self.path.clone(),
+                during: "syncing the audit journal",
+                why: format!("an earlier sync failed ({why}): the store must be reopened"),
+            }),
+        }
     }
 
     /// A failed move: the store must be reopened (which moves the journal again).
@@ -550,8 +578,12 @@ impl AuditStore {
         }
         // What is moved must be durable in the journal first (the half it is in will be
         // written over once the move is done).
+        self.check_broken(j)?;
         if j.synced < j.written {
-            j.wal.sync()?;
+            if let Err(e) = j.wal.sync() {
+                j.broken = Some(e.to_string());
+                return Err(e);
+            }
             j.synced = j.written;
             j.synced_last = j.last;
         }
@@ -618,6 +650,14 @@ impl AuditStore {
         }
         drop(g);
         self.check_moved()
+    }
+
+    /// Whether the file holds a checkpoint at `sequence`.
+    fn has_checkpoint(&self, sequence: u64) -> Result<bool, StoreError> {
+        let err = |e: redb::Error| redb_error(&self.path, "reading", REMEDY, e);
+        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
+        let t = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
+        Ok(t.get(sequence).map_err(|e| err(e.into()))?.is_some())
     }
 
     /// The last record, if any.
@@ -898,6 +938,53 @@ mod tests {
             got.iter()
                 .all(|e| e.attributes.get("what").map(String::as_str) != Some("refused"))
         );
+    }
+
+    #[test]
+    fn after_a_failed_sync_nothing_more_is_written_or_known_durable_through_the_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = FaultSwitch::default();
+        let (a, prev) = chain(1, 1, record::GENESIS);
+        let (b, _) = chain(2, 1, prev);
+        let s = AuditStore::open(dir.path(), faults.clone()).unwrap();
+        s.write(a.iter(), None).unwrap();
+        faults.set_syncs(true);
+        s.sync().unwrap_err();
+        faults.set_syncs(false);
+        // The kernel reports a write-back error once: a second sync would succeed without
+        // the first group's pages on disk. The handle stays failed until reopened.
+        s.sync().unwrap_err();
+        s.write(b.iter(), None).unwrap_err();
+        s.flush().unwrap_err();
+        assert_eq!(s.durable(), (0, 0));
+    }
+
+    #[test]
+    fn a_checkpoint_journaled_on_its_own_is_moved_after_a_crash_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let after = tempfile::tempdir().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let (a, head) = chain(1, 3, record::GENESIS);
+        {
+            let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+            s.append(a.iter(), None).unwrap();
+            s.flush().unwrap();
+            // A checkpoint made by time, with no record of its own: 3 is in the file.
+            let cp = record::checkpoint(3, &head, 42, "k", &key);
+            s.append(std::iter::empty(), Some(&cp)).unwrap();
+            for f in [FILE_NAME, audit_wal::FILE_NAME] {
+                std::fs::copy(dir.path().join(f), after.path().join(f)).unwrap();
+            }
+        }
+        for _ in 0..2 {
+            let s = AuditStore::open(after.path(), FaultSwitch::default()).unwrap();
+            let cps = s.checkpoints().unwrap();
+            assert_eq!(cps.len(), 1);
+            assert_eq!(
+                (cps[0].sequence, cps[0].head_hash.as_slice()),
+                (3, &head[..])
+            );
+        }
     }
 
     #[test]
