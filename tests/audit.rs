@@ -1000,3 +1000,115 @@ impl ClientTlsFiles {
         }
     }
 }
+
+/// The writer under load while the disk flips between refusing syncs, refusing writes and
+/// working: every commit answered Ok has exactly one record, as allowed; every one refused
+/// has exactly one, refused (kept through the outage and written after it); the chain
+/// verifies; nothing is recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_with_failing_syncs_and_writes_every_answer_matches_exactly_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = AuditConfig {
+        // Small groups, so a batch is split and several groups are in flight at once.
+        batch_max_records: 4,
+        checkpoint_every_records: 7,
+        ..Default::default()
+    };
+    let faults = FaultSwitch::default();
+    let a = Audit::start(&cfg, dir.path(), faults.clone(), None).unwrap();
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut callers = Vec::new();
+    for t in 0..8 {
+        let (a, running) = (a.clone(), running.clone());
+        callers.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut n = 0;
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut e = audit::event("TOOL_INVOCATION", "ALLOW");
+                e.correlation_id = format!("c{t}-{n}");
+                // A record nobody waits for beside each call, as a tool's result is.
+                let mut r = audit::event("TOOL_RESULT", "INFO");
+                r.correlation_id = format!("r{t}-{n}");
+                a.log(r);
+                let ok = a.commit(e).await.is_ok();
+                answers.push((format!("c{t}-{n}"), ok));
+                n += 1;
+                // ~150 calls a second each: enough to keep groups in flight, few enough
+                // for the verifier of a debug build (refused calls come back at once).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            answers
+        }));
+    }
+    // Working; syncs refused; working until recovered; writes refused; working until
+    // recovered (the store is reopened every second while failing).
+    let healthy = async |a: &Audit| {
+        for _ in 0..50 {
+            if a.healthy() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    for drill in [FaultSwitch::set_syncs, FaultSwitch::set] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        drill(&faults, true);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        drill(&faults, false);
+        assert!(healthy(&a).await, "the trail recovers once the disk works");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for c in callers {
+        answers.extend(c.await.unwrap());
+    }
+    a.stop(audit::event("SIDECAR_STOPPED", "INFO")).await;
+    drop(a);
+
+    let db = dir.path().join("audit.redb");
+    offline::verify_db(&db, None).unwrap().unwrap();
+    let recs = records(&db);
+    let mut by_cid: std::collections::HashMap<&str, Vec<&AuditEvent>> = Default::default();
+    for r in &recs {
+        if !r.correlation_id.is_empty() {
+            by_cid.entry(r.correlation_id.as_str()).or_default().push(r);
+        }
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for (cid, answered) in &answers {
+        let found = by_cid.get(cid.as_str()).map_or(&[][..], |v| v.as_slice());
+        assert_eq!(
+            found.len(),
+            1,
+            "{cid} (answered ok: {answered}) has {} records",
+            found.len()
+        );
+        if *answered {
+            ok += 1;
+            assert_eq!(found[0].decision, "ALLOW", "{cid} was answered ok");
+        } else {
+            refused += 1;
+            assert_eq!(found[0].decision, "DENY", "{cid} was refused");
+            assert_eq!(found[0].reason_code, "AUDIT_UNAVAILABLE");
+        }
+    }
+    assert!(
+        ok > 0 && refused > 0,
+        "both answers seen: {ok} ok, {refused} refused"
+    );
+    // Records nobody waited for are kept too, each once.
+    assert!(
+        by_cid
+            .iter()
+            .filter(|(c, _)| c.starts_with('r'))
+            .all(|(_, v)| v.len() == 1)
+    );
+    assert!(
+        recs.iter()
+            .filter(|r| r.event_type == "AUDIT_RECOVERED")
+            .count()
+            >= 2
+    );
+}

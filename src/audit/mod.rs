@@ -282,9 +282,12 @@ impl Audit {
     /// durable. `Err`: the trail cannot record it, and the call must be refused.
     pub async fn commit(&self, e: AuditEvent) -> Result<(), AuditError> {
         if !self.healthy() && self.mode == Mode::Sync {
-            // Failing closed: the writer still keeps the record for when the disk is back.
-            let (tx, _rx) = tokio::sync::oneshot::channel();
-            self.send(e, Some(tx), None);
+            // Failing closed: the writer still keeps the record for when the disk is back,
+            // as refused (it may be back by the time the writer takes it: the record must
+            // say what the caller was told).
+            let mut e = e;
+            writer::mark_refused(&mut e);
+            self.send(e, None, None);
             return Err(AuditError::Unavailable);
         }
         let permit = self

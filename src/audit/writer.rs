@@ -40,18 +40,24 @@ const RETRY_MOVE: Duration = Duration::from_millis(2);
 fn refuse_and_keep(p: Pending, retained: &mut Vec<AuditEvent>, lost: &mut u64) {
     let mut e = p.event;
     if let Some(tx) = p.done {
-        if e.decision == "ALLOW" {
-            e.attributes
-                .insert("original_decision".into(), "ALLOW".into());
-            e.decision = "DENY".into();
-            e.reason_code = "AUDIT_UNAVAILABLE".into();
-        }
+        mark_refused(&mut e);
         let _ = tx.send(Err(AuditError::Unavailable));
     }
     if retained.len() < MAX_RETAINED {
         retained.push(e);
     } else {
         *lost += 1;
+    }
+}
+
+/// The record of a call refused because the trail could not record it: an allow becomes a
+/// refusal with `AUDIT_UNAVAILABLE` (and says what it would have been).
+pub(super) fn mark_refused(e: &mut AuditEvent) {
+    if e.decision == "ALLOW" {
+        e.attributes
+            .insert("original_decision".into(), "ALLOW".into());
+        e.decision = "DENY".into();
+        e.reason_code = "AUDIT_UNAVAILABLE".into();
     }
 }
 
