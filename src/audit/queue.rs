@@ -54,15 +54,11 @@ impl Inbox {
         let _ = self.writer.set(t);
     }
 
-    fn unpark(&self) {
+    /// Wakes the writer (also for something other than a message: a failed sync).
+    pub fn wake(&self) {
         if let Some(t) = self.writer.get() {
             t.unpark();
         }
-    }
-
-    /// Wakes the writer (something other than a message needs it: a failed sync).
-    pub fn wake(&self) {
-        self.unpark();
     }
 
     /// Whether a message the writer must act on at once is queued.
@@ -90,7 +86,7 @@ impl Inbox {
         };
         let state = self.state.load(Ordering::SeqCst);
         if urgent || state == IDLE || len >= self.full {
-            self.unpark();
+            self.wake();
         }
     }
 
@@ -118,7 +114,7 @@ impl Inbox {
     /// Every handle on the trail is gone: the writer finishes what is queued and ends.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.unpark();
+        self.wake();
     }
 
     pub fn closed(&self) -> bool {

@@ -172,11 +172,23 @@ impl Syncs {
         }
     }
 
-    /// Every flight, out of the queue once no sync is in progress; clears a failure.
-    fn take_all(&self) -> VecDeque<Flight> {
-        let mut g = self.idle();
-        g.failed = None;
-        std::mem::take(&mut g.flights)
+    /// Empties the queue once no sync is in progress (and clears a failure): the flights a
+    /// sync made durable are answered; the records of the others are returned, in order.
+    fn take_unsynced(&self) -> Vec<Pending> {
+        let flights = {
+            let mut g = self.idle();
+            g.failed = None;
+            std::mem::take(&mut g.flights)
+        };
+        let mut left = Vec::new();
+        for f in flights {
+            if f.group <= f.store.durable().0 {
+                self.answer(f);
+            } else {
+                left.extend(f.pending);
+            }
+        }
+        left
     }
 
     /// A durable group: its waiters go on.
@@ -470,14 +482,8 @@ impl Writer {
     /// (their records kept, in order, to be written anew); the chain will resume after the
     /// last durable record.
     fn settle_failed(&mut self, retained: &mut Vec<AuditEvent>, lost: &mut u64) {
-        for f in self.syncs.take_all() {
-            if f.group <= f.store.durable().0 {
-                self.syncs.answer(f);
-            } else {
-                for p in f.pending {
-                    refuse_and_keep(p, retained, lost);
-                }
-            }
+        for p in self.syncs.take_unsynced() {
+            refuse_and_keep(p, retained, lost);
         }
         if let Some(s) = &self.store {
             self.durable = self.durable.max(s.durable().1);
@@ -527,18 +533,11 @@ impl Writer {
     /// be written).
     fn finish(&mut self) {
         self.syncs.settle();
-        let left = self.syncs.take_all();
-        let mut n = 0;
-        for f in left {
-            if f.group <= f.store.durable().0 {
-                self.syncs.answer(f);
-            } else {
-                n += f.pending.len();
-                for p in f.pending {
-                    if let Some(tx) = p.done {
-                        let _ = tx.send(Err(AuditError::Unavailable));
-                    }
-                }
+        let left = self.syncs.take_unsynced();
+        let n = left.len();
+        for p in left {
+            if let Some(tx) = p.done {
+                let _ = tx.send(Err(AuditError::Unavailable));
             }
         }
         if n > 0 {

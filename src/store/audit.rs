@@ -164,6 +164,27 @@ struct Journal {
     broken: Option<String>,
 }
 
+impl Journal {
+    /// Takes in the outcome of a sync that began when `target` groups were written (the
+    /// last record `last`): a failure is remembered for good.
+    fn synced_after(
+        &mut self,
+        done: Result<(), StoreError>,
+        target: u64,
+        last: u64,
+    ) -> Result<(), StoreError> {
+        if let Err(e) = done {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        if target > self.synced {
+            self.synced = target;
+            self.synced_last = last;
+        }
+        Ok(())
+    }
+}
+
 /// Half a journal's records, to move into `audit.redb`.
 struct Job {
     entries: Vec<u8>,
@@ -520,15 +541,9 @@ impl AuditStore {
         };
         let done = self.syncer.sync();
         let mut j = self.journal()?;
-        if let Err(e) = done {
-            j.broken = Some(e.to_string());
-            return Err(e);
-        }
+        // Another sync may have failed meanwhile.
         self.check_broken(&j)?;
-        if target > j.synced {
-            j.synced = target;
-            j.synced_last = last;
-        }
+        j.synced_after(done, target, last)?;
         Ok(target)
     }
 
@@ -580,23 +595,13 @@ impl AuditStore {
         // written over once the move is done).
         self.check_broken(j)?;
         if j.synced < j.written {
-            if let Err(e) = j.wal.sync() {
-                j.broken = Some(e.to_string());
-                return Err(e);
-            }
-            j.synced = j.written;
-            j.synced_last = j.last;
+            let done = j.wal.sync();
+            let (target, last) = (j.written, j.last);
+            j.synced_after(done, target, last)?;
         }
-        {
-            let (m, cv) = &*self.mover.state;
-            let mut g = m.lock().map_err(|_| self.mover_gone())?;
-            while g.busy {
-                if !wait {
-                    return Ok(false);
-                }
-                g = cv.wait(g).map_err(|_| self.mover_gone())?;
-            }
-            g.busy = true;
+        match self.mover_free(wait)? {
+            Some(mut g) => g.busy = true,
+            None => return Ok(false),
         }
         let job = Job {
             entries: std::mem::take(&mut j.entries),
@@ -643,13 +648,25 @@ impl AuditStore {
     pub fn flush(&self) -> Result<(), StoreError> {
         let mut j = self.journal()?;
         self.hand_over(&mut j, true)?;
+        drop(self.mover_free(true)?);
+        self.check_moved()
+    }
+
+    /// The mover's state once it is not moving (`wait`: waits for that; otherwise `None`
+    /// if it is busy).
+    fn mover_free(
+        &self,
+        wait: bool,
+    ) -> Result<Option<std::sync::MutexGuard<'_, Moving>>, StoreError> {
         let (m, cv) = &*self.mover.state;
         let mut g = m.lock().map_err(|_| self.mover_gone())?;
         while g.busy {
+            if !wait {
+                return Ok(None);
+            }
             g = cv.wait(g).map_err(|_| self.mover_gone())?;
         }
-        drop(g);
-        self.check_moved()
+        Ok(Some(g))
     }
 
     /// Whether the file holds a checkpoint at `sequence`.

@@ -1,9 +1,9 @@
 //! The audit journal: `audit.wal` beside `audit.redb`, where a group of records becomes
 //! durable. Groups are written to it one behind the other ([`Wal::put`]) and made durable by
 //! a sync (one `fdatasync` of blocks the file already has), which may run on another thread
-//! ([`WalSync`]) while the next groups are written. The file has two halves: records are journaled into one while those of the other
-//! are moved into `audit.redb` (one durable transaction, on a thread of its own); then the
-//! halves swap. After a crash, opening the store moves the records the journal has and
+//! ([`WalSync`]) while the next groups are written. The file has two halves: records are
+//! journaled into one while those of the other are moved into `audit.redb` (one durable
+//! transaction, on a thread of its own); then the halves swap. After a crash, opening the store moves the records the journal has and
 //! `audit.redb` lacks into `audit.redb` before anything else is written.
 //!
 //! Why: measured on this machine, a durable redb commit (file growth, pages, header) took
@@ -18,8 +18,9 @@
 //! ```
 //!
 //! The CRC covers kind, length and payload; the payload is the protobuf `AuditEvent` or
-//! `AuditCheckpoint` exactly as `audit.redb` stores it. Entries of earlier rounds stay behind
-//! the current one: reading stops at the first entry that is torn or does not follow on.
+//! `AuditCheckpoint` exactly as `audit.redb` stores it. Each half is read from its beginning
+//! to its first torn entry; entries of earlier rounds may follow the current one, and the
+//! reader tells them apart by sequence (they are in `audit.redb` already).
 
 use super::StoreError;
 use crate::store::audit::FaultSwitch;
@@ -79,15 +80,8 @@ impl Wal {
             // Zeros written, not a hole: a sync of an overwrite then records no new blocks.
             faults
                 .check()
+                .and_then(|()| zero_fill(&file, len))
                 .map_err(|e| io(&path, "creating the audit journal", e))?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = len;
-            while at < CAPACITY {
-                let n = zeros.len().min((CAPACITY - at) as usize);
-                file.write_all_at(&zeros[..n], at)
-                    .map_err(|e| io(&path, "creating the audit journal", e))?;
-                at += n as u64;
-            }
             file.flush()
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io(&path, "creating the audit journal", e))?;
@@ -197,15 +191,10 @@ impl Wal {
     /// sequences) can never be read back beside their new versions.
     pub fn forget(&mut self) -> Result<(), StoreError> {
         const W: &str = "resetting the audit journal";
-        self.faults.check().map_err(|e| io(&self.path, W, e))?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < CAPACITY {
-            self.file
-                .write_all_at(&zeros, at)
-                .map_err(|e| io(&self.path, W, e))?;
-            at += zeros.len() as u64;
-        }
+        self.faults
+            .check()
+            .and_then(|()| zero_fill(&self.file, 0))
+            .map_err(|e| io(&self.path, W, e))?;
         self.sync()?;
         self.half = 0;
         self.at = 0;
@@ -237,6 +226,19 @@ fn sync(file: &File, path: &Path, faults: &FaultSwitch) -> Result<(), StoreError
     const W: &str = "syncing the audit journal";
     faults.check_sync().map_err(|e| io(path, W, e))?;
     file.sync_data().map_err(|e| io(path, W, e))
+}
+
+/// Writes zeros over the file from `from` to [`CAPACITY`] (blocks the file then holds, so a
+/// later sync of an overwrite records no new ones).
+fn zero_fill(file: &File, from: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < CAPACITY {
+        let n = zeros.len().min((CAPACITY - at) as usize);
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The CRC-32 of an entry: kind, length, payload.
