@@ -100,6 +100,22 @@ struct SyncState {
     /// A sync failed: the writer settles the flights and reopens the store.
     failed: Option<crate::store::StoreError>,
     closed: bool,
+    /// Emptied groups, for the writer's next: a group's vector grown anew each time (and
+    /// freed by another thread) cost the writer fresh pages, zeroed by the kernel.
+    spare: Vec<Vec<Pending>>,
+}
+
+/// Emptied groups kept for reuse, at most.
+const SPARE_GROUPS: usize = 8;
+
+impl SyncState {
+    fn keep(&mut self, emptied: impl IntoIterator<Item = Vec<Pending>>) {
+        for v in emptied {
+            if self.spare.len() < SPARE_GROUPS {
+                self.spare.push(v);
+            }
+        }
+    }
 }
 
 /// The groups waiting for a sync, shared by the writer and the syncer thread.
@@ -154,13 +170,14 @@ impl Syncs {
             }
         }
         drop(g);
-        for f in answered {
-            self.answer(f);
-        }
+        let emptied: Vec<_> = answered.into_iter().map(|f| self.answer(f)).collect();
         // Not idle before every handle on the store taken here is gone (once the writer
         // sees it idle, it may close the store and say it is closed).
         drop(store);
-        self.lock().syncing = false;
+        let mut g = self.lock();
+        g.syncing = false;
+        g.keep(emptied);
+        drop(g);
         self.cv.notify_all();
     }
 
@@ -183,7 +200,7 @@ impl Syncs {
         let mut left = Vec::new();
         for f in flights {
             if f.group <= f.store.durable().0 {
-                self.answer(f);
+                let _ = self.answer(f);
             } else {
                 left.extend(f.pending);
             }
@@ -191,17 +208,18 @@ impl Syncs {
         left
     }
 
-    /// A durable group: its waiters go on.
-    fn answer(&self, f: Flight) {
+    /// A durable group: its waiters go on. Returns the group's emptied vector.
+    fn answer(&self, mut f: Flight) -> Vec<Pending> {
         if let Some(m) = &self.metrics {
             m.audit_records.inc_by(f.pending.len() as u64);
         }
-        for p in f.pending {
+        for p in f.pending.drain(..) {
             if let Some(tx) = p.done {
                 let _ = tx.send(Ok(p.event.sequence));
             }
             drop(p.permit);
         }
+        f.pending
     }
 
     /// The syncer thread: syncs whenever groups wait and no sync is in progress.
@@ -652,10 +670,11 @@ impl Writer {
             self.since_checkpoint += batch.len() as u64;
         }
         let mut g = self.syncs.lock();
+        let spare = g.spare.pop().unwrap_or_default();
         g.flights.push_back(Flight {
             store,
             group,
-            pending: std::mem::take(batch),
+            pending: std::mem::replace(batch, spare),
         });
         if !g.syncing && g.failed.is_none() && (!syncer || !inbox.urgent()) {
             self.syncs.step(g);

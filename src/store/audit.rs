@@ -198,6 +198,10 @@ struct Moving {
     busy: bool,
     /// Why a move failed (the store must be reopened, which moves it again).
     failed: Option<String>,
+    /// The buffers of the last job moved, emptied, for the next half: a half's entries
+    /// are megabytes, and growing a new buffer for each half cost the writer fresh pages
+    /// (zeroed by the kernel) and copies on every move.
+    spare: Option<(Vec<u8>, Vec<u64>)>,
 }
 
 /// Told the last sequence readable from `audit.redb` after each move.
@@ -289,17 +293,20 @@ impl AuditStore {
             std::thread::Builder::new()
                 .name("aesp-audit-mover".into())
                 .spawn(move || {
-                    for job in rx {
+                    for mut job in rx {
                         let rows = audit_wal::entries(&job.entries)
                             .zip(&job.keys)
                             .map(|((kind, payload), key)| (kind, *key, payload));
                         let done = move_into(&db, &file, rows);
+                        job.entries.clear();
+                        job.keys.clear();
                         let (m, cv) = &*state;
                         if let Ok(mut g) = m.lock() {
                             g.busy = false;
                             if let Err(e) = &done {
                                 g.failed = Some(e.to_string());
                             }
+                            g.spare = Some((job.entries, job.keys));
                         }
                         cv.notify_all();
                         if done.is_ok()
@@ -599,13 +606,16 @@ impl AuditStore {
             let (target, last) = (j.written, j.last);
             j.synced_after(done, target, last)?;
         }
-        match self.mover_free(wait)? {
-            Some(mut g) => g.busy = true,
+        let (entries, keys) = match self.mover_free(wait)? {
+            Some(mut g) => {
+                g.busy = true;
+                g.spare.take().unwrap_or_default()
+            }
             None => return Ok(false),
-        }
+        };
         let job = Job {
-            entries: std::mem::take(&mut j.entries),
-            keys: std::mem::take(&mut j.keys),
+            entries: std::mem::replace(&mut j.entries, entries),
+            keys: std::mem::replace(&mut j.keys, keys),
             last: j.last,
         };
         let sent = self
