@@ -39,7 +39,10 @@ const SCHEMA_VERSION: u64 = 1;
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const CACHE_BYTES: usize = 64 << 20;
+/// redb's page cache for this file. The trail is appended and seldom read (queries,
+/// reports): 64 MiB cost the mover fresh pages to fault in for as long as the cache was
+/// filling (and 64 MiB of RSS); with 16 MiB it is reused sooner.
+const CACHE_BYTES: usize = 16 << 20;
 const REMEDY: &str = "the file was left as it is: keep it for the investigation (`aesp audit verify --db` on a copy says what is wrong), move it aside and restart to begin a new chain";
 
 /// Makes every write to the audit file fail while on: a disk-failure drill, so the
@@ -328,8 +331,9 @@ impl AuditStore {
             path,
             journal: std::sync::Mutex::new(Journal {
                 wal,
-                entries: Vec::new(),
-                keys: Vec::new(),
+                // At the size a half can reach: never grown (copied) while records wait.
+                entries: Vec::with_capacity(audit_wal::HALF as usize),
+                keys: Vec::with_capacity(4096),
                 last: 0,
                 since: None,
                 written: 0,
@@ -609,7 +613,12 @@ impl AuditStore {
         let (entries, keys) = match self.mover_free(wait)? {
             Some(mut g) => {
                 g.busy = true;
-                g.spare.take().unwrap_or_default()
+                g.spare.take().unwrap_or_else(|| {
+                    (
+                        Vec::with_capacity(audit_wal::HALF as usize),
+                        Vec::with_capacity(4096),
+                    )
+                })
             }
             None => return Ok(false),
         };

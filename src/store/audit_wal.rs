@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 pub const FILE_NAME: &str = "audit.wal";
 /// The journal's size: two halves of ~10,000 records of ~800 bytes.
 pub const CAPACITY: u64 = 16 << 20;
-const HALF: u64 = CAPACITY / 2;
+pub const HALF: u64 = CAPACITY / 2;
 const MAGIC: &[u8; 4] = b"AWL1";
 const HEADER: usize = 16;
 pub const KIND_RECORD: u8 = 1;
