@@ -1227,11 +1227,17 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
     use aesp_sidecar::audit::offline;
     match op {
         AuditOp::Verify { db, export, pubkey } => {
-            let outcome = match (db, export) {
-                (Some(db), _) => offline::verify_db(&db, pubkey.as_deref())?,
-                (None, Some(e)) => offline::verify_export(&e, pubkey.as_deref())?,
+            let (outcome, notes) = match (db, export) {
+                (Some(db), _) => {
+                    let (o, n) = offline::verify_db_noted(&db, pubkey.as_deref())?;
+                    (o, offline::describe(&db, &n))
+                }
+                (None, Some(e)) => (offline::verify_export(&e, pubkey.as_deref())?, Vec::new()),
                 (None, None) => anyhow::bail!("give --db FILE or --export FILE"),
             };
+            for n in notes {
+                println!("{n}");
+            }
             Ok(match outcome {
                 Ok(summary) => {
                     println!("{summary}");
@@ -1244,7 +1250,7 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
             })
         }
         AuditOp::Export { db, format: _, out } => {
-            let n = match out {
+            let (n, notes) = match out {
                 Some(path) => {
                     let f = std::fs::File::create(&path)
                         .with_context(|| format!("--out {}", path.display()))?;
@@ -1261,6 +1267,9 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
                     n
                 }
             };
+            for line in offline::describe(&db, &notes) {
+                eprintln!("{line}");
+            }
             eprintln!("exported {n} records");
             Ok(ExitCode::SUCCESS)
         }

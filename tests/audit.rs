@@ -932,6 +932,24 @@ async fn after_kill_9_under_load_every_answered_call_has_its_record_and_the_chai
             "round {round}: the sidecar served only {} calls",
             got.len()
         );
+        if round == 0 {
+            // Before any restart, the files as the kill left them verify offline (redb's
+            // repair on a private copy, the journal's records not yet moved read beside
+            // it), every answered call's record among them, and nothing is written.
+            let before = std::fs::read(&db).unwrap();
+            let summary = offline::verify_db(&db, None).unwrap().unwrap();
+            let recs = records(&db);
+            assert_eq!(summary.count as usize, recs.len());
+            let ids: std::collections::HashSet<&str> =
+                recs.iter().map(|r| r.correlation_id.as_str()).collect();
+            for (cid, _) in &got {
+                assert!(
+                    ids.contains(cid.as_str()),
+                    "before the restart, answered call {cid} has no record"
+                );
+            }
+            assert_eq!(std::fs::read(&db).unwrap(), before, "the file was written");
+        }
         answered.extend(got);
     }
 

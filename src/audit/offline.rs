@@ -3,7 +3,7 @@
 
 use super::export::{self, Line};
 use super::verify::{ChainVerifier, Fault, Summary};
-use crate::store::audit::AuditReader;
+use crate::store::audit::{AuditReader, ReadNotes};
 use anyhow::Context;
 use ed25519_dalek::VerifyingKey;
 use std::io::{BufRead, Write};
@@ -25,8 +25,13 @@ fn pinned(pubkeys: Option<&Path>) -> anyhow::Result<Vec<VerifyingKey>> {
     }
 }
 
-/// Verifies `audit.redb` at `db`.
+/// Verifies `audit.redb` at `db` (and the records of the journal beside it not yet in it).
 pub fn verify_db(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<Outcome> {
+    verify_db_noted(db, pubkeys).map(|(o, _)| o)
+}
+
+/// [`verify_db`], and how the file was read.
+pub fn verify_db_noted(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<(Outcome, ReadNotes)> {
     let keys = pinned(pubkeys)?;
     let r = AuditReader::open(db).with_context(|| format!("--db {}", db.display()))?;
     let mut v = ChainVerifier::new(&keys, r.checkpoints()?);
@@ -40,10 +45,35 @@ pub fn verify_db(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<Outcome> {
             }
         }
     })?;
-    Ok(match fault {
+    let outcome = match fault {
         Some(f) => Err(f),
         None => v.finish(),
-    })
+    };
+    Ok((outcome, r.notes()))
+}
+
+/// What to tell a person about how `db` was read (one line each).
+pub fn describe(db: &Path, n: &ReadNotes) -> Vec<String> {
+    let mut out = Vec::new();
+    if n.repaired_copy {
+        out.push(format!(
+            "note: {} was not closed cleanly (a sidecar has it open, or was stopped without \
+             closing it): it was read from a repaired private copy; the file itself was not \
+             touched",
+            db.display()
+        ));
+    }
+    if n.journaled > 0 {
+        out.push(format!(
+            "note: {} records (from sequence {}) were read from the journal {} beside it: \
+             durable, not yet moved into the file (a running sidecar moves them within \
+             seconds; after a crash, its next start does)",
+            n.journaled,
+            n.journaled_from,
+            crate::store::audit_wal::FILE_NAME
+        ));
+    }
+    out
 }
 
 /// Verifies an export (JSON lines) at `file`.
@@ -72,8 +102,10 @@ pub fn verify_export(file: &Path, pubkeys: Option<&Path>) -> anyhow::Result<Outc
     Ok(v.finish())
 }
 
-/// Writes every record of `db`, each checkpoint after the record it signs, as JSON lines.
-pub fn export(db: &Path, out: &mut impl Write) -> anyhow::Result<u64> {
+/// Writes every record of `db` (and of the journal beside it, not yet in it), each
+/// checkpoint after the record it signs, as JSON lines. Returns how many, and how the file
+/// was read.
+pub fn export(db: &Path, out: &mut impl Write) -> anyhow::Result<(u64, ReadNotes)> {
     let r = AuditReader::open(db).with_context(|| format!("--db {}", db.display()))?;
     let cps: std::collections::BTreeMap<u64, _> = r
         .checkpoints()?
@@ -112,7 +144,7 @@ pub fn export(db: &Path, out: &mut impl Write) -> anyhow::Result<u64> {
     if let Some(e) = err {
         return Err(e);
     }
-    Ok(n)
+    Ok((n, r.notes()))
 }
 
 /// The public key of the audit key at `key_file` (PEM, then its key id).

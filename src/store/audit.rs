@@ -376,59 +376,16 @@ impl AuditStore {
         let j = self.journal()?;
         let head = self.head()?;
         let base = head.as_ref().map_or(0, |h| h.sequence);
-        let mut prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
-        let mut next = base + 1;
-        let mut records: Vec<(AuditEvent, Vec<u8>)> = Vec::new();
-        let mut cps: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
-        let limit = limit.unwrap_or(u64::MAX);
-        for entry in j.wal.read_all()? {
-            match entry.kind {
-                audit_wal::KIND_RECORD => {
-                    if let Ok(e) = AuditEvent::decode(entry.payload.as_slice())
-                        && e.sequence > base
-                        && e.sequence <= limit
-                    {
-                        records.push((e, entry.payload));
-                    }
-                }
-                audit_wal::KIND_CHECKPOINT => {
-                    if let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice())
-                        && c.sequence >= base
-                        && c.sequence > 0
-                        && c.sequence <= limit
-                    {
-                        cps.push((c.sequence, c.head_hash, entry.payload));
-                    }
-                }
-                _ => {}
-            }
-        }
-        // The halves in order of sequence; what continues the chain from its head, without
-        // a gap, is moved.
-        records.sort_by_key(|(e, _)| e.sequence);
-        let mut events: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut hashes = std::collections::HashMap::new();
-        // A checkpoint journaled on its own may vouch for the record already in the file.
-        hashes.insert(base, prev.clone());
-        for (e, payload) in records {
-            if e.sequence < next {
-                continue;
-            }
-            if e.sequence > next || e.prev_hash != prev {
-                break;
-            }
-            next += 1;
-            prev.clone_from(&e.hash);
-            hashes.insert(e.sequence, e.hash);
-            events.push((e.sequence, payload));
-        }
-        // A checkpoint is moved with the record it vouches for (or, journaled on its own,
-        // for the file's last record, unless the file has it already).
+        let prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
+        let tail = journal_tail(j.wal.read_all()?, base, prev, limit.unwrap_or(u64::MAX));
+        let events = tail.records;
+        // A checkpoint journaled on its own for the file's last record is moved unless the
+        // file has it already.
         let had = base > 0 && self.has_checkpoint(base)?;
-        let checkpoints: Vec<(u64, Vec<u8>)> = cps
+        let checkpoints: Vec<(u64, Vec<u8>)> = tail
+            .checkpoints
             .into_iter()
-            .filter(|(k, head, _)| hashes.get(k) == Some(head) && (*k > base || !had))
-            .map(|(k, _, payload)| (k, payload))
+            .filter(|(k, _)| *k > base || !had)
             .collect();
         if !events.is_empty() || !checkpoints.is_empty() {
             let rows = events
@@ -721,42 +678,186 @@ impl AuditStore {
     }
 }
 
-/// A read-only handle on an `audit.redb` (the live file of a running sidecar, or a copy).
+/// A read-only handle on an `audit.redb` (the live file of a running sidecar, one left by a
+/// crash, or a copy of either), with what the journal beside it (`audit.wal`, if there is
+/// one) holds beyond it: the records a running sidecar has not moved yet, or those made
+/// durable before a crash (a restart moves them). The files themselves are never written.
 pub struct AuditReader {
-    db: ReadOnlyDatabase,
+    db: ReaderDb,
     path: PathBuf,
+    /// The journal's records that continue the file's chain, then its checkpoints.
+    tail: Vec<(u64, Vec<u8>)>,
+    tail_checkpoints: Vec<AuditCheckpoint>,
+    /// Declared after `db`: the copy is deleted once the database on it is closed.
+    _copy: Option<tempfile::TempPath>,
+}
+
+enum ReaderDb {
+    ReadOnly(ReadOnlyDatabase),
+    /// A repaired private copy (the file was not closed cleanly).
+    Copy(Box<Database>),
+}
+
+/// What the caller should know about how an `audit.redb` was read.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReadNotes {
+    /// The file was not closed cleanly (a sidecar has it open, or was killed): redb's
+    /// repair ran on a private copy, the file itself untouched.
+    pub repaired_copy: bool,
+    /// Records read from the journal beside the file (not yet moved into it), and the
+    /// first of their sequences.
+    pub journaled: u64,
+    pub journaled_from: u64,
 }
 
 impl AuditReader {
     pub fn open(path: &Path) -> Result<AuditReader, StoreError> {
-        let db = builder()
-            .open_read_only(path)
-            .map_err(|e| redb_error(path, OPENING, REMEDY, e))?;
-        Ok(AuditReader {
+        let (db, copy) = match builder().open_read_only(path) {
+            Ok(db) => (ReaderDb::ReadOnly(db), None),
+            Err(redb::DatabaseError::RepairAborted) => {
+                let (db, copy) = repaired_copy(path)?;
+                (ReaderDb::Copy(Box::new(db)), Some(copy))
+            }
+            Err(e) => return Err(redb_error(path, OPENING, REMEDY, e)),
+        };
+        let mut r = AuditReader {
             db,
             path: path.to_path_buf(),
-        })
+            tail: Vec::new(),
+            tail_checkpoints: Vec::new(),
+            _copy: copy,
+        };
+        r.read_journal()?;
+        Ok(r)
     }
 
-    /// Calls `f` with each record from `from` on, in key order, until it breaks.
+    /// How the file was read.
+    pub fn notes(&self) -> ReadNotes {
+        ReadNotes {
+            repaired_copy: self._copy.is_some(),
+            journaled: self.tail.len() as u64,
+            journaled_from: self.tail.first().map_or(0, |(k, _)| *k),
+        }
+    }
+
+    fn read_journal(&mut self) -> Result<(), StoreError> {
+        let Some(dir) = self.path.parent() else {
+            return Ok(());
+        };
+        let wal = dir.join(audit_wal::FILE_NAME);
+        let file = match std::fs::File::open(&wal) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: wal,
+                    during: "reading the audit journal",
+                    why: e.to_string(),
+                });
+            }
+        };
+        let entries = audit_wal::read_entries(&file, &wal)?;
+        let head = match &self.db {
+            ReaderDb::ReadOnly(db) => head(db, &self.path)?,
+            ReaderDb::Copy(db) => head(&**db, &self.path)?,
+        };
+        let base = head.as_ref().map_or(0, |h| h.sequence);
+        let prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
+        let tail = journal_tail(entries, base, prev, u64::MAX);
+        let mut cps = Vec::new();
+        for (k, payload) in &tail.checkpoints {
+            let c =
+                AuditCheckpoint::decode(payload.as_slice()).map_err(|e| StoreError::Corrupt {
+                    path: wal.clone(),
+                    why: format!("checkpoint {k} does not decode: {e}"),
+                    remedy: REMEDY,
+                })?;
+            cps.push(c);
+        }
+        self.tail = tail.records;
+        self.tail_checkpoints = cps;
+        Ok(())
+    }
+
+    /// Calls `f` with each record from `from` on, in key order, until it breaks: those of
+    /// the file, then those of the journal beyond it.
     pub fn scan(
         &self,
         from: u64,
-        f: impl FnMut(Stored) -> ControlFlow<()>,
+        mut f: impl FnMut(Stored) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
-        scan(&self.db, &self.path, from, f)
+        let mut broke = false;
+        let mut g = |s| {
+            let r = f(s);
+            broke = r.is_break();
+            r
+        };
+        match &self.db {
+            ReaderDb::ReadOnly(db) => scan(db, &self.path, from, &mut g)?,
+            ReaderDb::Copy(db) => scan(&**db, &self.path, from, &mut g)?,
+        }
+        let mut tail = self.tail.iter().filter(|(k, _)| *k >= from);
+        let mut go = !broke;
+        while go && let Some((key, payload)) = tail.next() {
+            let event = AuditEvent::decode(payload.as_slice()).map_err(|e| e.to_string());
+            go = f(Stored { key: *key, event }).is_continue();
+        }
+        Ok(())
     }
 
+    /// Every checkpoint, in order of sequence: the file's, then the journal's.
     pub fn checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
-        checkpoints(&self.db, &self.path)
+        let mut out = match &self.db {
+            ReaderDb::ReadOnly(db) => checkpoints(db, &self.path)?,
+            ReaderDb::Copy(db) => checkpoints(&**db, &self.path)?,
+        };
+        let last = out.last().map(|c| c.sequence);
+        out.extend(
+            self.tail_checkpoints
+                .iter()
+                .filter(|c| last.is_none_or(|l| c.sequence > l))
+                .cloned(),
+        );
+        Ok(out)
     }
 
+    /// The records, the file's and the journal's.
     pub fn count(&self) -> Result<u64, StoreError> {
-        let err = |e: redb::Error| redb_error(&self.path, "reading", REMEDY, e);
-        let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
-        t.len().map_err(|e| err(e.into()))
+        let n = match &self.db {
+            ReaderDb::ReadOnly(db) => count(db, &self.path)?,
+            ReaderDb::Copy(db) => count(&**db, &self.path)?,
+        };
+        Ok(n + self.tail.len() as u64)
     }
+}
+
+/// A private copy of `path`, opened for writing so that redb repairs it (the file itself
+/// is never opened for writing: a running sidecar may have it, or it is evidence).
+fn repaired_copy(path: &Path) -> Result<(Database, tempfile::TempPath), StoreError> {
+    const COPYING: &str = "copying the audit store to repair the copy";
+    let io = |e: std::io::Error| StoreError::Io {
+        path: path.to_path_buf(),
+        during: COPYING,
+        why: e.to_string(),
+    };
+    let copy = tempfile::Builder::new()
+        .prefix("aesp-audit-copy-")
+        .suffix(".redb")
+        .tempfile()
+        .map_err(io)?
+        .into_temp_path();
+    std::fs::copy(path, &copy).map_err(io)?;
+    let db = builder()
+        .open(&copy)
+        .map_err(|e| redb_error(path, COPYING, REMEDY, e))?;
+    Ok((db, copy))
+}
+
+fn count(db: &impl ReadableDatabase, path: &Path) -> Result<u64, StoreError> {
+    let err = |e: redb::Error| redb_error(path, "reading", REMEDY, e);
+    let txn = db.begin_read().map_err(|e| err(e.into()))?;
+    let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
+    t.len().map_err(|e| err(e.into()))
 }
 
 /// Moves journaled entries (kind, key, payload) into `audit.redb`, in one durable
@@ -783,6 +884,77 @@ fn move_into<'a>(
         }
     }
     txn.commit().map_err(|e| err(e.into()))
+}
+
+/// What a journal holds beyond a chain whose last record is `base` (hash `prev`), up to
+/// sequence `limit`.
+struct JournalTail {
+    /// The records that continue the chain without a gap, in order: (sequence, payload).
+    records: Vec<(u64, Vec<u8>)>,
+    /// The checkpoints of those records, or of `base` itself: (sequence, payload).
+    checkpoints: Vec<(u64, Vec<u8>)>,
+}
+
+/// The journal's halves hold groups in the order written, the older half possibly already
+/// moved; stale entries are told apart by sequence, torn ones were dropped on reading.
+fn journal_tail(
+    entries: Vec<audit_wal::Entry>,
+    base: u64,
+    mut prev: Vec<u8>,
+    limit: u64,
+) -> JournalTail {
+    let mut records: Vec<(AuditEvent, Vec<u8>)> = Vec::new();
+    let mut cps: Vec<(u64, Vec<u8>, Vec<u8>)> = Vec::new();
+    for entry in entries {
+        match entry.kind {
+            audit_wal::KIND_RECORD => {
+                if let Ok(e) = AuditEvent::decode(entry.payload.as_slice())
+                    && e.sequence > base
+                    && e.sequence <= limit
+                {
+                    records.push((e, entry.payload));
+                }
+            }
+            audit_wal::KIND_CHECKPOINT => {
+                if let Ok(c) = AuditCheckpoint::decode(entry.payload.as_slice())
+                    && c.sequence >= base
+                    && c.sequence > 0
+                    && c.sequence <= limit
+                {
+                    cps.push((c.sequence, c.head_hash, entry.payload));
+                }
+            }
+            _ => {}
+        }
+    }
+    records.sort_by_key(|(e, _)| e.sequence);
+    let mut next = base + 1;
+    let mut out = Vec::new();
+    let mut hashes = std::collections::HashMap::new();
+    hashes.insert(base, prev.clone());
+    for (e, payload) in records {
+        if e.sequence < next {
+            continue;
+        }
+        if e.sequence > next || e.prev_hash != prev {
+            break;
+        }
+        next += 1;
+        prev.clone_from(&e.hash);
+        hashes.insert(e.sequence, e.hash);
+        out.push((e.sequence, payload));
+    }
+    let mut checkpoints: Vec<(u64, Vec<u8>)> = cps
+        .into_iter()
+        .filter(|(k, head, _)| hashes.get(k) == Some(head))
+        .map(|(k, _, payload)| (k, payload))
+        .collect();
+    checkpoints.sort_by_key(|(k, _)| *k);
+    checkpoints.dedup_by_key(|(k, _)| *k);
+    JournalTail {
+        records: out,
+        checkpoints,
+    }
 }
 
 fn scan(
@@ -892,6 +1064,105 @@ mod tests {
         assert_eq!(got, vec![1, 2, 3, 4, 5]);
         let head = s.head().unwrap().unwrap();
         assert_eq!(head.hash, b[1].hash);
+    }
+
+    #[test]
+    fn a_reader_sees_the_live_file_a_copy_of_it_and_the_journal_beyond_it_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        let alone = tempfile::tempdir().unwrap();
+        let (a, prev) = chain(1, 3, record::GENESIS);
+        let (b, _) = chain(4, 2, prev);
+        let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+        s.append(a.iter(), None).unwrap();
+        s.flush().unwrap();
+        let cp = record::checkpoint(
+            5,
+            &b[1].hash,
+            1,
+            "k",
+            &ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+        );
+        s.append(b.iter(), Some(&cp)).unwrap();
+        // The store is open (as in a running sidecar): 1-3 in the file, 4-5 and the
+        // checkpoint of 5 in the journal only.
+        for f in [FILE_NAME, audit_wal::FILE_NAME] {
+            std::fs::copy(dir.path().join(f), copy.path().join(f)).unwrap();
+        }
+        std::fs::copy(dir.path().join(FILE_NAME), alone.path().join(FILE_NAME)).unwrap();
+        let keys = |r: &AuditReader| {
+            let mut out = Vec::new();
+            r.scan(0, |s| {
+                out.push((s.key, s.event.unwrap().hash));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            out
+        };
+        let want: Vec<(u64, Vec<u8>)> = a
+            .iter()
+            .chain(&b)
+            .map(|e| (e.sequence, e.hash.clone()))
+            .collect();
+
+        // The live file, beside its writer.
+        let live = AuditReader::open(&dir.path().join(FILE_NAME)).unwrap();
+        assert_eq!(keys(&live), want);
+        assert_eq!(live.count().unwrap(), 5);
+        assert_eq!(
+            live.notes(),
+            ReadNotes {
+                repaired_copy: false,
+                journaled: 2,
+                journaled_from: 4
+            }
+        );
+        assert_eq!(
+            live.checkpoints()
+                .unwrap()
+                .iter()
+                .map(|c| c.sequence)
+                .collect::<Vec<_>>(),
+            vec![5]
+        );
+        // Scanning stops where the caller stops, in the journal too.
+        let mut seen = Vec::new();
+        live.scan(2, |s| {
+            seen.push(s.key);
+            if s.key == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+        assert_eq!(seen, vec![2, 3, 4]);
+
+        // A copy of a file that was not closed: read from a repaired private copy, the copy
+        // given left as it was.
+        let path = copy.path().join(FILE_NAME);
+        let before = std::fs::read(&path).unwrap();
+        let r = AuditReader::open(&path).unwrap();
+        assert!(r.notes().repaired_copy);
+        assert_eq!(keys(&r), want);
+        assert_eq!(r.checkpoints().unwrap().len(), 1);
+        drop(r);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the file was not written"
+        );
+        assert_eq!(
+            std::fs::read_dir(copy.path()).unwrap().count(),
+            2,
+            "nothing created beside it"
+        );
+
+        // The file without its journal: what it holds.
+        let r = AuditReader::open(&alone.path().join(FILE_NAME)).unwrap();
+        assert_eq!(keys(&r), want[..3].to_vec());
+        assert_eq!(r.notes().journaled, 0);
+        drop(s);
     }
 
     #[test]
