@@ -1235,10 +1235,8 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
                 (None, Some(e)) => (offline::verify_export(&e, pubkey.as_deref())?, Vec::new()),
                 (None, None) => anyhow::bail!("give --db FILE or --export FILE"),
             };
-            for n in notes {
-                println!("{n}");
-            }
-            Ok(match outcome {
+            // The verdict first (scripts read the first line), then how the file was read.
+            let code = match outcome {
                 Ok(summary) => {
                     println!("{summary}");
                     ExitCode::SUCCESS
@@ -1247,7 +1245,11 @@ fn audit(op: AuditOp) -> anyhow::Result<ExitCode> {
                     println!("FAILED at {fault}");
                     ExitCode::from(1)
                 }
-            })
+            };
+            for n in notes {
+                println!("{n}");
+            }
+            Ok(code)
         }
         AuditOp::Export { db, format: _, out } => {
             let (n, notes) = match out {

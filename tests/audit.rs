@@ -1130,3 +1130,58 @@ async fn under_load_with_failing_syncs_and_writes_every_answer_matches_exactly_o
             >= 2
     );
 }
+
+/// After an outage, the trail resumes only from a last record it can link to: a head whose
+/// hash is not 32 bytes (the file changed while it was closed) keeps traffic refused, as it
+/// keeps the sidecar from starting, rather than beginning a new chain from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_a_last_record_that_cannot_be_linked_to_keeps_the_trail_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultSwitch::default();
+    let a = Audit::start(&AuditConfig::default(), dir.path(), faults.clone(), None).unwrap();
+    a.commit(audit::event("TOOL_INVOCATION", "ALLOW"))
+        .await
+        .unwrap();
+    assert!(a.flush().await, "moved into audit.redb");
+    faults.set(true);
+    a.commit(audit::event("TOOL_INVOCATION", "ALLOW"))
+        .await
+        .unwrap_err();
+    assert!(!a.healthy());
+
+    // While the writer has the file closed (it cannot reopen it with the disk failing),
+    // a record whose hash is not 32 bytes becomes its last.
+    let db = dir.path().join("audit.redb");
+    let mut opened = None;
+    for _ in 0..100 {
+        let mut b = redb::Builder::new();
+        b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        if let Ok(rdb) = b.create(&db) {
+            opened = Some(rdb);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rdb = opened.expect("the writer closed audit.redb during the outage");
+    let txn = rdb.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(EVENTS).unwrap();
+        let (k, mut last) = {
+            let (k, v) = t.last().unwrap().unwrap();
+            (k.value(), AuditEvent::decode(v.value()).unwrap())
+        };
+        last.sequence = k + 1;
+        last.hash = vec![1; 16];
+        put(&mut t, k + 1, &last);
+    }
+    txn.commit().unwrap();
+    drop(rdb);
+
+    faults.set(false);
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!a.healthy(), "resumed from a head it cannot link to");
+    }
+    let refused = a.commit(audit::event("TOOL_INVOCATION", "ALLOW")).await;
+    assert!(refused.is_err(), "traffic is still refused");
+}

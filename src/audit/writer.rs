@@ -572,13 +572,26 @@ impl Writer {
             return true;
         }
         match AuditStore::reopen(&self.dir, self.faults.clone(), self.durable).and_then(|s| {
-            let head = s.head()?;
+            let head = match s.head()? {
+                None => (0, GENESIS),
+                // As at the start: a chain is never resumed from a head it cannot link to.
+                Some(h) => (
+                    h.sequence,
+                    <[u8; 32]>::try_from(h.hash.as_slice()).map_err(|_| {
+                        crate::store::StoreError::Corrupt {
+                            path: s.path().to_path_buf(),
+                            why: format!(
+                                "the last record (sequence {}) has a hash that is not 32 bytes",
+                                h.sequence
+                            ),
+                            remedy: "run `aesp audit verify --db` on it",
+                        }
+                    })?,
+                ),
+            };
             Ok((s, head))
         }) {
-            Ok((s, head)) => {
-                let (seq, prev) = head.map_or((0, GENESIS), |h| {
-                    (h.sequence, h.hash.try_into().unwrap_or(GENESIS))
-                });
+            Ok((s, (seq, prev))) => {
                 self.seq = seq;
                 self.prev = prev;
                 self.durable = seq;
@@ -590,6 +603,11 @@ impl Writer {
                 self.store = Some(s.clone());
                 self.shared.store(Some(s));
                 true
+            }
+            Err(e @ crate::store::StoreError::Corrupt { .. }) => {
+                // Not a disk that may come back: someone has to look at the file.
+                tracing::error!(error = %e, "audit trail cannot resume: traffic stays refused");
+                false
             }
             Err(e) => {
                 tracing::debug!(error = %e, "audit trail: reopening failed");
