@@ -1184,4 +1184,8 @@ async fn after_an_outage_a_last_record_that_cannot_be_linked_to_keeps_the_trail_
     }
     let refused = a.commit(audit::event("TOOL_INVOCATION", "ALLOW")).await;
     assert!(refused.is_err(), "traffic is still refused");
+    // The journal, evidence of what was durable, is left as it is (not reset for a chain
+    // that does not resume).
+    let journal = std::fs::read(dir.path().join("audit.wal")).unwrap();
+    assert!(journal.iter().any(|b| *b != 0), "the journal was wiped");
 }

@@ -187,6 +187,7 @@ impl Audit {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             last_commit: Instant::now(),
+            reopen_error: None,
         };
         std::thread::Builder::new()
             .name("aesp-audit-writer".into())

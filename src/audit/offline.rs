@@ -65,9 +65,10 @@ pub fn describe(db: &Path, n: &ReadNotes) -> Vec<String> {
     }
     if n.journaled > 0 {
         out.push(format!(
-            "note: {} records (from sequence {}) were read from the journal {} beside it: \
-             durable, not yet moved into the file (a running sidecar moves them within \
-             seconds; after a crash, its next start does)",
+            "note: {} records (from sequence {}) were read from the journal {} beside it, \
+             not yet moved into the file (a running sidecar moves them within seconds; after \
+             a crash, its next start does; on a running sidecar the newest may still be \
+             waiting for their sync)",
             n.journaled,
             n.journaled_from,
             crate::store::audit_wal::FILE_NAME

@@ -18,7 +18,7 @@
 
 use super::key::AuditKey;
 use super::queue::{Inbox, Msg};
-use super::record::{self, GENESIS};
+use super::record;
 use super::{AuditConfig, AuditError, now_nanos};
 use crate::proto::aesp::{AuditCheckpoint, AuditEvent};
 use crate::store::audit::{AuditStore, FaultSwitch};
@@ -81,6 +81,8 @@ pub(super) struct Writer {
     pub last_checkpoint: Instant,
     /// When the last group was committed.
     pub last_commit: Instant,
+    /// Why the last attempt to reopen the store failed (said once, not every retry).
+    pub reopen_error: Option<String>,
 }
 
 /// A group written to the journal, waiting for a sync to be durable.
@@ -572,26 +574,12 @@ impl Writer {
             return true;
         }
         match AuditStore::reopen(&self.dir, self.faults.clone(), self.durable).and_then(|s| {
-            let head = match s.head()? {
-                None => (0, GENESIS),
-                // As at the start: a chain is never resumed from a head it cannot link to.
-                Some(h) => (
-                    h.sequence,
-                    <[u8; 32]>::try_from(h.hash.as_slice()).map_err(|_| {
-                        crate::store::StoreError::Corrupt {
-                            path: s.path().to_path_buf(),
-                            why: format!(
-                                "the last record (sequence {}) has a hash that is not 32 bytes",
-                                h.sequence
-                            ),
-                            remedy: "run `aesp audit verify --db` on it",
-                        }
-                    })?,
-                ),
-            };
+            // As at the start: a chain is never resumed from a head it cannot link to.
+            let head = s.resume_point()?;
             Ok((s, head))
         }) {
             Ok((s, (seq, prev))) => {
+                self.reopen_error = None;
                 self.seq = seq;
                 self.prev = prev;
                 self.durable = seq;
@@ -604,13 +592,19 @@ impl Writer {
                 self.shared.store(Some(s));
                 true
             }
-            Err(e @ crate::store::StoreError::Corrupt { .. }) => {
-                // Not a disk that may come back: someone has to look at the file.
-                tracing::error!(error = %e, "audit trail cannot resume: traffic stays refused");
-                false
-            }
             Err(e) => {
-                tracing::debug!(error = %e, "audit trail: reopening failed");
+                // Tried every second while failing: said once per distinct reason. A file the
+                // chain cannot resume from is not a disk that may come back: someone has to
+                // look at it.
+                let why = e.to_string();
+                if self.reopen_error.as_deref() != Some(why.as_str()) {
+                    if matches!(e, crate::store::StoreError::Corrupt { .. }) {
+                        tracing::error!(error = %why, "audit trail cannot resume: traffic stays refused");
+                    } else {
+                        tracing::debug!(error = %why, "audit trail: reopening failed");
+                    }
+                    self.reopen_error = Some(why);
+                }
                 false
             }
         }

@@ -20,8 +20,8 @@ use super::{OPENING, StoreError, redb_error};
 use crate::proto::aesp::{AuditCheckpoint, AuditEvent};
 use prost::Message;
 use redb::{
-    Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, ReadableDatabase,
-    ReadableTable, ReadableTableMetadata, StorageBackend, TableDefinition,
+    Builder, ConcurrencyMode, Database, Durability, ReadOnlyDatabase, ReadTransaction,
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, StorageBackend, TableDefinition,
 };
 use std::fs::OpenOptions;
 use std::ops::{Bound, ControlFlow};
@@ -254,10 +254,31 @@ impl AuditStore {
     /// `durable` (the last this process knows durable) are moved; the rest were written
     /// but never made durable, their callers refused (the writer keeps those records and
     /// writes them anew). The journal is then forgotten, so they are never read back.
+    /// Refused, with the journal left as it is, if the chain cannot resume from the file's
+    /// last record ([`AuditStore::resume_point`]).
     pub fn reopen(dir: &Path, faults: FaultSwitch, durable: u64) -> Result<AuditStore, StoreError> {
         let s = Self::open_with(dir, faults, Some(durable))?;
+        s.resume_point()?;
         s.journal()?.wal.forget()?;
         Ok(s)
+    }
+
+    /// Where the chain resumes: the last record's sequence and hash (0 and the genesis hash
+    /// if there is none). `Corrupt` if that hash is not 32 bytes: nothing can link to it.
+    pub fn resume_point(&self) -> Result<(u64, [u8; 32]), StoreError> {
+        let Some(h) = self.head()? else {
+            return Ok((0, record::GENESIS));
+        };
+        let hash = <[u8; 32]>::try_from(h.hash.as_slice()).map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+            why: format!(
+                "the last record (sequence {}) has a hash of {} bytes, not 32",
+                h.sequence,
+                h.hash.len()
+            ),
+            remedy: "run `aesp audit verify --db` on it",
+        })?;
+        Ok((h.sequence, hash))
     }
 
     fn open_with(
@@ -655,13 +676,13 @@ impl AuditStore {
 
     /// The last record, if any.
     pub fn head(&self) -> Result<Option<AuditEvent>, StoreError> {
-        head(&*self.db, &self.path)
+        head(&reading(&*self.db, &self.path)?, &self.path)
     }
 
     /// Records from `from` on (in key order), at most `limit`.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         let mut out = Vec::new();
-        scan(&*self.db, &self.path, from, |s| {
+        scan(&reading(&*self.db, &self.path)?, &self.path, from, |s| {
             out.push(s);
             if out.len() >= limit {
                 ControlFlow::Break(())
@@ -674,7 +695,7 @@ impl AuditStore {
 
     /// Every checkpoint, in order.
     pub fn checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
-        checkpoints(&*self.db, &self.path)
+        checkpoints(&reading(&*self.db, &self.path)?, &self.path)
     }
 }
 
@@ -683,7 +704,9 @@ impl AuditStore {
 /// one) holds beyond it: the records a running sidecar has not moved yet, or those made
 /// durable before a crash (a restart moves them). The files themselves are never written.
 pub struct AuditReader {
-    db: ReaderDb,
+    /// One snapshot for every read (declared first: ended before the database closes).
+    txn: ReadTransaction,
+    _db: ReaderDb,
     path: PathBuf,
     /// The journal's records that continue the file's chain, then its checkpoints.
     tail: Vec<(u64, Vec<u8>)>,
@@ -720,8 +743,13 @@ impl AuditReader {
             }
             Err(e) => return Err(redb_error(path, OPENING, REMEDY, e)),
         };
+        let txn = match &db {
+            ReaderDb::ReadOnly(d) => reading(d, path)?,
+            ReaderDb::Copy(d) => reading(&**d, path)?,
+        };
         let mut r = AuditReader {
-            db,
+            txn,
+            _db: db,
             path: path.to_path_buf(),
             tail: Vec::new(),
             tail_checkpoints: Vec::new(),
@@ -757,9 +785,11 @@ impl AuditReader {
             }
         };
         let entries = audit_wal::read_entries(&file, &wal)?;
-        let head = match &self.db {
-            ReaderDb::ReadOnly(db) => head(db, &self.path)?,
-            ReaderDb::Copy(db) => head(&**db, &self.path)?,
+        let head = match head(&self.txn, &self.path) {
+            Ok(h) => h,
+            // The verifier reports the record that does not decode: nothing links to it.
+            Err(StoreError::Corrupt { .. }) => return Ok(()),
+            Err(e) => return Err(e),
         };
         let base = head.as_ref().map_or(0, |h| h.sequence);
         let prev = head.map_or_else(|| record::GENESIS.to_vec(), |h| h.hash);
@@ -792,10 +822,7 @@ impl AuditReader {
             broke = r.is_break();
             r
         };
-        match &self.db {
-            ReaderDb::ReadOnly(db) => scan(db, &self.path, from, &mut g)?,
-            ReaderDb::Copy(db) => scan(&**db, &self.path, from, &mut g)?,
-        }
+        scan(&self.txn, &self.path, from, &mut g)?;
         let mut tail = self.tail.iter().filter(|(k, _)| *k >= from);
         let mut go = !broke;
         while go && let Some((key, payload)) = tail.next() {
@@ -807,10 +834,7 @@ impl AuditReader {
 
     /// Every checkpoint, in order of sequence: the file's, then the journal's.
     pub fn checkpoints(&self) -> Result<Vec<AuditCheckpoint>, StoreError> {
-        let mut out = match &self.db {
-            ReaderDb::ReadOnly(db) => checkpoints(db, &self.path)?,
-            ReaderDb::Copy(db) => checkpoints(&**db, &self.path)?,
-        };
+        let mut out = checkpoints(&self.txn, &self.path)?;
         let last = out.last().map(|c| c.sequence);
         out.extend(
             self.tail_checkpoints
@@ -823,10 +847,7 @@ impl AuditReader {
 
     /// The records, the file's and the journal's.
     pub fn count(&self) -> Result<u64, StoreError> {
-        let n = match &self.db {
-            ReaderDb::ReadOnly(db) => count(db, &self.path)?,
-            ReaderDb::Copy(db) => count(&**db, &self.path)?,
-        };
+        let n = count(&self.txn, &self.path)?;
         Ok(n + self.tail.len() as u64)
     }
 }
@@ -853,9 +874,8 @@ fn repaired_copy(path: &Path) -> Result<(Database, tempfile::TempPath), StoreErr
     Ok((db, copy))
 }
 
-fn count(db: &impl ReadableDatabase, path: &Path) -> Result<u64, StoreError> {
+fn count(txn: &ReadTransaction, path: &Path) -> Result<u64, StoreError> {
     let err = |e: redb::Error| redb_error(path, "reading", REMEDY, e);
-    let txn = db.begin_read().map_err(|e| err(e.into()))?;
     let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
     t.len().map_err(|e| err(e.into()))
 }
@@ -928,7 +948,7 @@ fn journal_tail(
         }
     }
     records.sort_by_key(|(e, _)| e.sequence);
-    let mut next = base + 1;
+    let mut next = base.saturating_add(1);
     let mut out = Vec::new();
     let mut hashes = std::collections::HashMap::new();
     hashes.insert(base, prev.clone());
@@ -949,22 +969,31 @@ fn journal_tail(
         .filter(|(k, head, _)| hashes.get(k) == Some(head))
         .map(|(k, _, payload)| (k, payload))
         .collect();
+    // One per sequence, the last journaled (as moving them all would leave it).
     checkpoints.sort_by_key(|(k, _)| *k);
+    checkpoints.reverse();
     checkpoints.dedup_by_key(|(k, _)| *k);
+    checkpoints.reverse();
     JournalTail {
         records: out,
         checkpoints,
     }
 }
 
+/// A read transaction on `db`: one snapshot of the file (a reader that makes several reads
+/// in one transaction sees no move the live writer commits meanwhile).
+fn reading(db: &impl ReadableDatabase, path: &Path) -> Result<ReadTransaction, StoreError> {
+    db.begin_read()
+        .map_err(|e| redb_error(path, "reading", REMEDY, redb::Error::from(e)))
+}
+
 fn scan(
-    db: &impl ReadableDatabase,
+    txn: &ReadTransaction,
     path: &Path,
     from: u64,
     mut f: impl FnMut(Stored) -> ControlFlow<()>,
 ) -> Result<(), StoreError> {
     let err = |e: redb::Error| redb_error(path, "reading", REMEDY, e);
-    let txn = db.begin_read().map_err(|e| err(e.into()))?;
     let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
     for row in t.range(from..).map_err(|e| err(e.into()))? {
         let (k, v) = row.map_err(|e| err(e.into()))?;
@@ -981,9 +1010,8 @@ fn scan(
     Ok(())
 }
 
-fn head(db: &impl ReadableDatabase, path: &Path) -> Result<Option<AuditEvent>, StoreError> {
+fn head(txn: &ReadTransaction, path: &Path) -> Result<Option<AuditEvent>, StoreError> {
     let err = |e: redb::Error| redb_error(path, "reading", REMEDY, e);
-    let txn = db.begin_read().map_err(|e| err(e.into()))?;
     let t = txn.open_table(EVENTS).map_err(|e| err(e.into()))?;
     let Some((k, v)) = t.last().map_err(|e| err(e.into()))? else {
         return Ok(None);
@@ -997,12 +1025,8 @@ fn head(db: &impl ReadableDatabase, path: &Path) -> Result<Option<AuditEvent>, S
         })
 }
 
-fn checkpoints(
-    db: &impl ReadableDatabase,
-    path: &Path,
-) -> Result<Vec<AuditCheckpoint>, StoreError> {
+fn checkpoints(txn: &ReadTransaction, path: &Path) -> Result<Vec<AuditCheckpoint>, StoreError> {
     let err = |e: redb::Error| redb_error(path, "reading", REMEDY, e);
-    let txn = db.begin_read().map_err(|e| err(e.into()))?;
     let t = txn.open_table(CHECKPOINTS).map_err(|e| err(e.into()))?;
     let mut out = Vec::new();
     for row in t.iter().map_err(|e| err(e.into()))? {
@@ -1107,6 +1131,9 @@ mod tests {
 
         // The live file, beside its writer.
         let live = AuditReader::open(&dir.path().join(FILE_NAME)).unwrap();
+        // The writer moves 4-5 into the file meanwhile: the reader reads one snapshot,
+        // nothing twice.
+        s.flush().unwrap();
         assert_eq!(keys(&live), want);
         assert_eq!(live.count().unwrap(), 5);
         assert_eq!(
@@ -1163,6 +1190,36 @@ mod tests {
         assert_eq!(keys(&r), want[..3].to_vec());
         assert_eq!(r.notes().journaled, 0);
         drop(s);
+    }
+
+    #[test]
+    fn a_last_record_that_does_not_decode_is_reported_by_the_reader_not_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = chain(1, 3, record::GENESIS);
+        {
+            let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+            s.append(a.iter(), None).unwrap();
+            s.flush().unwrap();
+        }
+        {
+            let db = builder().create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(EVENTS)
+                .unwrap()
+                .insert(3, [0xff_u8; 7].as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        // The journal beside it still holds 1-3: no tail, and the scan reaches the bad one.
+        let r = AuditReader::open(&dir.path().join(FILE_NAME)).unwrap();
+        let mut got = Vec::new();
+        r.scan(0, |s| {
+            got.push((s.key, s.event.is_ok()));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(got, vec![(1, true), (2, true), (3, false)]);
+        assert_eq!(r.notes().journaled, 0);
     }
 
     #[test]
