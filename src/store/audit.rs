@@ -321,7 +321,7 @@ impl AuditStore {
                         let rows = audit_wal::entries(&job.entries)
                             .zip(&job.keys)
                             .map(|((kind, payload), key)| (kind, *key, payload));
-                        let done = move_into(&db, &file, rows);
+                        let done = unpanicked(&file, || move_into(&db, &file, rows));
                         job.entries.clear();
                         job.keys.clear();
                         let (m, cv) = &*state;
@@ -880,6 +880,19 @@ fn count(txn: &ReadTransaction, path: &Path) -> Result<u64, StoreError> {
     t.len().map_err(|e| err(e.into()))
 }
 
+/// `f`'s result, or an error if it panicked: a move that panics must end in a failure the
+/// writer acts on (fail closed, reopen), not leave the mover marked busy, the writer waiting
+/// for it for ever and every call waiting for the writer.
+fn unpanicked(path: &Path, f: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        Err(StoreError::Io {
+            path: path.to_path_buf(),
+            during: "moving journaled audit records into the store",
+            why: "the move panicked".into(),
+        })
+    })
+}
+
 /// Moves journaled entries (kind, key, payload) into `audit.redb`, in one durable
 /// transaction: half a journal from the mover, or what a restart finds in the journal.
 fn move_into<'a>(
@@ -1220,6 +1233,14 @@ mod tests {
         .unwrap();
         assert_eq!(got, vec![(1, true), (2, true), (3, false)]);
         assert_eq!(r.notes().journaled, 0);
+    }
+
+    #[test]
+    fn a_move_that_panics_is_a_failure_not_a_mover_busy_for_ever() {
+        let path = Path::new("audit.redb");
+        let e = unpanicked(path, || panic!("inside redb")).unwrap_err();
+        assert!(e.to_string().contains("the move panicked"), "{e}");
+        assert!(unpanicked(path, || Ok(())).is_ok());
     }
 
     #[test]
