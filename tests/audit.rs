@@ -81,6 +81,22 @@ async fn every_decision_is_recorded_with_the_clients_correlation_id_and_the_chai
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK: "));
+    // And so does a copy of it taken while the sidecar runs (a file not closed cleanly: read
+    // from a repaired private copy, the copy itself left as it is).
+    let copies = tempfile::tempdir().unwrap();
+    let copy = copies.path().join("audit.redb");
+    std::fs::copy(&db, &copy).unwrap();
+    let before = std::fs::read(&copy).unwrap();
+    let out = aesp()
+        .args(["audit", "verify", "--db"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("OK: "), "{text}");
+    assert!(text.contains("repaired private copy"), "{text}");
+    assert_eq!(std::fs::read(&copy).unwrap(), before);
 
     let _dir = stack.stop().await;
     let summary = offline::verify_db(&db, None).unwrap().unwrap();
