@@ -711,7 +711,7 @@ pub struct AuditReader {
     /// The journal's records that continue the file's chain, then its checkpoints.
     tail: Vec<(u64, Vec<u8>)>,
     tail_checkpoints: Vec<AuditCheckpoint>,
-    /// Declared after `db`: the copy is deleted once the database on it is closed.
+    /// Declared after `_db`: the copy is deleted once the database on it is closed.
     _copy: Option<tempfile::TempPath>,
 }
 
