@@ -1205,3 +1205,55 @@ async fn after_an_outage_a_last_record_that_cannot_be_linked_to_keeps_the_trail_
     let journal = std::fs::read(dir.path().join("audit.wal")).unwrap();
     assert!(journal.iter().any(|b| *b != 0), "the journal was wiped");
 }
+
+/// A file damaged below the records (its pages, not its records through redb) makes the
+/// offline tools fail with a clear error, never crash, whether it was closed cleanly or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_damaged_below_the_records_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = chain(dir.path(), 40).await;
+    let bytes = std::fs::read(&db).unwrap();
+    let copies = tempfile::tempdir().unwrap();
+    for (i, at) in [4096usize, bytes.len() / 2].into_iter().enumerate() {
+        let copy = copies.path().join(format!("damaged-{i}.redb"));
+        let mut b = bytes.clone();
+        for x in b.iter_mut().skip(at) {
+            *x = 0xa5;
+        }
+        std::fs::write(&copy, &b).unwrap();
+        for args in [
+            vec!["audit", "verify", "--db"],
+            vec![
+                "audit",
+                "export",
+                "--format",
+                "jsonl",
+                "--out",
+                "/dev/null",
+                "--db",
+            ],
+        ] {
+            let out = aesp().args(&args).arg(&copy).output().unwrap();
+            let code = out.status.code();
+            assert!(
+                code == Some(1) || code == Some(2),
+                "{args:?} on a damaged file: {code:?}\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Nor does the sidecar's trail start on it: it refuses, saying the file is damaged.
+        let state = tempfile::tempdir().unwrap();
+        std::fs::copy(&copy, state.path().join("audit.redb")).unwrap();
+        let started = Audit::start(
+            &AuditConfig::default(),
+            state.path(),
+            FaultSwitch::default(),
+            None,
+        );
+        let Err(e) = started else {
+            panic!("no trail starts on a damaged file");
+        };
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+    }
+}

@@ -30,8 +30,29 @@ pub fn verify_db(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<Outcome> {
     verify_db_noted(db, pubkeys).map(|(o, _)| o)
 }
 
+/// `f`'s result, or an error if redb panicked in it: it can, on a file whose pages are
+/// damaged (not changed through redb), and a verifier must say so rather than crash.
+fn contained<T>(db: &Path, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(anyhow::anyhow!(
+            "--db {}: the file is damaged below the records (redb failed reading its pages: \
+             {why}); keep it for the investigation",
+            db.display()
+        ))
+    })
+}
+
 /// [`verify_db`], and how the file was read.
 pub fn verify_db_noted(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<(Outcome, ReadNotes)> {
+    contained(db, || verify_db_inner(db, pubkeys))
+}
+
+fn verify_db_inner(db: &Path, pubkeys: Option<&Path>) -> anyhow::Result<(Outcome, ReadNotes)> {
     let keys = pinned(pubkeys)?;
     let r = AuditReader::open(db).with_context(|| format!("--db {}", db.display()))?;
     let mut v = ChainVerifier::new(&keys, r.checkpoints()?);
@@ -107,6 +128,10 @@ pub fn verify_export(file: &Path, pubkeys: Option<&Path>) -> anyhow::Result<Outc
 /// checkpoint after the record it signs, as JSON lines. Returns how many, and how the file
 /// was read.
 pub fn export(db: &Path, out: &mut impl Write) -> anyhow::Result<(u64, ReadNotes)> {
+    contained(db, || export_inner(db, out))
+}
+
+fn export_inner(db: &Path, out: &mut impl Write) -> anyhow::Result<(u64, ReadNotes)> {
     let r = AuditReader::open(db).with_context(|| format!("--db {}", db.display()))?;
     let cps: std::collections::BTreeMap<u64, _> = r
         .checkpoints()?

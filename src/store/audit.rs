@@ -45,6 +45,18 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const CACHE_BYTES: usize = 16 << 20;
 const REMEDY: &str = "the file was left as it is: keep it for the investigation (`aesp audit verify --db` on a copy says what is wrong), move it aside and restart to begin a new chain";
 
+/// A file redb panicked reading.
+fn damaged(path: &Path) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        why: "its pages are damaged (redb failed reading them)".into(),
+        remedy: REMEDY,
+    }
+}
+
+/// What to do about a file that was not closed cleanly and that redb cannot repair.
+const TORN_REMEDY: &str = "a copy taken (cp) while the sidecar was moving records into the file can be torn, its pages copied at different moments: take it again, or read the live file itself or an export of it (`aesp audit export --db` reads one consistent snapshot); a file left by a crash of the sidecar is repaired by its next start";
+
 /// Makes every write to the audit file fail while on: a disk-failure drill, so the
 /// fail-closed path can be exercised on a real file.
 #[derive(Clone, Debug, Default)]
@@ -281,7 +293,21 @@ impl AuditStore {
         Ok((h.sequence, hash))
     }
 
+    /// redb can panic on a file whose pages are damaged (not what its header says): that
+    /// is a damaged file, said as such, never a crash of the sidecar.
     fn open_with(
+        dir: &Path,
+        faults: FaultSwitch,
+        limit: Option<u64>,
+    ) -> Result<AuditStore, StoreError> {
+        let path = dir.join(FILE_NAME);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_unguarded(dir, faults, limit)
+        }))
+        .unwrap_or_else(|_| Err(damaged(&path)))
+    }
+
+    fn open_unguarded(
         dir: &Path,
         faults: FaultSwitch,
         limit: Option<u64>,
@@ -676,7 +702,10 @@ impl AuditStore {
 
     /// The last record, if any.
     pub fn head(&self) -> Result<Option<AuditEvent>, StoreError> {
-        head(&reading(&*self.db, &self.path)?, &self.path)
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            head(&reading(&*self.db, &self.path)?, &self.path)
+        }))
+        .unwrap_or_else(|_| Err(damaged(&self.path)))
     }
 
     /// Records from `from` on (in key order), at most `limit`.
@@ -868,9 +897,14 @@ fn repaired_copy(path: &Path) -> Result<(Database, tempfile::TempPath), StoreErr
         .map_err(io)?
         .into_temp_path();
     std::fs::copy(path, &copy).map_err(io)?;
-    let db = builder()
-        .open(&copy)
-        .map_err(|e| redb_error(path, COPYING, REMEDY, e))?;
+    // redb's repair can panic on pages that are not what the header says (a torn copy).
+    let db = std::panic::catch_unwind(|| builder().open(&copy))
+        .map_err(|_| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            why: "redb could not repair a copy of it (it failed reading its pages)".into(),
+            remedy: TORN_REMEDY,
+        })?
+        .map_err(|e| redb_error(path, COPYING, TORN_REMEDY, e))?;
     Ok((db, copy))
 }
 
@@ -1241,6 +1275,34 @@ mod tests {
         let e = unpanicked(path, || panic!("inside redb")).unwrap_err();
         assert!(e.to_string().contains("the move panicked"), "{e}");
         assert!(unpanicked(path, || Ok(())).is_ok());
+    }
+
+    #[test]
+    fn a_torn_copy_of_a_live_file_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let copy = tempfile::tempdir().unwrap();
+        let (a, _) = chain(1, 3, record::GENESIS);
+        let s = AuditStore::open(dir.path(), FaultSwitch::default()).unwrap();
+        s.append(a.iter(), None).unwrap();
+        s.flush().unwrap();
+        // Not closed (as in a running sidecar), and the pages after the header copied "at
+        // another moment": here, not at all.
+        let path = copy.path().join(FILE_NAME);
+        let mut bytes = std::fs::read(dir.path().join(FILE_NAME)).unwrap();
+        for b in bytes.iter_mut().skip(4096) {
+            *b = 0;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = AuditReader::open(&path)
+            .err()
+            .expect("a torn copy is refused");
+        assert!(e.to_string().contains("can be torn"), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "the copy was not written"
+        );
+        drop(s);
     }
 
     #[test]
