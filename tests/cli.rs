@@ -675,3 +675,40 @@ async fn aesp_identity_administers_a_running_sidecar() {
     assert!(out.contains("AUTHORIZATION_DENIED"), "{out}");
     stack.stop().await;
 }
+
+/// A damaged control store (its pages, not its data) stops `aesp serve` with an error that
+/// names the file, never a panic.
+#[test]
+fn serve_on_a_damaged_control_store_says_so_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    aesp_sidecar::demo::certs::ensure(dir.path()).unwrap();
+    let cfg = dir.path().join("sidecar.yaml");
+    let text = aesp_sidecar::demo::DEMO_CONFIG
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9901", &format!("127.0.0.1:{}", free_port()))
+        .replace(
+            "management_listen: 127.0.0.1:9443",
+            "management_listen: \"off\"",
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let state = dir.path().join("state");
+    drop(aesp_sidecar::store::ControlStore::open(&state).unwrap());
+    let file = state.join("control.redb");
+    let mut bytes = std::fs::read(&file).unwrap();
+    for b in bytes.iter_mut().skip(4096) {
+        *b = 0xa5;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let out = aesp()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "a panic: {stderr}");
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("control.redb") && stderr.contains("damaged"),
+        "{stderr}"
+    );
+}
