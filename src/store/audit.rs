@@ -301,10 +301,10 @@ impl AuditStore {
         limit: Option<u64>,
     ) -> Result<AuditStore, StoreError> {
         let path = dir.join(FILE_NAME);
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Self::open_unguarded(dir, faults, limit)
-        }))
-        .unwrap_or_else(|_| Err(damaged(&path)))
+        unpanicked(
+            || Self::open_unguarded(dir, faults, limit),
+            || damaged(&path),
+        )
     }
 
     fn open_unguarded(
@@ -347,7 +347,14 @@ impl AuditStore {
                         let rows = audit_wal::entries(&job.entries)
                             .zip(&job.keys)
                             .map(|((kind, payload), key)| (kind, *key, payload));
-                        let done = unpanicked(&file, || move_into(&db, &file, rows));
+                        let done = unpanicked(
+                            || move_into(&db, &file, rows),
+                            || StoreError::Io {
+                                path: file.clone(),
+                                during: "moving journaled audit records into the store",
+                                why: "the move panicked".into(),
+                            },
+                        );
                         job.entries.clear();
                         job.keys.clear();
                         let (m, cv) = &*state;
@@ -702,10 +709,10 @@ impl AuditStore {
 
     /// The last record, if any.
     pub fn head(&self) -> Result<Option<AuditEvent>, StoreError> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            head(&reading(&*self.db, &self.path)?, &self.path)
-        }))
-        .unwrap_or_else(|_| Err(damaged(&self.path)))
+        unpanicked(
+            || head(&reading(&*self.db, &self.path)?, &self.path),
+            || damaged(&self.path),
+        )
     }
 
     /// Records from `from` on (in key order), at most `limit`.
@@ -898,13 +905,18 @@ fn repaired_copy(path: &Path) -> Result<(Database, tempfile::TempPath), StoreErr
         .into_temp_path();
     std::fs::copy(path, &copy).map_err(io)?;
     // redb's repair can panic on pages that are not what the header says (a torn copy).
-    let db = std::panic::catch_unwind(|| builder().open(&copy))
-        .map_err(|_| StoreError::Corrupt {
+    let db = unpanicked(
+        || {
+            builder()
+                .open(&copy)
+                .map_err(|e| redb_error(path, COPYING, TORN_REMEDY, e))
+        },
+        || StoreError::Corrupt {
             path: path.to_path_buf(),
             why: "redb could not repair a copy of it (it failed reading its pages)".into(),
             remedy: TORN_REMEDY,
-        })?
-        .map_err(|e| redb_error(path, COPYING, TORN_REMEDY, e))?;
+        },
+    )?;
     Ok((db, copy))
 }
 
@@ -914,17 +926,14 @@ fn count(txn: &ReadTransaction, path: &Path) -> Result<u64, StoreError> {
     t.len().map_err(|e| err(e.into()))
 }
 
-/// `f`'s result, or an error if it panicked: a move that panics must end in a failure the
-/// writer acts on (fail closed, reopen), not leave the mover marked busy, the writer waiting
-/// for it for ever and every call waiting for the writer.
-fn unpanicked(path: &Path, f: impl FnOnce() -> Result<(), StoreError>) -> Result<(), StoreError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(StoreError::Io {
-            path: path.to_path_buf(),
-            during: "moving journaled audit records into the store",
-            why: "the move panicked".into(),
-        })
-    })
+/// `f`'s result, or `panicked()` if it panicked. redb can panic on a file whose pages are
+/// not what its header says; a move that panics must end in a failure the writer acts on
+/// (fail closed, reopen), not leave the mover marked busy and every call waiting for ever.
+fn unpanicked<T>(
+    f: impl FnOnce() -> Result<T, StoreError>,
+    panicked: impl FnOnce() -> StoreError,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err(panicked()))
 }
 
 /// Moves journaled entries (kind, key, payload) into `audit.redb`, in one durable
@@ -1272,9 +1281,13 @@ mod tests {
     #[test]
     fn a_move_that_panics_is_a_failure_not_a_mover_busy_for_ever() {
         let path = Path::new("audit.redb");
-        let e = unpanicked(path, || panic!("inside redb")).unwrap_err();
-        assert!(e.to_string().contains("the move panicked"), "{e}");
-        assert!(unpanicked(path, || Ok(())).is_ok());
+        let e = unpanicked(
+            || -> Result<(), _> { panic!("inside redb") },
+            || damaged(path),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("redb failed reading"), "{e}");
+        assert_eq!(unpanicked(|| Ok(7), || damaged(path)).unwrap(), 7);
     }
 
     #[test]
