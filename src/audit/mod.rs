@@ -141,19 +141,8 @@ impl Audit {
         )?);
         let store = AuditStore::open(state_dir, faults.clone())?;
         let head = store.head()?;
-        let (seq, prev, last_key) = match &head {
-            None => (0, record::GENESIS, None),
-            Some(h) => (
-                h.sequence,
-                <[u8; 32]>::try_from(h.hash.as_slice()).with_context(|| {
-                    format!(
-                        "{}: the last record's hash is not 32 bytes: run `aesp audit verify --db` on it",
-                        store.path().display()
-                    )
-                })?,
-                Some(h.key_id.clone()),
-            ),
-        };
+        let (seq, prev) = store.resume_at(head.as_ref())?;
+        let last_key = head.map(|h| h.key_id);
         let public_key = key.public();
         let signer = key.clone();
         let key_id: Arc<str> = Arc::from(key.id.as_str());

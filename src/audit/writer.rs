@@ -573,11 +573,8 @@ impl Writer {
         if self.store.is_some() {
             return true;
         }
-        match AuditStore::reopen(&self.dir, self.faults.clone(), self.durable).and_then(|s| {
-            // As at the start: a chain is never resumed from a head it cannot link to.
-            let head = s.resume_point()?;
-            Ok((s, head))
-        }) {
+        // As at the start: a chain is never resumed from a head it cannot link to.
+        match AuditStore::reopen(&self.dir, self.faults.clone(), self.durable) {
             Ok((s, (seq, prev))) => {
                 self.reopen_error = None;
                 self.seq = seq;

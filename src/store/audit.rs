@@ -267,18 +267,23 @@ impl AuditStore {
     /// but never made durable, their callers refused (the writer keeps those records and
     /// writes them anew). The journal is then forgotten, so they are never read back.
     /// Refused, with the journal left as it is, if the chain cannot resume from the file's
-    /// last record ([`AuditStore::resume_point`]).
-    pub fn reopen(dir: &Path, faults: FaultSwitch, durable: u64) -> Result<AuditStore, StoreError> {
+    /// last record; else returned with where the chain resumes ([`AuditStore::resume_at`]).
+    pub fn reopen(
+        dir: &Path,
+        faults: FaultSwitch,
+        durable: u64,
+    ) -> Result<(AuditStore, (u64, [u8; 32])), StoreError> {
         let s = Self::open_with(dir, faults, Some(durable))?;
-        s.resume_point()?;
+        let at = s.resume_at(s.head()?.as_ref())?;
         s.journal()?.wal.forget()?;
-        Ok(s)
+        Ok((s, at))
     }
 
-    /// Where the chain resumes: the last record's sequence and hash (0 and the genesis hash
-    /// if there is none). `Corrupt` if that hash is not 32 bytes: nothing can link to it.
-    pub fn resume_point(&self) -> Result<(u64, [u8; 32]), StoreError> {
-        let Some(h) = self.head()? else {
+    /// Where the chain resumes after `head` (the file's last record): its sequence and hash
+    /// (0 and the genesis hash if there is none). `Corrupt` if that hash is not 32 bytes:
+    /// nothing can link to it.
+    pub fn resume_at(&self, head: Option<&AuditEvent>) -> Result<(u64, [u8; 32]), StoreError> {
+        let Some(h) = head else {
             return Ok((0, record::GENESIS));
         };
         let hash = <[u8; 32]>::try_from(h.hash.as_slice()).map_err(|_| StoreError::Corrupt {
@@ -1372,7 +1377,8 @@ mod tests {
         faults.set(false);
         {
             // Reopened knowing 2 is the last durable record: 3-5 are not moved.
-            let s = AuditStore::reopen(dir.path(), faults.clone(), 2).unwrap();
+            let (s, at) = AuditStore::reopen(dir.path(), faults.clone(), 2).unwrap();
+            assert_eq!(at, (2, prev));
             assert_eq!(s.head().unwrap().unwrap().sequence, 2);
             assert!(
                 s.journal().unwrap().wal.read_all().unwrap().is_empty(),
